@@ -1,0 +1,48 @@
+"""Fused stacked-LoRA linear: ``lora_linear`` dispatches to Triton on CUDA and to PyTorch on CPU.
+
+``MINILORA_KERNELS=triton`` forces the Triton kernels (on CPU tensors only together with ``TRITON_INTERPRET=1``,
+set before triton is imported), ``MINILORA_KERNELS=torch`` forces the PyTorch path, ``auto`` (default) picks by
+device. Without triton (e.g. macOS) only the PyTorch path exists. The dtype policy is in ``kernels/reference.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from kernels import reference
+
+try:  # imported before ``lora_linear`` is defined below, so the function, not the submodule, is the attribute
+    from kernels import lora_linear as triton_impl
+except ImportError:
+    triton_impl = None
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def backend_for(x: Tensor) -> str:
+    """``"triton"`` or ``"torch"``: the implementation ``lora_linear`` uses for ``x`` under MINILORA_KERNELS."""
+    mode = os.environ.get("MINILORA_KERNELS", "auto")
+    if mode not in BACKENDS:
+        raise ValueError(f"MINILORA_KERNELS={mode!r}: expected one of {BACKENDS}")
+    if mode == "triton" and triton_impl is None:
+        raise RuntimeError("MINILORA_KERNELS=triton, but triton cannot be imported")
+    if mode == "auto":
+        return "triton" if x.is_cuda and triton_impl is not None else "torch"
+    return mode
+
+
+def lora_linear(x: Tensor, weight: Tensor, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor],
+                scaling: Sequence[float], dropout_p: float = 0.0, training: bool = False) -> Tensor:
+    """``x @ W^T + sum_i s_i (dropout(x) @ A_i^T) @ B_i^T`` for x [..., K], W [N, K] frozen, A_i [r_i, K], B_i [N, r_i].
+
+    Differentiable in x and in each adapter tensor that requires grad (others get no grad and cost nothing);
+    dropout on the LoRA input applies only when ``training``. Output dtype: autocast's if enabled, else x's.
+    """
+    impl = triton_impl if backend_for(x) == "triton" else reference
+    return impl.lora_linear(x, weight, lora_a, lora_b, scaling, dropout_p, training)
+
+
+__all__ = ["lora_linear", "backend_for", "reference", "triton_impl"]

