@@ -7,13 +7,15 @@ ordinary K-loop over X and W adds the base GEMM, so no [M, N] LoRA temporary eve
     forward  Y  = X W^T + S B^T               (S = dropout(X) A^T [M, R], L = B^T)
     dX          = G W   + dropout'(T A)       (T = G B [M, R], L = A; the mask is regenerated from the seed)
 
-The shrink ``S = X A^T``, ``T = G B`` and the weight gradients are rank-sized and go to cuBLAS: their cost is one
-memory-bound read of X (or G), which a hand-written skinny kernel cannot beat, and it keeps one kernel to tune.
+The shrink ``S = X A^T``, ``T = G B`` and the weight gradients are rank-sized and go to cuBLAS: each is one
+memory-bound pass over X (or G) with ~2% of the base GEMM's flops, so a second Triton kernel would buy little and
+add a second thing to tune.
 Dropout keeps a Philox seed, never a mask or a copy of X: the element (m, k) is kept iff
 ``tl.rand(seed, m * K + k) >= p``; dropout(X) is materialised transiently (shrink, dA) by ``_dropout_kernel``.
 
 Inputs may have any strides (passed to the kernels); fp32/fp16/bf16 with fp32 accumulation; fp32 dots use TF32
-exactly when ``torch.backends.cuda.matmul.allow_tf32`` is set, as torch's matmuls do.
+exactly when ``torch.backends.cuda.matmul.allow_tf32`` is set, as torch's matmuls do. The autotuner is keyed on
+(M bucket, N, K, layout); ``MINILORA_TRITON_AUTOTUNE=0`` skips tuning (one config) to keep test compiles short.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ from torch import Tensor
 
 from kernels.reference import apply_lora_linear
 
+Cfg = tuple[int, int, int, int, int, int]  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = not INTERPRET and os.environ.get("MINILORA_TRITON_AUTOTUNE", "1") != "0"
 
-# Autotune space: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Large tiles with 8 warps feed
-# Hopper's wgmma; the 4-warp and 32-deep-K tiles suit Ampere and small M. Configs whose shared memory would not
-# fit the device are pruned before tuning (``prune_configs``); tests compile every config for sm_80 and sm_90.
+# Autotune space. Large tiles with 8 warps feed Hopper's wgmma; the 4-warp and 32-deep-K tiles suit Ampere and
+# small M. Configs whose shared memory would not fit the device are pruned before tuning (``prune_configs``);
+# tests/test_kernels_compile.py compiles every config for sm_80 and sm_90.
 TUNED_CONFIGS = [
     (128, 256, 64, 8, 8, 3),
     (256, 128, 64, 8, 8, 3),
@@ -45,34 +49,32 @@ TUNED_CONFIGS = [
     (64, 128, 64, 8, 4, 4),
     (64, 64, 64, 8, 4, 4),
 ]
-DEFAULT_CONFIG = (128, 128, 64, 8, 8, 4)  # used when MINILORA_TRITON_AUTOTUNE=0 (fast compiles in GPU tests)
+DEFAULT_CONFIG = (128, 128, 64, 8, 8, 4)  # the only one with MINILORA_TRITON_AUTOTUNE=0 (fast GPU tests), if it fits
 INTERPRET_CONFIG = (32, 32, 32, 4, 4, 1)  # small blocks so that awkward test shapes cross block edges
 MAX_BLOCK_R = 64  # rank chunk per dot; ranks above it loop
 SMEM_PER_BLOCK = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # opt-in bytes per block by compute capability
 DROPOUT_BLOCK = (32, 128)
 
 
-def _config(c: tuple[int, int, int, int, int, int]) -> triton.Config:
+def _config(c: Cfg) -> triton.Config:
+    """A Cfg tuple as a triton.Config."""
     bm, bn, bk, gm, warps, stages = c
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm},
                          num_warps=warps, num_stages=stages)
 
 
-def active_configs() -> list[tuple[int, int, int, int, int, int]]:
-    """The configs the autotuner sees in this process (one when interpreting or with autotune off)."""
-    if INTERPRET:
-        return [INTERPRET_CONFIG]
-    return TUNED_CONFIGS if AUTOTUNE else [DEFAULT_CONFIG]
+def active_configs() -> list[Cfg]:
+    """The configs the autotuner starts from in this process (a single one when interpreting)."""
+    return [INTERPRET_CONFIG] if INTERPRET else TUNED_CONFIGS
 
 
-def smem_estimate(c: tuple[int, int, int, int, int, int], itemsize: int, block_r: int) -> int:
+def smem_estimate(c: Cfg, itemsize: int, block_r: int) -> int:
     """Shared-memory bytes a config needs: the pipelined X/W stages, or the rank tiles if those are larger."""
     bm, bn, bk, _, _, stages = c
     return max(stages * (bm + bn) * bk, (bm + bn) * block_r) * itemsize
 
 
-def prune_configs(configs: list[tuple[int, int, int, int, int, int]], itemsize: int, block_r: int,
-                  smem_limit: int) -> list[tuple[int, int, int, int, int, int]]:
+def prune_configs(configs: list[Cfg], itemsize: int, block_r: int, smem_limit: int) -> list[Cfg]:
     """The configs that fit ``smem_limit`` (at least the smallest one, so tuning never runs out of candidates)."""
     fits = [c for c in configs if smem_estimate(c, itemsize, block_r) <= smem_limit]
     return fits or [min(configs, key=lambda c: smem_estimate(c, itemsize, block_r))]
@@ -80,16 +82,20 @@ def prune_configs(configs: list[tuple[int, int, int, int, int, int]], itemsize: 
 
 @functools.lru_cache(maxsize=None)
 def _smem_limit(device_index: int) -> int:
+    """Opt-in shared memory per block of a CUDA device, in bytes."""
     props = torch.cuda.get_device_properties(device_index)
     limit = getattr(props, "shared_memory_per_block_optin", 0)
     return limit or SMEM_PER_BLOCK.get(props.major * 10 + props.minor, 101376)
 
 
 def _prune_for_device(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Autotuner hook: drop configs too big for X's device (and keep one when autotuning is off)."""
     by_tuple = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["GROUP_M"],
                  c.num_warps, c.num_stages): c for c in configs}
     x = named_args["X"]
     kept = prune_configs(list(by_tuple), x.element_size(), kwargs["BLOCK_R"], _smem_limit(x.device.index or 0))
+    if not AUTOTUNE:  # one config, no benchmarking: the default where it fits this device
+        kept = [DEFAULT_CONFIG] if DEFAULT_CONFIG in kept else kept[:1]
     return [by_tuple[c] for c in kept]
 
 

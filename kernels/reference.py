@@ -18,7 +18,7 @@ compute dtype. Adapter gradients flow back through the casts, so fp32 master ada
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, Union
 
 import torch
@@ -60,10 +60,10 @@ class TorchOps:
                      state: Tensor | None = None, p: float = 0.0) -> Tensor:
         if s is None:
             return x @ w
-        out = s @ l  # [M, N]: the only [M, N] buffer; the base product is added into it in place
-        if state is not None:
-            out.mul_(state).mul_(1.0 / (1.0 - p))
-        return out.addmm_(x, w)
+        if state is None:
+            return (x @ w).addmm_(s, l)
+        out = s @ l  # dX's masked LoRA term first, then the base product added in place: no [M, N] temporary
+        return out.mul_(state).mul_(1.0 / (1.0 - p)).addmm_(x, w)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -123,7 +123,8 @@ def _columns(t: Tensor, cols: list[tuple[int, int]]) -> Tensor:
     return torch.cat([t[:, lo:hi] for lo, hi in cols], dim=1)
 
 
-def _per_adapter(needed: Sequence[bool], spans: list[tuple[int, int]], product, dim: int) -> list[Tensor | None]:
+def _per_adapter(needed: Sequence[bool], spans: list[tuple[int, int]],
+                 product: Callable[[list[tuple[int, int]]], Tensor], dim: int) -> list[Tensor | None]:
     """One matmul over the trainable adapters' columns, split back per adapter (None where frozen)."""
     cols = [span for span, want in zip(spans, needed) if want]
     if not cols:

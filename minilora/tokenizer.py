@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import sys
 import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import gguf
 import regex
+import sentencepiece
 
 # GPT-2 / HF ByteLevel pre-tokenizer regex (the trailing ``\s+`` catches whitespace before a non-space).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -88,7 +91,8 @@ class Tokenizer(ABC):
             return [self.encode(t, bos, eos) for t in texts]
         size = math.ceil(len(texts) / (workers * 4))
         chunks = [list(texts[i : i + size]) for i in range(0, len(texts), size)]
-        ctx = multiprocessing.get_context("spawn")
+        # fork starts fast and needs no ``__main__`` guard; workers only run Python code, so it is safe on Linux
+        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
         with ctx.Pool(min(workers, len(chunks)), initializer=_init_worker, initargs=(self, bos, eos)) as pool:
             parts = pool.map(_encode_chunk, chunks)
         return [ids for part in parts for ids in part]
@@ -121,8 +125,6 @@ class SentencePieceTokenizer(Tokenizer):
     """A ``tokenizer.model`` (LLaMA-1/2, llama2.c) through the ``sentencepiece`` package."""
 
     def __init__(self, path: str | Path):
-        import sentencepiece
-
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"SentencePiece model not found: {self.path}")
@@ -157,8 +159,8 @@ class SentencePieceTokenizer(Tokenizer):
                 continue
             if run:
                 text = self.sp.decode(run)
-                if out and self.sp.id_to_piece(run[0]).startswith("\u2581") and not text.startswith(" "):
-                    text = " " + text  # sentencepiece drops the leading space only at the start of the output
+                if out and self.sp.id_to_piece(run[0]).startswith("\u2581"):
+                    text = " " + text  # sentencepiece drops one leading space, right only at the output's start
                 out.append(text)
                 run = []
             if i is not None:
@@ -199,7 +201,7 @@ class BPETokenizer(Tokenizer):
         """``tokens[i]`` is the byte-level string of id i; ``patterns`` split text in sequence (matches and gaps
         both kept); ``special`` maps literal tokens to whether decode may skip them."""
         self.tokens = list(tokens)
-        self.vocab = {}
+        self.vocab: dict[str, int] = {}
         for i, t in enumerate(self.tokens):
             self.vocab.setdefault(t, i)
         self.ranks = {pair: r for r, pair in enumerate(merges)}
@@ -257,21 +259,25 @@ class BPETokenizer(Tokenizer):
         config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
         named = {k: _config_token(config.get(f"{k}_token"), vocab) for k in ("bos", "eos", "pad")}
         return cls(
-            tokens, merges, patterns, special,
-            bos_id=named["bos"], eos_id=named["eos"], pad_id=named["pad"],
+            tokens,
+            merges,
+            patterns,
+            special,
+            bos_id=named["bos"],
+            eos_id=named["eos"],
+            pad_id=named["pad"],
             unk_id=vocab.get(model["unk_token"]) if model.get("unk_token") else None,
-            ignore_merges=bool(model.get("ignore_merges")), nfc=normalizer == "NFC",
-        )  # fmt: skip
+            ignore_merges=bool(model.get("ignore_merges")),
+            nfc=normalizer == "NFC",
+        )
 
     @classmethod
-    def from_gguf(cls, path_or_reader: str | Path | Any) -> BPETokenizer:
+    def from_gguf(cls, path_or_reader: str | Path | gguf.GGUFReader) -> BPETokenizer:
         """The ``tokenizer.ggml.*`` metadata of a GGUF file (a path or an open ``gguf.GGUFReader``)."""
         if isinstance(path_or_reader, (str, Path)):
             source = str(path_or_reader)
             if not Path(source).is_file():
                 raise FileNotFoundError(f"GGUF file not found: {source}")
-            import gguf
-
             try:
                 reader = gguf.GGUFReader(source)
             except ValueError as e:
@@ -379,7 +385,7 @@ class BPETokenizer(Tokenizer):
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Bytes of each token joined and read as UTF-8 (invalid sequences become U+FFFD)."""
         skip = self.skippable if skip_special else ()
-        data = b"".join(self.token_bytes[i] for i in ids if i not in skip)
+        data = b"".join(self.token_bytes[i] for i in map(int, ids) if i not in skip)
         return data.decode("utf-8", errors="replace")
 
     def id_to_token(self, i: int) -> str:
@@ -425,7 +431,8 @@ def _json_pre_tokenizer(spec: dict | None, path: Path) -> list[str]:
             pattern = step["pattern"]
             patterns.append(pattern["Regex"] if "Regex" in pattern else regex.escape(pattern["String"]))
         else:
-            raise ValueError(f"{path}: pre_tokenizer step {kind} {step.get('behavior', '')} is not supported")
+            what = " ".join(filter(None, (kind, step.get("behavior"))))
+            raise ValueError(f"{path}: pre_tokenizer step {what} is not supported")
     return patterns
 
 
@@ -435,10 +442,8 @@ def _config_token(value: str | dict | None, vocab: dict[str, int]) -> int | None
     return vocab.get(content) if content else None
 
 
-def _gguf_value(field: Any) -> Any:
+def _gguf_value(field: gguf.ReaderField) -> Any:
     """Python value of a GGUF ``ReaderField``: str, int, float, bool, or a list of them."""
-    import gguf
-
     string, array = gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY
     parts = [field.parts[i] for i in field.data]
     if field.types[0] == array and field.types[-1] == string:
@@ -450,7 +455,7 @@ def _gguf_value(field: Any) -> Any:
     return parts[0].tolist()[0]
 
 
-def read_gguf_tokenizer_fields(reader: Any) -> dict[str, Any]:
+def read_gguf_tokenizer_fields(reader: gguf.GGUFReader) -> dict[str, Any]:
     """All ``tokenizer.*`` metadata of an open ``gguf.GGUFReader`` as Python values, keyed by GGUF name."""
     return {name: _gguf_value(f) for name, f in reader.fields.items() if name.startswith("tokenizer.")}
 

@@ -20,7 +20,7 @@ CONFIGS = {
     "mha": dict(num_key_value_heads=6),
     "gqa": dict(num_key_value_heads=2),
     "tied": dict(num_key_value_heads=3, tie_word_embeddings=True),
-    "llama3-rope": dict(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0),
+    "llama3-rope": dict(rope_scaling=dict(LLAMA3_ROPE), rope_theta=500000.0),
     "odd-sizes": dict(vocab_size=97, hidden_size=60, intermediate_size=77, num_attention_heads=5,
                       num_key_value_heads=1, num_hidden_layers=3),
 }

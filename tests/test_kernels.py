@@ -1,0 +1,276 @@
+"""kernels.lora_linear against the literal formula (fp64 autograd) and against the PyTorch reference.
+
+Every ``test_fused_*`` test runs twice: in this process against whatever ``kernels.lora_linear`` dispatches to
+(the PyTorch path on CPU, Triton on CUDA), and in a child pytest with ``TRITON_INTERPRET=1 MINILORA_KERNELS=triton``
+(``test_triton_interpreter_suite``), where the same tests exercise the Triton kernels on CPU. A child process is
+the reliable way to get the interpreter: triton reads TRITON_INTERPRET when kernels are defined, and other tests
+may have imported triton first. ``test_cuda_*`` compare Triton with the reference on a GPU and skip elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+IN_INTERPRETER_CHILD = os.environ.get("MINILORA_TEST_INTERPRETER") == "1"
+HAS_CUDA_TRITON = torch.cuda.is_available() and kernels.triton_impl is not None and not kernels.triton_impl.INTERPRET
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}  # max error / max |truth|
+
+
+def make_case(m: int, k: int, n: int, ranks: tuple[int, ...], dtype: torch.dtype = torch.float32,
+              lead: tuple[int, ...] = (), transposed: bool = False, trainable: tuple[bool, ...] | None = None,
+              device: str = "cpu", seed: int = 0) -> dict:
+    """Random layer inputs of unit-scale outputs; ``x`` is a view of the leaf ``x_leaf`` when ``transposed``."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    trainable = trainable or (True,) * len(ranks)
+    x_leaf = rand(*lead, k, m).requires_grad_() if transposed else rand(*lead, m, k).requires_grad_()
+    return dict(
+        x_leaf=x_leaf,
+        x=x_leaf.transpose(-1, -2) if transposed else x_leaf,
+        weight=rand(n, k, scale=k ** -0.5),
+        lora_a=[rand(r, k, scale=k ** -0.5).requires_grad_(t) for r, t in zip(ranks, trainable)],
+        lora_b=[rand(n, r, scale=r ** -0.5).requires_grad_(t) for r, t in zip(ranks, trainable)],
+        scaling=[0.5 + i for i in range(len(ranks))],
+        grad=rand(*lead, m, n),
+    )
+
+
+def run(fn, case: dict, **kwargs) -> list[torch.Tensor | None]:
+    """Output and grads [y, dx, dA_0.., dB_0..] of ``fn`` on ``case`` (grads reset afterwards)."""
+    leaves = [case["x_leaf"], *case["lora_a"], *case["lora_b"]]
+    y = fn(case["x"], case["weight"], case["lora_a"], case["lora_b"], case["scaling"], **kwargs)
+    y.backward(case["grad"].to(y.dtype))
+    out = [y.detach()] + [t.grad for t in leaves]
+    for t in leaves:
+        t.grad = None
+    return out
+
+
+def fp64_truth(case: dict, keep: torch.Tensor | None = None, p: float = 0.0) -> list[torch.Tensor | None]:
+    """The literal formula in float64 under autograd on copies of the case's tensors."""
+    c64 = dict(case)
+    c64["x_leaf"] = case["x_leaf"].detach().double().requires_grad_(case["x_leaf"].requires_grad)
+    c64["x"] = c64["x_leaf"].transpose(-1, -2) if case["x"] is not case["x_leaf"] else c64["x_leaf"]
+    for key in ("lora_a", "lora_b"):
+        c64[key] = [t.detach().double().requires_grad_(t.requires_grad) for t in case[key]]
+    c64["weight"] = case["weight"].double()
+    return run(lambda *a: reference.naive_lora_linear(*a, keep=keep, dropout_p=p), c64)
+
+
+def assert_close(got: list, want: list, dtype: torch.dtype, what: str) -> None:
+    n = (len(got) - 2) // 2
+    names = ["y", "dx"] + [f"dA{i}" for i in range(n)] + [f"dB{i}" for i in range(n)]
+    for name, a, b in zip(names, got, want):
+        assert (a is None) == (b is None), f"{what}: {name} is {a is None and 'None' or 'set'}, expected otherwise"
+        if a is None:
+            continue
+        assert a.shape == b.shape, f"{what}: {name} shape {tuple(a.shape)} != {tuple(b.shape)}"
+        err = (a.double() - b.double()).abs().max().item() / max(b.double().abs().max().item(), 1e-12)
+        assert err <= TOL[dtype], f"{what}: {name} relative error {err:.2e} > {TOL[dtype]:.0e}"
+
+
+def keep_mask(x2d: torch.Tensor, p: float, rng_seed: int) -> torch.Tensor:
+    """The keep-mask ``kernels.lora_linear`` draws for x2d right after ``torch.manual_seed(rng_seed)``."""
+    torch.manual_seed(rng_seed)
+    if kernels.backend_for(x2d) == "triton":
+        impl = kernels.triton_impl
+        return impl.dropout_mask(impl.draw_seed(), tuple(x2d.shape), p, x2d.device)
+    return reference.dropout_mask(x2d.shape, p, x2d.device)
+
+
+# (m, k, n, ranks, lead dims, transposed x, trainable flags): edges of the interpreter's 32-blocks, M = 1,
+# ranks below 16, not powers of two and above the 64-wide rank chunk, no adapter, frozen adapters.
+SHAPES = [
+    (1, 40, 72, (8,), (), False, None),
+    (7, 72, 130, (16, 8), (), False, None),
+    (65, 130, 40, (3, 5), (), False, None),
+    (65, 72, 72, (), (), False, None),
+    (7, 130, 130, (48, 40), (), False, None),
+    (3, 40, 72, (16, 8), (2,), False, None),
+    (33, 72, 40, (3, 5), (), True, None),
+    (7, 40, 130, (16, 8), (), False, (False, True)),
+    (65, 40, 72, (8, 3, 5), (), False, (True, False, True)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"m{s[0]}k{s[1]}n{s[2]}r{'-'.join(map(str, s[3])) or 0}"
+                         f"{'-lead' if s[4] else ''}{'-T' if s[5] else ''}{'-frozen' if s[6] else ''}")
+def test_fused_matches_reference_and_formula(shape: tuple, dtype: torch.dtype) -> None:
+    m, k, n, ranks, lead, transposed, trainable = shape
+    case = make_case(m, k, n, ranks, dtype, lead=lead, transposed=transposed, trainable=trainable)
+    got = run(kernels.lora_linear, case)
+    assert got[0].dtype == dtype and got[0].shape == (*lead, m, n)
+    assert_close(got, fp64_truth(case), dtype, "vs fp64 formula")
+    assert_close(got, run(reference.lora_linear, case), dtype, "vs reference")
+    for i, flag in enumerate(trainable or (True,) * len(ranks)):
+        for grad in (got[2 + i], got[2 + len(ranks) + i]):
+            assert (grad is None) == (not flag) and (grad is None or grad.abs().sum() > 0)
+
+
+def test_fused_dispatches_as_configured() -> None:
+    """The child really runs Triton (MINILORA_KERNELS=triton); this process uses PyTorch for CPU tensors."""
+    assert kernels.backend_for(torch.ones(1)) == ("triton" if IN_INTERPRETER_CHILD else "torch")
+
+
+def test_fused_autocast_bf16_close_to_fp32() -> None:
+    case = make_case(7, 72, 40, (16, 8), torch.float32, trainable=(True, False))
+    case["weight"] = case["weight"].bfloat16()  # frozen bf16 base weight, fp32 master adapters
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run(kernels.lora_linear, case)
+    assert got[0].dtype == torch.bfloat16
+    assert got[1].dtype == got[2].dtype == got[4].dtype == torch.float32 and got[3] is None and got[5] is None
+    assert_close(got, fp64_truth(case), torch.bfloat16, "bf16 autocast vs fp64")
+
+
+def test_fused_no_input_grad_still_trains_adapters() -> None:
+    case = make_case(7, 40, 72, (8,))
+    case["x_leaf"].requires_grad_(False)
+    got = run(kernels.lora_linear, case)
+    assert got[1] is None
+    assert_close(got, fp64_truth(case), torch.float32, "x without grad")
+
+
+def test_fused_stride_zero_output_grad() -> None:
+    """``y.sum().backward()`` hands the layer an expanded (stride-0) gradient."""
+    case = make_case(7, 40, 72, (16, 8))
+    case["grad"] = torch.ones(1).expand(7, 72)
+    assert_close(run(kernels.lora_linear, case), fp64_truth(case), torch.float32, "stride-0 grad")
+
+
+@pytest.mark.parametrize("p", [0.25, 0.6])
+def test_fused_dropout_statistics(p: float) -> None:
+    """Identity probe (W = 0, A = B = I): y = dropout(1) exactly, so its values show the mask and the scale."""
+    m, k = 64, 96
+    eye = torch.eye(k)
+    x = torch.ones(m, k)
+    ys = [kernels.lora_linear(x, torch.zeros(k, k), [eye], [eye], [1.0], dropout_p=p, training=True) for _ in range(2)]
+    for y in ys:
+        keep = y != 0
+        assert torch.allclose(y[keep], torch.full_like(y[keep], 1 / (1 - p)))
+        sigma = math.sqrt(p * (1 - p) / y.numel())
+        assert abs(keep.float().mean().item() - (1 - p)) < 5 * sigma
+        assert abs(y.mean().item() - 1.0) < 5 * sigma / (1 - p)
+    assert not torch.equal(ys[0], ys[1]), "each call must draw a fresh mask"
+    y_eval = kernels.lora_linear(x, torch.zeros(k, k), [eye], [eye], [1.0], dropout_p=p, training=False)
+    assert torch.equal(y_eval, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_fused_dropout_grads_match_formula_with_same_mask(dtype: torch.dtype) -> None:
+    p, rng_seed = 0.3, 1234
+    case = make_case(33, 72, 40, (16, 8), dtype, trainable=(True, False))
+    torch.manual_seed(rng_seed)
+    got = run(kernels.lora_linear, case, dropout_p=p, training=True)
+    keep = keep_mask(case["x"], p, rng_seed)
+    assert 0.6 < keep.float().mean().item() < 0.8
+    assert_close(got, fp64_truth(case, keep=keep, p=p), dtype, "dropout vs fp64 formula with the same mask")
+
+
+def test_weight_must_be_frozen() -> None:
+    case = make_case(3, 40, 72, (8,))
+    with pytest.raises(ValueError, match="weight must be frozen"):
+        kernels.lora_linear(case["x"], case["weight"].requires_grad_(), case["lora_a"], case["lora_b"], [1.0])
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(x=torch.randn(3, 41)), r"x must be \[\.\.\., 40\]"),
+    (dict(lora_a=[torch.randn(8, 41)]), r"lora_a\[0\] must be \[r, 40\]"),
+    (dict(lora_b=[torch.randn(72, 7)]), r"lora_b\[0\] must be \[72, 8\]"),
+    (dict(scaling=[1.0, 2.0]), "one lora_a, lora_b and scaling per adapter"),
+    (dict(x=torch.randn(3, 40, dtype=torch.float64)), "x has dtype torch.float64"),
+    (dict(dropout_p=1.0), r"dropout_p must be in \[0, 1\)"),
+])
+def test_invalid_inputs_raise(change: dict, message: str) -> None:
+    args = dict(x=torch.randn(3, 40), weight=torch.randn(72, 40), lora_a=[torch.randn(8, 40)],
+                lora_b=[torch.randn(72, 8)], scaling=[1.0])
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        kernels.lora_linear(**args)
+
+
+def test_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(2, 4)
+    monkeypatch.setenv("MINILORA_KERNELS", "torch")
+    assert kernels.backend_for(x) == "torch"
+    monkeypatch.setenv("MINILORA_KERNELS", "auto")
+    assert kernels.backend_for(x) == "torch"
+    monkeypatch.setenv("MINILORA_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="MINILORA_KERNELS"):
+        kernels.backend_for(x)
+
+
+@pytest.mark.skipif(kernels.triton_impl is None or kernels.triton_impl.INTERPRET, reason="needs compiled triton")
+def test_autotune_prunes_to_device_shared_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    impl = kernels.triton_impl
+    configs = impl._fused_lora_matmul_kernel.configs
+    monkeypatch.setattr(impl, "_smem_limit", lambda index: 101376)  # an RTX 30/40-class GPU
+    x = torch.empty(1, dtype=torch.bfloat16)
+    kept = impl._prune_for_device(configs, {"X": x}, BLOCK_R=32)
+    assert 0 < len(kept) < len(configs)
+    assert all(c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * 2 <= 101376
+               for c in kept)
+    monkeypatch.setattr(impl, "AUTOTUNE", False)
+    assert len(impl._prune_for_device(configs, {"X": x}, BLOCK_R=32)) == 1
+
+
+@pytest.mark.skipif(IN_INTERPRETER_CHILD, reason="this is the child's parent")
+@pytest.mark.skipif(kernels.triton_impl is None, reason="triton is not installed")
+def test_triton_interpreter_suite() -> None:
+    """Run every ``test_fused_*`` test in a child with the Triton kernels under the interpreter."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "MINILORA_KERNELS": "triton", "MINILORA_TEST_INTERPRETER": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-k", "fused", "-p", "no:cacheprovider"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"interpreter suite failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+
+
+CUDA_SHAPES = [
+    (1, 4096, 4096, (16, 8), (), False),
+    (7, 130, 72, (3, 5), (), False),
+    (65, 40, 130, (), (), False),
+    (300, 1000, 3000, (48, 40), (), False),
+    (257, 4096, 1100, (16, 8), (2,), True),
+    (2048, 4096, 4096, (16, 8), (), False),
+]
+
+
+@pytest.mark.skipif(not HAS_CUDA_TRITON, reason="needs CUDA and triton (not interpreted)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: f"m{s[0]}k{s[1]}n{s[2]}r{'-'.join(map(str, s[3])) or 0}"
+                         f"{'-lead' if s[4] else ''}{'-T' if s[5] else ''}")
+def test_cuda_triton_matches_reference(shape: tuple, dtype: torch.dtype) -> None:
+    m, k, n, ranks, lead, transposed = shape
+    case = make_case(m, k, n, ranks, dtype, lead=lead, transposed=transposed, device="cuda")
+    got = run(kernels.triton_impl.lora_linear, case)
+    assert_close(got, fp64_truth(case), dtype, "triton vs fp64 formula")
+    assert_close(got, run(reference.lora_linear, case), dtype, "triton vs cuBLAS reference")
+
+
+@pytest.mark.skipif(not HAS_CUDA_TRITON, reason="needs CUDA and triton (not interpreted)")
+def test_cuda_dropout_and_autocast() -> None:
+    p, rng_seed = 0.2, 77
+    case = make_case(300, 1000, 520, (16, 8), torch.float32, trainable=(True, False), device="cuda")
+    case["weight"] = case["weight"].bfloat16()
+    torch.manual_seed(rng_seed)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = run(kernels.triton_impl.lora_linear, case, dropout_p=p, training=True)
+    assert got[0].dtype == torch.bfloat16 and got[2].dtype == torch.float32
+    keep = keep_mask(case["x"], p, rng_seed)
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.01
+    assert_close(got, fp64_truth(case, keep=keep, p=p), torch.bfloat16, "cuda dropout + autocast vs fp64")

@@ -1,0 +1,167 @@
+"""Compile every Triton kernel and autotune config ahead of time for sm_80 (A100) and sm_90 (H100/H200).
+
+No GPU is needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` runs the real NVIDIA
+backend, so dot shapes, layouts and shared-memory overruns that only the GPU compiler rejects fail here. The
+compiles run in a child process (never under TRITON_INTERPRET, in parallel); each case is then its own test.
+Run ``PYTHONPATH=. python tests/test_kernels_compile.py OUT.json`` to produce the results by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+from kernels.lora_linear import (  # noqa: E402
+    DEFAULT_CONFIG, DROPOUT_BLOCK, SMEM_PER_BLOCK, TUNED_CONFIGS, prune_configs,
+)
+
+TARGETS = (80, 90)
+ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+RANK_BLOCK = 32  # LLaMA runs here: two adapters r = 16 + 8 -> R = 24 -> one 32-wide rank tile
+# Strides that are 1 (and so specialised as constexpr by Triton's JIT) in each call of the fused kernel.
+UNIT_STRIDES = {
+    "fwd": ("stride_xk", "stride_wk", "stride_sr", "stride_lr", "stride_on"),        # X, W^T, S, B^T, Y
+    "bwd": ("stride_xk", "stride_wn", "stride_sr", "stride_ln", "stride_on"),        # G, W, T, A, dX
+    "strided-x": ("stride_xm", "stride_wk", "stride_sr", "stride_lr", "stride_on"),  # x a transposed view
+}
+STRIDES = ("stride_xm", "stride_xk", "stride_wk", "stride_wn", "stride_sm", "stride_sr",
+           "stride_lr", "stride_ln", "stride_om", "stride_on")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One compile: kernel, target, input dtype, call layout, (BM, BN, BK, GROUP_M, warps, stages), variant."""
+
+    kernel: str
+    target: int
+    dtype: str
+    layout: str = "fwd"
+    config: tuple[int, ...] = DEFAULT_CONFIG
+    variant: str = "lora"
+
+    @property
+    def id(self) -> str:
+        if self.kernel == "dropout":
+            return f"dropout-sm{self.target}-{self.dtype}"
+        return f"fused-sm{self.target}-{self.dtype}-{self.layout}-{self.variant}-{'x'.join(map(str, self.config))}"
+
+
+def cases() -> list[Case]:
+    """Every tuned config that survives pruning per (target, dtype), both call layouts, plus code-path variants."""
+    out = []
+    for target in TARGETS:
+        for dtype, size in ITEMSIZE.items():
+            kept = prune_configs(TUNED_CONFIGS, size, RANK_BLOCK, SMEM_PER_BLOCK[target])
+            out += [Case("fused", target, dtype, layout, c) for layout in ("fwd", "bwd") for c in kept]
+            out.append(Case("dropout", target, dtype))
+        out += [Case("fused", target, "bf16", layout, DEFAULT_CONFIG, variant) for layout, variant in
+                [("bwd", "dropout"), ("fwd", "nolora"), ("fwd", "rank64"), ("strided-x", "lora")]]
+        fp32_config = prune_configs(TUNED_CONFIGS, 4, RANK_BLOCK, SMEM_PER_BLOCK[target])[0]
+        out.append(Case("fused", target, "fp32", "fwd", fp32_config, "tf32"))
+    return out
+
+
+def _fused_source(case: Case) -> tuple[ASTSource, dict]:
+    from kernels.lora_linear import _fused_lora_matmul_kernel
+    fn = _fused_lora_matmul_kernel.fn
+    ptr = "*" + case.dtype
+    sig = {name: ptr for name in ("X", "W", "S", "L", "OUT")}
+    sig.update(seed="i32", p="fp32", scale="fp32", M="i32", N="i32", K="i32", R="i32", M_BUCKET="i32")
+    consts: dict = {}
+    for name in STRIDES:
+        unit = name in UNIT_STRIDES[case.layout]
+        sig[name] = "constexpr" if unit else "i32"
+        if unit:
+            consts[name] = 1
+    bm, bn, bk, gm, warps, stages = case.config
+    consts.update(HAS_LORA=case.variant != "nolora", DROPOUT=case.variant == "dropout",
+                  BLOCK_R=64 if case.variant == "rank64" else RANK_BLOCK, UPCAST=False,
+                  PRECISION="tf32" if case.variant == "tf32" else "ieee",
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm)
+    sig.update({name: "constexpr" for name in consts})
+    # What the JIT sees at LLaMA shapes: 16-byte aligned pointers, N, K and the leading strides divisible by 16.
+    aligned = ["X", "W", "S", "L", "OUT", "N", "K"] + [s for s in ("stride_xm", "stride_xk", "stride_wk",
+                                                                    "stride_wn", "stride_om") if s not in consts]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    return ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), {"num_warps": warps, "num_stages": stages}
+
+
+def _dropout_source(case: Case) -> tuple[ASTSource, dict]:
+    from kernels.lora_linear import _dropout_kernel
+    ptr = "*" + case.dtype
+    sig = {"X": ptr, "OUT": ptr, "seed": "i32", "p": "fp32", "scale": "fp32", "M": "i32", "K": "i32",
+           "stride_xm": "i32", "stride_xk": "constexpr", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}
+    consts = {"stride_xk": 1, "BLOCK_M": DROPOUT_BLOCK[0], "BLOCK_K": DROPOUT_BLOCK[1]}
+    return ASTSource(fn=_dropout_kernel, signature=sig, constexprs=consts), {"num_warps": 4}
+
+
+def compile_case(case: Case) -> dict:
+    """Compile one case; return shared-memory bytes, which MMA instructions the PTX holds, or the error."""
+    import triton
+    warnings.simplefilter("ignore")
+    start = time.perf_counter()
+    try:
+        src, options = (_dropout_source if case.kernel == "dropout" else _fused_source)(case)
+        compiled = triton.compile(src, target=GPUTarget("cuda", case.target, 32), options=options)
+    except Exception as exc:  # reported per case by the test
+        return {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    ptx = compiled.asm["ptx"]
+    return {"error": None, "shared": compiled.metadata.shared, "wgmma": "wgmma" in ptx,
+            "mma_sync": "mma.sync" in ptx, "seconds": round(time.perf_counter() - start, 2)}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Compile all cases in one child process without TRITON_INTERPRET (the interpreter cannot compile)."""
+    out = tmp_path_factory.mktemp("aot") / "results.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, __file__, str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=1800)
+    assert proc.returncode == 0, f"AOT compile run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("case", cases(), ids=lambda c: c.id)
+def test_compiles_for_target(results: dict[str, dict], case: Case) -> None:
+    res = results[case.id]
+    assert res["error"] is None, res["error"]
+    limit = SMEM_PER_BLOCK[case.target]
+    assert res["shared"] <= limit, f"{case.id}: {res['shared']} B shared memory > {limit} B on sm_{case.target}"
+    uses_mma = case.kernel == "fused" and (ITEMSIZE[case.dtype] == 2 or case.variant == "tf32")
+    if uses_mma and case.target == 90:
+        assert res["wgmma"], f"{case.id}: no wgmma in the sm_90 PTX (the main GEMM fell off Hopper's tensor cores)"
+    if uses_mma and case.target == 80:
+        assert res["mma_sync"], f"{case.id}: no mma.sync in the sm_80 PTX"
+
+
+def test_configs_fit_a100_and_hopper_in_16_bit() -> None:
+    """Every tuned config is a candidate on both GPUs for bf16/fp16 (fp32 prunes to what fits)."""
+    for target in TARGETS:
+        assert prune_configs(TUNED_CONFIGS, 2, RANK_BLOCK, SMEM_PER_BLOCK[target]) == TUNED_CONFIGS
+
+
+def main(out_path: str) -> None:
+    """Compile every case in parallel and write {case id: result} as JSON."""
+    all_cases = cases()
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        res = dict(zip((c.id for c in all_cases), pool.map(compile_case, all_cases)))
+    Path(out_path).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one run: kernel tests on the real GPU, then the kernel benchmark at LLaMA-7B
+# shapes; writes summary.json + summary.md (nvidia-smi, versions, test counts, benchmark tables) into OUT_DIR.
+#
+# Usage, from anywhere, on a CUDA machine (no pip install needed: the repo runs from source with PYTHONPATH):
+#   tools/gpu_check.sh [OUT_DIR]        default OUT_DIR: benchmarks/results/<YYYYMMDD>-<gpu name>
+# Budget: the step timeouts below add up to 8 minutes. Each step runs under `timeout`; a failing or timed-out
+# step is recorded and the next one runs regardless. Files written: steps.log (all output), summary.json,
+# summary.md, and whatever the steps write (bench_kernels.json).
+#
+# To add a check: one more `step NAME SECONDS COMMAND...` line. A step that writes "$WORK/NAME.xml" (pytest
+# --junitxml) gets its pass/fail counts in the summary; a JSON under OUT_DIR with a "table_markdown" field gets
+# that table included.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+
+gpu_name="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)"
+gpu_name="$(printf '%s' "$gpu_name" | tr -cs 'A-Za-z0-9' '-' | sed 's/-$//')"
+OUT="${1:-benchmarks/results/$(date +%Y%m%d)-${gpu_name:-no-gpu}}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+: > "$OUT/steps.log"
+: > "$WORK/steps.tsv"
+
+# step NAME SECONDS COMMAND...: run COMMAND under a timeout, log its output, record exit code and duration.
+step() {
+    local name="$1" secs="$2" start rc
+    shift 2
+    start="$(date +%s)"
+    echo "=== $(date -u +%H:%M:%S) $name (timeout ${secs}s): $*" >> "$OUT/steps.log"
+    timeout --kill-after=10 "$secs" "$@" >> "$OUT/steps.log" 2>&1
+    rc=$?
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" >> "$WORK/steps.tsv"
+    echo "=== $name: exit $rc" >> "$OUT/steps.log"
+    echo "$name: exit $rc after $(( $(date +%s) - start ))s"
+}
+
+step nvidia-smi 20 bash -c "nvidia-smi > '$WORK/nvidia-smi.txt'"
+step versions 40 "$PY" -c "
+import json, platform, torch
+try:
+    import triton; tv = triton.__version__
+except ImportError:
+    tv = None
+json.dump({'python': platform.python_version(), 'torch': torch.__version__, 'triton': tv,
+           'cuda': torch.version.cuda, 'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+          open('$WORK/versions.json', 'w'))"
+# One Triton config in the correctness tests keeps compiles bounded; the benchmark autotunes (it checks the
+# tuned kernels' outputs against the reference too).
+step kernel-tests 240 env MINILORA_TRITON_AUTOTUNE=0 "$PY" -m pytest \
+    tests/test_kernels.py tests/test_kernels_compile.py -q -rfE -p no:cacheprovider --junitxml="$WORK/kernel-tests.xml"
+step kernel-bench 160 "$PY" tools/bench_kernels.py --device cuda --json "$OUT/bench_kernels.json"
+
+"$PY" - "$OUT" "$WORK" <<'EOF'
+"""Collect the steps' results into summary.json and summary.md."""
+import datetime, glob, json, os, sys
+import xml.etree.ElementTree as ET
+
+out, work = sys.argv[1], sys.argv[2]
+
+
+def read(path, default=None):
+    try:
+        with open(path) as f:
+            return json.load(f) if path.endswith(".json") else f.read()
+    except (OSError, ValueError):
+        return default
+
+
+steps = []
+for line in open(os.path.join(work, "steps.tsv")):
+    name, rc, secs = line.rstrip("\n").split("\t")
+    status = "ok" if rc == "0" else "timeout" if rc in ("124", "137") else "failed"
+    steps.append({"name": name, "exit": int(rc), "seconds": int(secs), "status": status})
+
+tests = {}
+for path in sorted(glob.glob(os.path.join(work, "*.xml"))):
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError:
+        continue
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    count = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    count["passed"] = count["tests"] - count["failures"] - count["errors"] - count["skipped"]
+    count["failed_tests"] = [f"{c.get('classname')}::{c.get('name')}" for c in root.iter("testcase")
+                             if c.find("failure") is not None or c.find("error") is not None]
+    tests[os.path.basename(path)[:-4]] = count
+
+tables = {}
+for path in sorted(glob.glob(os.path.join(out, "*.json"))):
+    data = read(path, {})
+    if isinstance(data, dict) and "table_markdown" in data:
+        tables[os.path.basename(path)] = data
+
+summary = {
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "versions": read(os.path.join(work, "versions.json"), {}),
+    "nvidia_smi": read(os.path.join(work, "nvidia-smi.txt"), ""),
+    "steps": steps,
+    "tests": tests,
+    "benchmarks": {name: {k: v for k, v in d.items() if k != "table_markdown"} for name, d in tables.items()},
+}
+with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+
+md = [f"# GPU check {summary['date']}", "", f"Versions: `{json.dumps(summary['versions'])}`", "",
+      "| step | status | exit | seconds |", "|---|---|---|---|"]
+md += [f"| {s['name']} | {s['status']} | {s['exit']} | {s['seconds']} |" for s in steps]
+for name, c in tests.items():
+    md += ["", f"## Tests: {name}", "",
+           f"{c['passed']} passed, {c['failures']} failed, {c['errors']} errors, {c['skipped']} skipped"]
+    md += [f"- FAILED {t}" for t in c["failed_tests"][:30]]
+for name, d in tables.items():
+    md += ["", f"## Benchmark: {name}", "", d["table_markdown"]]
+md += ["", "## nvidia-smi", "", "```", summary["nvidia_smi"].rstrip(), "```", ""]
+with open(os.path.join(out, "summary.md"), "w") as f:
+    f.write("\n".join(md))
+print(f"wrote {out}/summary.md and summary.json")
+EOF
