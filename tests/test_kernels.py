@@ -219,6 +219,7 @@ def test_autotune_prunes_to_device_shared_memory(monkeypatch: pytest.MonkeyPatch
     impl = kernels.triton_impl
     configs = impl._fused_lora_matmul_kernel.configs
     monkeypatch.setattr(impl, "_smem_limit", lambda index: 101376)  # an RTX 30/40-class GPU
+    monkeypatch.setattr(impl, "AUTOTUNE", True)
     x = torch.empty(1, dtype=torch.bfloat16)
     kept = impl._prune_for_device(configs, {"X": x}, BLOCK_R=32)
     assert 0 < len(kept) < len(configs)
