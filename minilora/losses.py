@@ -1,0 +1,79 @@
+"""Causal-LM loss through a fused, chunked LM head + cross-entropy that never builds full-vocabulary logits.
+
+The forward computes each chunk's logits, its loss and, when a gradient will be needed, the gradient with respect
+to the hidden states (``(softmax - onehot) @ W``) at once; backward only scales that stored gradient. Peak extra
+memory is one chunk of logits instead of ``[B*T, V]`` fp32 logits (SmolLM2: 49,152 x 4 bytes per token).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+CHUNK_ELEMENTS = 2**24  # logits elements per chunk (64 MB in fp32)
+
+
+def _compute_dtype(h: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(h.device.type):
+        return torch.get_autocast_dtype(h.device.type)
+    return h.dtype
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``h @ W^T`` against targets ``y`` (no ignored entries), chunked over rows."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(dtype)
+        rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        for i in range(0, h.shape[0], rows):
+            hc, yc = h[i : i + rows].to(dtype), y[i : i + rows]
+            logits = (hc @ w.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                p = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+                p[torch.arange(len(yc), device=p.device), yc] -= 1.0
+                p = p.to(dtype)
+                if need_h:
+                    grad_h[i : i + rows] = p @ w
+                if need_w:
+                    grad_w.addmm_(p.T.float(), hc.float())
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None
+
+
+def lm_loss_sum(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token loss, number of predicted tokens) for hidden [B, T, D] and labels [B, T] (-100: none).
+
+    Position t predicts ``labels[:, t + 1]`` (the shift is done here, as in Hugging Face).
+    """
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    keep = y != IGNORE_INDEX
+    h, y = h[keep], y[keep]
+    if y.numel() == 0:
+        return hidden.sum() * 0.0, torch.zeros((), device=hidden.device)
+    loss = LinearCrossEntropy.apply(h, lm_head.weight, y, _compute_dtype(h))
+    return loss, torch.tensor(float(y.numel()), device=hidden.device)
+
+
+def lm_loss_reference(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor) -> torch.Tensor:
+    """The plain formula (full logits), as a test oracle: summed next-token cross-entropy."""
+    logits = lm_head(hidden[:, :-1]).float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")

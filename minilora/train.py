@@ -1,0 +1,420 @@
+"""The training engine shared by ``train_dapt.py`` and ``train_task.py``.
+
+AdamW over the trainable parameters only; linear warm-up then linear / cosine decay; gradient accumulation;
+clipping; bf16 autocast; gradient checkpointing; periodic evaluation with the best result kept; metrics as JSONL
+and a live progress bar; a loss-curve PNG; SIGINT/SIGTERM save and exit; ``resume`` continues exactly
+(optimizer, scheduler, RNG and data position); a non-finite loss stops with the last good checkpoint intact.
+
+Data parallelism (``torchrun``): every rank runs the same loop on its slice of each global micro-batch, and the
+gradients of the trainable parameters (LoRA and heads: small) are summed with one all-reduce per optimizer step
+and divided by the global number of loss terms, so N processes match one process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (defaults: the paper's DAPT setup, HF-Trainer AdamW defaults)."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: str = "linear"  # linear | cosine | constant (after warm-up)
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 8  # global micro-batch (split over ranks)
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    precision: str = "bf16"  # bf16 autocast, or fp32
+    grad_checkpointing: bool = False
+    eval_every: int = 0  # optimizer steps between evaluations (0: only at the end)
+    save_every: int = 50  # optimizer steps between resumable checkpoints
+    log_every: int = 1
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise ValueError(f"schedule {self.schedule!r}: expected linear, cosine or constant")
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"precision {self.precision!r}: expected bf16 or fp32")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("batch_size and grad_accum must be >= 1")
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch consumed
+    tokens: int = 0  # input tokens processed (all ranks)
+    train_s: float = 0.0
+    best: float | None = None
+    best_step: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Raised when the loss becomes NaN or infinite."""
+
+
+# ---- distributed helpers ----
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> torch.device:
+    """Initialise the process group under torchrun (gloo on CPU, nccl on CUDA); returns this rank's device."""
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local)
+            dist.init_process_group("nccl")
+            return torch.device("cuda", local)
+        dist.init_process_group("gloo")
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+# ---- schedule and batching ----
+
+def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the base lr at an optimizer step: linear warm-up, then the chosen decay to zero."""
+    warm = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Global micro-batches of indices for one epoch: a seeded permutation cut into full batches."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return [order[i : i + batch_size].tolist() for i in range(0, n - batch_size + 1, batch_size)] or [order.tolist()]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA max allocated on GPU, max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Runs the optimisation loop for a model whose trainable parameters are those with ``requires_grad``.
+
+    ``loss_fn(model, batch)`` returns (summed loss, number of loss terms) so that normalisation is global.
+    ``evaluate(model)`` returns a metrics dict holding ``metric``; ``on_best(model, metrics)`` saves outputs.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        dataset: Sequence,
+        collate: Callable[[list], Batch],
+        loss_fn: LossFn,
+        out_dir: str | Path,
+        evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+        on_best: Callable[[nn.Module, dict[str, float]], None] | None = None,
+        metric: str = "val_loss",
+        higher_is_better: bool = False,
+        batches: Callable[[int], list[list[int]]] | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        self.model, self.cfg, self.dataset, self.collate, self.loss_fn = model, cfg, dataset, collate, loss_fn
+        self.out_dir = Path(out_dir)
+        self.evaluate, self.on_best = evaluate, on_best
+        self.metric, self.higher = metric, higher_is_better
+        self.device = torch.device(device)
+        self.batches = batches or (lambda epoch: shuffled_batches(len(dataset), cfg.batch_size, cfg.seed, epoch))
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (add an adapter or a head first)")
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
+        steps_per_epoch = max(1, len(self.batches(0)) // cfg.grad_accum)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
+        self.state = TrainState()
+        self.ckpt_path = self.out_dir / "checkpoint" / "state.pt"
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self._stop_signal: int | None = None
+        if hasattr(model, "set_gradient_checkpointing"):
+            model.set_gradient_checkpointing(cfg.grad_checkpointing)
+
+    # ---- checkpointing ----
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self) -> None:
+        """Everything needed to continue exactly: trainable weights, optimizer, scheduler, RNG, data position."""
+        if not is_main():
+            return
+        _atomic_torch_save(
+            {
+                "trainable": self.trainable_state(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "state": asdict(self.state),
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    "numpy": np.random.get_state(),
+                    "python": random.getstate(),
+                },
+                "config": asdict(self.cfg),
+            },
+            self.ckpt_path,
+        )
+
+    def load_checkpoint(self) -> bool:
+        """Restore from ``checkpoint/state.pt`` if present; returns whether a checkpoint was found."""
+        if not self.ckpt_path.is_file():
+            return False
+        try:
+            ck = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise ValueError(f"{self.ckpt_path}: cannot read checkpoint ({e})") from None
+        named = dict(self.model.named_parameters())
+        missing = [n for n in ck["trainable"] if n not in named]
+        if missing or len(ck["trainable"]) != len(self.params):
+            raise ValueError(f"{self.ckpt_path}: trainable parameters differ from this model's (different settings?)")
+        with torch.no_grad():
+            for n, t in ck["trainable"].items():
+                named[n].copy_(t)
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.state = TrainState(**ck["state"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        if ck["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        np.random.set_state(ck["rng"]["numpy"])
+        random.setstate(ck["rng"]["python"])
+        if is_main():  # drop metric lines written after the checkpoint
+            rows = [r for r in self.state.history]
+            self._write_metrics(rows, mode="w")
+        return True
+
+    def _write_metrics(self, rows: list[dict], mode: str = "a") -> None:
+        if not is_main():
+            return
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, mode) as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.state.history.append(row)
+        self._write_metrics([row])
+
+    # ---- the loop ----
+
+    def _handle_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+
+    def _micro_batch(self, indices: list[int]) -> Batch:
+        rank, size = world()
+        mine = indices[rank::size]
+        batch = self.collate([self.dataset[i] for i in mine])
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def run_eval(self) -> dict[str, float]:
+        if self.evaluate is None:
+            return {}
+        self.model.eval()
+        with torch.no_grad(), self._autocast():
+            metrics = self.evaluate(self.model)
+        self.model.train()
+        value = metrics.get(self.metric)
+        if value is not None and math.isfinite(value):
+            better = self.state.best is None or (value > self.state.best if self.higher else value < self.state.best)
+            if better:
+                self.state.best, self.state.best_step = value, self.state.step
+                if self.on_best is not None and is_main():
+                    self.on_best(self.model, metrics)
+        self.log({"step": self.state.step, **metrics, "best": self.state.best})
+        return metrics
+
+    def fit(self, resume: bool = False) -> TrainState:
+        """Train to ``total_steps``; returns the final state. Exits the process (code 130/143) on SIGINT/SIGTERM."""
+        if resume:
+            self.load_checkpoint()
+        elif is_main() and self.metrics_path.exists():
+            self.metrics_path.unlink()
+        old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self._loop()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        return self.state
+
+    def _loop(self) -> None:
+        cfg, st = self.cfg, self.state
+        self.model.train()
+        bar = None
+        if cfg.progress and is_main():
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=st.step, desc="train", unit="step", dynamic_ncols=True,
+                       file=sys.stderr)
+        epoch_batches = self.batches(st.epoch)
+        while st.step < self.total_steps:
+            t0 = time.perf_counter()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            count = torch.zeros((), dtype=torch.float64)
+            tokens = 0
+            for _ in range(cfg.grad_accum):
+                if st.batch_in_epoch >= len(epoch_batches):
+                    st.epoch += 1
+                    st.batch_in_epoch = 0
+                    epoch_batches = self.batches(st.epoch)
+                batch = self._micro_batch(epoch_batches[st.batch_in_epoch])
+                st.batch_in_epoch += 1
+                with self._autocast():
+                    loss, n = self.loss_fn(self.model, batch)
+                loss.backward()
+                loss_sum += loss.detach().double().cpu()
+                count += float(n)
+                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            stats = all_reduce_sum(torch.stack([loss_sum, count, torch.tensor(float(tokens), dtype=torch.float64)]))
+            mean_loss = float(stats[0] / stats[1])
+            if not math.isfinite(mean_loss):
+                raise NonFiniteLoss(
+                    f"loss became {mean_loss} at step {st.step + 1}; stopped. The last good checkpoint is "
+                    f"{self.ckpt_path} (resume with --resume, perhaps with a lower learning rate)"
+                )
+            self._reduce_gradients(float(stats[1]))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            st.step += 1
+            st.tokens += int(stats[2])
+            st.train_s += time.perf_counter() - t0
+            tok_s = st.tokens / max(st.train_s, 1e-9)
+            if st.step % cfg.log_every == 0 or st.step == self.total_steps:
+                self.log({"step": st.step, "epoch": st.epoch, "loss": mean_loss, "lr": lr,
+                          "grad_norm": grad_norm, "tokens": st.tokens, "tokens_per_s": tok_s})
+            if bar is not None:
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+                bar.update(1)
+            if cfg.eval_every and st.step % cfg.eval_every == 0 and st.step < self.total_steps:
+                self.run_eval()
+            if self._stop_signal is not None:
+                self.save_checkpoint()
+                if bar is not None:
+                    bar.close()
+                name = signal.Signals(self._stop_signal).name
+                print(f"\n{name} received: checkpoint saved at step {st.step} in {self.ckpt_path}; "
+                      "continue with --resume", file=sys.stderr)
+                sys.exit(128 + self._stop_signal)
+            if cfg.save_every and st.step % cfg.save_every == 0:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        self.run_eval()
+        self.save_checkpoint()
+
+    def _reduce_gradients(self, total_count: float) -> None:
+        """Sum gradients over ranks (one flat all-reduce) and divide by the global number of loss terms."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return
+        if world()[1] > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+        for g in grads:
+            g.div_(total_count)
+
+
+def plot_curves(metrics_path: str | Path, out_png: str | Path, val_key: str = "val_loss") -> Path | None:
+    """Training loss (and validation ``val_key``) against optimizer steps, as a PNG; None if nothing was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r[val_key]) for r in rows if val_key in r]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="train loss", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label=val_key.replace("_", " "))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out_png)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
