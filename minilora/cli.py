@@ -1,0 +1,72 @@
+"""Command-line plumbing shared by the recipes: TOML config files under flags, and clean exits on bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+EXIT_BAD_INPUT = 2
+
+
+class InputError(ValueError):
+    """Bad user input (file, field, value): reported in one line, exit code 2."""
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; values from ``--config FILE.toml`` replace the defaults and explicit flags override both.
+
+    The TOML file holds flat ``key = value`` pairs named like the flags (``max_seq_len`` or ``max-seq-len``);
+    tables are flattened, so ``[lora] r = 16`` also sets ``r``.
+    """
+    args = parser.parse_args(argv)
+    path = getattr(args, "config", None)
+    if not path:
+        return args
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        parser.exit(EXIT_BAD_INPUT, f"error: {path}: config file not found\n")
+    except tomllib.TOMLDecodeError as e:
+        parser.exit(EXIT_BAD_INPUT, f"error: {path}: invalid TOML ({e})\n")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    known = {a.dest for a in parser._actions}
+    defaults = {}
+    for key, value in flat.items():
+        dest = key.replace("-", "_")
+        if dest not in known or dest in ("help", "config"):
+            parser.exit(EXIT_BAD_INPUT, f"error: {path}: unknown setting {key!r}\n")
+        defaults[dest] = value
+    parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+def run_cli(main: Callable[[], int | None]) -> None:
+    """Run a recipe's ``main``: bad input (missing files, invalid values) prints one line and exits with code 2."""
+    try:
+        code = main()
+    except (InputError, FileNotFoundError, ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    sys.exit(code or 0)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
