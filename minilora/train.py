@@ -115,6 +115,12 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if world()[1] > 1:
+        dist.barrier()
+
+
 # ---- schedule and batching ----
 
 def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
@@ -267,7 +273,8 @@ class Trainer:
     def _handle_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
-    def _autocast(self):
+    def autocast(self):
+        """bf16 autocast on this device when precision is bf16 (a no-op context otherwise)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
     def _micro_batch(self, indices: list[int]) -> Batch:
@@ -280,7 +287,7 @@ class Trainer:
         if self.evaluate is None:
             return {}
         self.model.eval()
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self.autocast():
             metrics = self.evaluate(self.model)
         self.model.train()
         value = metrics.get(self.metric)
@@ -330,7 +337,7 @@ class Trainer:
                     epoch_batches = self.batches(st.epoch)
                 batch = self._micro_batch(epoch_batches[st.batch_in_epoch])
                 st.batch_in_epoch += 1
-                with self._autocast():
+                with self.autocast():
                     loss, n = self.loss_fn(self.model, batch)
                 loss.backward()
                 loss_sum += loss.detach().double().cpu()
