@@ -1,0 +1,103 @@
+"""Sequence classification on top of the LM: pooled final hidden state -> bias-free linear head (as the paper).
+
+Single-label tasks train with class-weighted cross-entropy (weights N / (K * count_k)); multi-label tasks with
+BCE-with-logits. Pooling is the last non-pad token of each right-padded sequence (the paper), or the mean.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minilora.model import Transformer
+
+HEAD_WEIGHTS = "head.safetensors"
+HEAD_CONFIG = "head_config.json"
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, mode: str = "last") -> torch.Tensor:
+    """[B, D] from hidden [B, T, D]: the last non-pad position (right padding) or the masked mean."""
+    if attention_mask is None:
+        return hidden[:, -1] if mode == "last" else hidden.mean(1)
+    if mode == "last":
+        last = attention_mask.long().sum(1).clamp(min=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    m = attention_mask.to(hidden.dtype)[..., None]
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+class Classifier(nn.Module):
+    """A (LoRA-adapted) LLaMA with a classification head; ``forward`` returns fp32 logits [B, num_labels]."""
+
+    def __init__(self, lm: Transformer, num_labels: int, multilabel: bool = False, pooling: str = "last"):
+        super().__init__()
+        if pooling not in ("last", "mean"):
+            raise ValueError(f"pooling {pooling!r}: expected 'last' or 'mean'")
+        self.lm, self.num_labels, self.multilabel, self.pooling = lm, num_labels, multilabel, pooling
+        self.head = nn.Linear(lm.config.hidden_size, num_labels, bias=False, device=lm.lm_head.weight.device)
+        nn.init.normal_(self.head.weight, std=lm.config.hidden_size**-0.5)
+
+    def set_gradient_checkpointing(self, enabled: bool = True, every: int = 1) -> None:
+        self.lm.set_gradient_checkpointing(enabled, every)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = pool(self.lm.hidden_states(input_ids, attention_mask), attention_mask, self.pooling)
+        return F.linear(h.float(), self.head.weight.float())
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Sigmoid per label for multi-label tasks, softmax over classes otherwise."""
+        return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=-1)
+
+    def save_head(self, directory: str | Path, labels: list[str], extra: dict | None = None) -> None:
+        """Write the head weights and its label vocabulary (atomically)."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".{HEAD_WEIGHTS}.tmp{os.getpid()}"
+        save_file({"weight": self.head.weight.detach().float().cpu().contiguous()}, str(tmp))
+        os.replace(tmp, d / HEAD_WEIGHTS)
+        cfg = {"num_labels": self.num_labels, "multilabel": self.multilabel, "pooling": self.pooling,
+               "labels": labels, **(extra or {})}
+        tmp = d / f".{HEAD_CONFIG}.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+        os.replace(tmp, d / HEAD_CONFIG)
+
+    @staticmethod
+    def read_head(directory: str | Path) -> tuple[dict, torch.Tensor]:
+        """(head config, weight) from a folder written by ``save_head``."""
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        for name in (HEAD_CONFIG, HEAD_WEIGHTS):
+            if not (d / name).is_file():
+                raise FileNotFoundError(f"{d / name}: missing (expected a trained task run's head)")
+        return json.loads((d / HEAD_CONFIG).read_text()), load_file(str(d / HEAD_WEIGHTS))["weight"]
+
+
+def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The paper's class weights N / (K * count_k); classes absent from training get weight 0."""
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    w = labels.numel() / (num_classes * counts.clamp(min=1))
+    return torch.where(counts > 0, w, torch.zeros_like(w)).float()
+
+
+def classification_loss_sum(
+    logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, normaliser) so that sum / normaliser is the usual mean loss.
+
+    Single-label: weighted cross-entropy, normaliser = sum of the target classes' weights (PyTorch's weighted
+    mean). Multi-label: BCE-with-logits summed over labels and samples, normaliser = samples x labels.
+    """
+    if multilabel:
+        loss = F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="sum")
+        return loss, torch.tensor(float(targets.numel()), device=logits.device)
+    loss = F.cross_entropy(logits, targets, weight=weights, reduction="sum")
+    norm = weights[targets].sum() if weights is not None else torch.tensor(float(targets.numel()))
+    return loss, norm.to(logits.device)
