@@ -7,7 +7,9 @@ Outputs (in --out): adapter/ (PEFT format), summary.json, metrics.jsonl, loss.pn
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +27,8 @@ from minilora.train import (
 )
 
 ADAPTER = "domain"
-DEMO_NOTES = 2000
+DEMO_NOTES = 600
+DEMO_EVAL_SEQS = 48
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="notes files/folders: MIMIC-IV-Note csv(.gz), CSV, JSONL(.gz), .txt or a folder of .txt "
                         "(default: the synthetic demo corpus)")
     p.add_argument("--text-field", default=None, help="text column / JSON field (default: text)")
+    p.add_argument("--encoding-errors", default="strict", choices=["strict", "replace"],
+                   help="non-UTF-8 bytes: stop with an error naming the line (strict) or replace and count them")
     p.add_argument("--out", default="runs/dapt", help="output folder")
     p.add_argument("--cache-dir", default=None, help="token cache folder (default: <out>/../cache)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="notes held out for validation (by note)")
@@ -104,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             write_dapt_corpus(notes[0], DEMO_NOTES, seed=args.seed)
         barrier()
         if args.max_steps is None:
-            args.max_steps = 60
+            args.max_steps = 40
+        if args.eval_max_seqs is None:
+            args.eval_max_seqs = DEMO_EVAL_SEQS
     else:
         notes = [Path(n) for n in args.notes]
     base_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -116,8 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         if is_main() == building:
             cache = build_token_cache(notes, tok, cache_dir, text_field=args.text_field,
                                       val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
+                                      encoding_errors=args.encoding_errors,
                                       progress=not args.no_progress and is_main())
         barrier()
+    if is_main():
+        st = cache.stats
+        print(f"notes: {st['notes']:,} used, {st['empty']:,} empty skipped; {st['num_tokens']:,} tokens "
+              f"({st['val_docs']:,} notes / {st['val_tokens']:,} tokens held out for validation)", file=sys.stderr)
     ds_cls = TruncatedDataset if args.no_packing else PackedDataset
     train_ds, val_ds = ds_cls(cache, "train", max_len), ds_cls(cache, "val", max_len)
     if len(train_ds) == 0 or len(val_ds) == 0:
@@ -146,8 +158,6 @@ def main(argv: list[str] | None = None) -> int:
                       on_best=on_best, metric="val_ppl", device=device)
     base_path = out / "base_eval.json"
     if args.resume and base_path.is_file():
-        import json
-
         base = json.loads(base_path.read_text())
     else:
         trainer.model.eval()

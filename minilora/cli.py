@@ -53,8 +53,13 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = 
 
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run a recipe's ``main``: bad input (missing files, invalid values) prints one line and exits with code 2."""
+    from minilora.train import NonFiniteLoss
+
     try:
         code = main()
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except (InputError, FileNotFoundError, ValueError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)

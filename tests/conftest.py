@@ -48,3 +48,28 @@ def save_tiny_hf(directory: Path, seed: int = 0, max_shard_size: str | None = No
         warnings.simplefilter("ignore")
         model.save_pretrained(directory, **kwargs)
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    """A tiny random LLaMA with a byte-level BPE tokenizer (vocab 384) trained on synthetic notes, as an HF folder."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from minilora.data.synthetic import generate_patients, render_note
+
+    import random
+
+    d = tmp_path_factory.mktemp("tiny_lm")
+    texts = [render_note(p, random.Random(i), "discharge") for i, p in enumerate(generate_patients(60, seed=123))]
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=384, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true}')
+    save_tiny_hf(d, vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                 num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    return d

