@@ -101,3 +101,50 @@ def classification_loss_sum(
     loss = F.cross_entropy(logits, targets, weight=weights, reduction="sum")
     norm = weights[targets].sum() if weights is not None else torch.tensor(float(targets.numel()))
     return loss, norm.to(logits.device)
+
+
+@torch.no_grad()
+def predict(model: Classifier, dataset, pad_id: int, batch_size: int = 16, device: torch.device | str = "cpu",
+            precision: str = "bf16", progress: bool = False) -> "np.ndarray":
+    """Probabilities [n, num_labels] (fp32, in dataset order) from length-sorted batches, sharded over no ranks."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from minilora.data.tasks import collate_classification, eval_batches
+
+    device = torch.device(device)
+    model.eval()
+    out = np.zeros((len(dataset), model.num_labels), dtype=np.float32)
+    batches = eval_batches(dataset.lengths, batch_size)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        for idx in tqdm(batches, desc="predict", unit="batch", disable=not progress, leave=False):
+            b = collate_classification([dataset[i] for i in idx], pad_id)
+            logits = model(b["input_ids"].to(device), b["attention_mask"].to(device))
+            out[idx] = model.probabilities(logits.float()).cpu().numpy()
+    return out
+
+
+def load_classifier(run_dir: str | Path, device: torch.device | str | None = None):
+    """(Classifier, tokenizer, summary) rebuilt from a ``train_task.py`` run folder: base model, adapters, head."""
+    from minilora.loading import from_pretrained
+    from minilora.lora import load_adapter
+
+    run = Path(run_dir)
+    summary_path = run / "summary.json"
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"{summary_path}: missing (expected a train_task.py run folder)")
+    summary = json.loads(summary_path.read_text())
+    cfg = summary["config"]
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if cfg.get("precision", "bf16") == "bf16" else torch.float32
+    lm, tok = from_pretrained(cfg["model"], dtype=dtype, device=device)
+    for folder, name in (("domain_adapter", "domain"), ("task_adapter", "task")):
+        if (run / folder).is_dir():
+            load_adapter(lm, run / folder, name)
+        elif folder == "domain_adapter" and cfg.get("domain_adapter"):
+            load_adapter(lm, cfg["domain_adapter"], name)
+    head_cfg, weight = Classifier.read_head(run / "head")
+    model = Classifier(lm, head_cfg["num_labels"], head_cfg["multilabel"], head_cfg["pooling"])
+    with torch.no_grad():
+        model.head.weight.copy_(weight)
+    return model.eval(), tok, summary

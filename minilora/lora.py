@@ -244,12 +244,10 @@ def _pattern_value(pattern: dict, module: str, default):
     return default
 
 
-def load_adapter(model: nn.Module, directory: str | Path, name: str, trainable: bool = False) -> list[str]:
-    """Load a PEFT LoRA adapter from ``directory`` into ``model`` as adapter ``name``; returns the module names."""
+def _read_adapter(model: nn.Module, directory: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]], Path]:
+    """(config, {module: {lora_A, lora_B}}, weights path) of a PEFT LoRA folder, checked against ``model``."""
     from safetensors.torch import load_file
 
-    if name in adapter_names(model):
-        raise ValueError(f"adapter {name!r} already exists in the model; choose another name")
     d = Path(directory)
     cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
     for p in (cfg_path, w_path):
@@ -269,9 +267,8 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str, trainable: 
     for key in ("r", "lora_alpha"):
         if key not in cfg:
             raise ValueError(f"{cfg_path}: missing required key {key!r}")
-    tensors = load_file(str(w_path))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
+    for key, t in load_file(str(w_path)).items():
         module, ab = _module_from_key(key, w_path)
         pairs.setdefault(module, {})[ab] = t
     modules = dict(model.named_modules())
@@ -287,13 +284,36 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str, trainable: 
                 f"{w_path}: {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit a "
                 f"[{base.out_features} x {base.in_features}] layer"
             )
+    return cfg, pairs, w_path
+
+
+def load_adapter(model: nn.Module, directory: str | Path, name: str, trainable: bool = False) -> list[str]:
+    """Load a PEFT LoRA adapter from ``directory`` into ``model`` as adapter ``name``; returns the module names."""
+    if name in adapter_names(model):
+        raise ValueError(f"adapter {name!r} already exists in the model; choose another name")
+    cfg, pairs, _ = _read_adapter(model, directory)
     for module, ab in pairs.items():
         r = ab["lora_A"].shape[0]
         alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
+        spec = AdapterSpec(r, float(alpha), float(cfg.get("lora_dropout", 0.0)), bool(cfg.get("use_rslora")))
         layer = _wrap(model, module)
-        layer.add(name, AdapterSpec(r, float(alpha), float(cfg.get("lora_dropout", 0.0)), bool(cfg.get("use_rslora"))), trainable)
+        layer.add(name, spec, trainable)
         with torch.no_grad():
             layer.lora_A[name].copy_(ab["lora_A"])
             layer.lora_B[name].copy_(ab["lora_B"])
     freeze_base(model)
     return sorted(pairs)
+
+
+@torch.no_grad()
+def restore_adapter(model: nn.Module, directory: str | Path, name: str) -> None:
+    """Copy saved weights into the existing adapter ``name`` (same modules and ranks), e.g. a run's best epoch."""
+    _, pairs, w_path = _read_adapter(model, directory)
+    layers = dict(_layers_with(model, name))
+    if set(layers) != set(pairs):
+        raise ValueError(f"{w_path}: adapts other modules than adapter {name!r} of this model")
+    for module, ab in pairs.items():
+        if layers[module].lora_A[name].shape != ab["lora_A"].shape:
+            raise ValueError(f"{w_path}: {module}: rank {ab['lora_A'].shape[0]} differs from adapter {name!r}'s")
+        layers[module].lora_A[name].copy_(ab["lora_A"])
+        layers[module].lora_B[name].copy_(ab["lora_B"])

@@ -1,0 +1,259 @@
+"""Downstream outcome tasks: the van Aken CSVs, the two-column ``text,label`` re-uploads, and any CSV/JSONL.
+
+The label vocabulary comes from the training split. Rows of val/test whose label is unseen in training cannot be
+scored as a class: they are counted, reported and left out (single-label); unseen codes of multi-label rows are
+counted and dropped from that row's targets. Rows with empty text are counted and skipped. Nothing is silent.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minilora.data.notes import clean_note
+from minilora.data.synthetic import TASKS, task_spec
+from minilora.tokenizer import Tokenizer
+
+KINDS = ("binary", "multiclass", "multilabel")
+
+
+class TaskDataError(ValueError):
+    """Bad task data: one line naming the file, the field and the expectation."""
+
+
+@dataclass
+class Split:
+    """One split: row ids, cleaned texts and targets (class index [n] or multi-hot [n, L])."""
+
+    ids: list[str]
+    texts: list[str]
+    targets: np.ndarray
+    raw_labels: list[str]
+
+
+@dataclass
+class TaskData:
+    name: str
+    kind: str
+    labels: list[str]
+    splits: dict[str, Split]
+    report: dict[str, dict[str, int]] = field(default_factory=dict)  # per split: rows, empty_text, unknown_labels
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+
+def _open_text(path: Path):
+    raw = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+    return io.TextIOWrapper(raw, encoding="utf-8", newline="")
+
+
+def read_rows(path: Path, columns: list[str]) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row) from a CSV or JSONL(.gz) file, checking that ``columns`` exist."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise TaskDataError(f"{path}: empty file")
+    is_jsonl = ".jsonl" in path.suffixes or ".json" in path.suffixes
+    csv.field_size_limit(2**31 - 1)
+    try:
+        with _open_text(path) as fh:
+            if is_jsonl:
+                for i, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise TaskDataError(f"{path}: line {i} is not valid JSON") from None
+                    missing = [c for c in columns if c not in row]
+                    if missing:
+                        raise TaskDataError(f"{path}: line {i} has no field {missing[0]!r} (fields: {', '.join(row)})")
+                    yield i, {c: "" if row[c] is None else (row[c] if isinstance(row[c], str) else
+                                                           ",".join(map(str, row[c])) if isinstance(row[c], list)
+                                                           else str(row[c])) for c in row}
+            else:
+                reader = csv.DictReader(fh)
+                header = reader.fieldnames or []
+                missing = [c for c in columns if c not in header]
+                if missing:
+                    raise TaskDataError(f"{path}: missing column {missing[0]!r} (columns: {', '.join(header)})")
+                for row in reader:
+                    yield reader.line_num, row
+    except UnicodeDecodeError as e:
+        raise TaskDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (OSError, EOFError) as e:
+        raise TaskDataError(f"{path}: cannot read ({e})") from None
+
+
+def _split_labels(value: str, sep: str) -> list[str]:
+    return [v.strip() for v in value.split(sep) if v.strip()]
+
+
+def _sort_labels(labels: set[str]) -> list[str]:
+    """Numeric order when every label is an integer (0, 1, 2, ... 10), else lexical."""
+    if all(lab.lstrip("-").isdigit() for lab in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+def load_task_files(
+    files: dict[str, Path],
+    name: str,
+    kind: str,
+    text_col: str = "text",
+    label_col: str = "label",
+    id_col: str | None = "id",
+    label_sep: str = ",",
+) -> TaskData:
+    """Read train/val/test files of one task; ``kind`` is binary, multiclass or multilabel."""
+    if kind not in KINDS:
+        raise ValueError(f"task kind {kind!r}: expected one of {KINDS}")
+    multilabel = kind == "multilabel"
+    raw: dict[str, list[tuple[str, str, str]]] = {}
+    report: dict[str, dict[str, int]] = {}
+    for split, path in files.items():
+        rows, empty = [], 0
+        for line, row in read_rows(Path(path), [text_col, label_col]):
+            text = clean_note(row[text_col] or "")
+            label = (row[label_col] or "").strip()
+            if not text:
+                empty += 1
+                continue
+            if not label and not multilabel:
+                raise TaskDataError(f"{path}: line {line} has an empty {label_col!r}; expected a class label")
+            rid = row.get(id_col) if id_col else None
+            rows.append((rid if rid not in (None, "") else f"{Path(path).name}:{line}", text, label))
+        if not rows:
+            raise TaskDataError(f"{path}: no rows with text")
+        raw[split] = rows
+        report[split] = {"rows": len(rows), "empty_text": empty, "unknown_labels": 0}
+    train_labels = {lab for _, _, v in raw["train"] for lab in (_split_labels(v, label_sep) if multilabel else [v])}
+    labels = _sort_labels(train_labels)
+    if not multilabel and len(labels) < 2:
+        raise TaskDataError(f"{files['train']}: {label_col!r} has a single class in training; expected at least 2")
+    index = {lab: i for i, lab in enumerate(labels)}
+    splits = {}
+    for split, rows in raw.items():
+        ids, texts, targets, raw_labels = [], [], [], []
+        unknown = 0
+        for rid, text, value in rows:
+            if multilabel:
+                codes = _split_labels(value, label_sep)
+                known = [index[c] for c in codes if c in index]
+                unknown += len(codes) - len(known)
+                t = np.zeros(len(labels), dtype=np.uint8)
+                t[known] = 1
+            else:
+                if value not in index:
+                    unknown += 1
+                    continue
+                t = index[value]
+            ids.append(rid)
+            texts.append(text)
+            targets.append(t)
+            raw_labels.append(value)
+        report[split]["unknown_labels"] = unknown
+        splits[split] = Split(ids, texts, np.stack(targets) if multilabel else np.array(targets, dtype=np.int64),
+                              raw_labels)
+    return TaskData(name, kind, labels, splits, report)
+
+
+def van_aken_files(task: str, data_dir: Path) -> tuple[dict[str, Path], str, str]:
+    """The split files of a named task in ``data_dir`` and its (kind, label column); accepts val or dev."""
+    spec = task_spec(task)
+    files = {}
+    for split, alt in (("train", "train"), ("val", spec.splits[1]), ("test", "test")):
+        cands = [data_dir / spec.file(s) for s in dict.fromkeys((split, alt, "dev" if split == "val" else split))]
+        found = next((c for c in cands if c.is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"{cands[0]}: missing (expected the {task} task's {split} split in {data_dir})")
+        files[split] = found
+    with _open_text(files["train"]) as fh:
+        header = next(csv.reader(fh), [])
+    label_col = spec.label_column if spec.label_column in header else "label"
+    return files, spec.kind, label_col
+
+
+def load_named_task(task: str, data_dir: str | Path) -> TaskData:
+    """A van Aken / BEEP task (or its two-column ``text,label`` re-upload) from ``data_dir``."""
+    files, kind, label_col = van_aken_files(task, Path(data_dir))
+    return load_task_files(files, task_spec(task).name, kind, label_col=label_col)
+
+
+def print_report(data: TaskData) -> None:
+    """Counts per split on stderr (never text): rows, empty texts skipped, unseen labels."""
+    for split, r in data.report.items():
+        extra = []
+        if r["empty_text"]:
+            extra.append(f"{r['empty_text']} empty texts skipped")
+        if r["unknown_labels"]:
+            what = "label codes not seen in training dropped" if data.kind == "multilabel" else \
+                "rows with a label not seen in training left out"
+            extra.append(f"{r['unknown_labels']} {what}")
+        more = f" ({'; '.join(extra)})" if extra else ""
+        print(f"{data.name} {split}: {len(data.splits[split].ids):,} rows{more}", file=sys.stderr)
+
+
+# ---- tokenised examples and length-bucketed batches ----
+
+class EncodedSplit(torch.utils.data.Dataset):
+    """Token ids (truncated to ``max_seq_len``, BOS when the model uses it) with their targets."""
+
+    def __init__(self, split: Split, tokenizer: Tokenizer, max_seq_len: int, workers: int = 1):
+        ids = tokenizer.encode_batch(split.texts, bos=tokenizer.add_bos, workers=workers)
+        self.input_ids = [x[:max_seq_len] for x in ids]
+        self.targets = split.targets
+        self.lengths = np.array([len(x) for x in self.input_ids])
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.tensor(self.input_ids[i]), "labels": torch.as_tensor(self.targets[i])}
+
+
+def collate_classification(batch: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad ``input_ids`` and stack targets; multi-hot targets become float."""
+    T = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), T), dtype=torch.long)
+    for i, b in enumerate(batch):
+        ids[i, : len(b["input_ids"])] = b["input_ids"]
+        mask[i, : len(b["input_ids"])] = 1
+    labels = torch.stack([b["labels"] for b in batch])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels.float() if labels.dim() == 2 else labels}
+
+
+def bucketed_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, window: int = 50) -> list[list[int]]:
+    """Shuffled batches of similar lengths: shuffle, sort within windows of ``window`` batches, shuffle batches."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    span = batch_size * window
+    batches = []
+    for start in range(0, len(order), span):
+        chunk = order[start : start + span]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(chunk[i : i + batch_size].tolist() for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def eval_batches(lengths: np.ndarray, batch_size: int) -> list[list[int]]:
+    """Batches for inference, sorted by length (least padding); callers restore the order."""
+    order = np.argsort(lengths, kind="stable")
+    return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+
+
+__all__ = ["TASKS", "TaskData", "Split", "TaskDataError", "load_task_files", "load_named_task", "van_aken_files",
+           "EncodedSplit", "collate_classification", "bucketed_batches", "eval_batches", "print_report"]

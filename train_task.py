@@ -1,0 +1,238 @@
+"""Downstream LoRA + classification head on a clinical outcome task (mortality, los, pmv, diagnoses, procedures).
+
+Stacks base + clinical (domain) adapter + a new task adapter, all active in every forward pass. With no data
+arguments it trains on the synthetic demo version of the task, using the demo DAPT adapter when one exists.
+Outputs (in --out): task_adapter/, head/, domain_adapter/ (if trained), predictions_{val,test}.npz,
+summary.json, metrics.jsonl, loss.png, checkpoint/ (for --resume).
+
+predictions_*.npz holds ids (str [n]), y_true (class index [n], or multi-hot [n, L]), probs (float32 [n, K]:
+softmax, or per-label sigmoid for multi-label), labels (class / code names) and kind; read with numpy.load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minilora import from_pretrained
+from minilora.classify import Classifier, class_weights, classification_loss_sum, predict
+from minilora.cli import InputError, parse_with_config, run_cli, write_json_atomic
+from minilora.data.synthetic import TASKS, write_task_csvs
+from minilora.data.tasks import (
+    EncodedSplit, bucketed_batches, collate_classification, load_named_task, load_task_files, print_report,
+)
+from minilora.lora import (
+    add_adapter, load_adapter, restore_adapter, save_adapter, set_trainable, trainable_parameters,
+)
+from minilora.metrics import UndefinedMetricError, task_auroc
+from minilora.train import TrainConfig, Trainer, barrier, init_distributed, is_main, peak_memory_mb, plot_curves
+
+DEMO_PATIENTS = 600
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="TOML file of settings (flag names); command-line flags override it")
+    p.add_argument("--task", default="mortality",
+                   help=f"one of {', '.join(TASKS)}, or a name for a custom task given by --train/--val/--test")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the van Aken / BEEP CSVs (default: the synthetic demo task)")
+    p.add_argument("--train", default=None, help="custom task: training CSV/JSONL")
+    p.add_argument("--val", default=None, help="custom task: validation CSV/JSONL")
+    p.add_argument("--test", default=None, help="custom task: test CSV/JSONL")
+    p.add_argument("--text-col", default="text")
+    p.add_argument("--label-col", default="label")
+    p.add_argument("--id-col", default="id")
+    p.add_argument("--multilabel", action="store_true", help="custom task: labels are --label-sep separated codes")
+    p.add_argument("--label-sep", default=",")
+    p.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf, llama2.c .bin or smollm2-135m")
+    p.add_argument("--domain-adapter", default=None,
+                   help="clinical LoRA from train_dapt.py (<out>/adapter); demo default: runs/dapt/adapter if present")
+    p.add_argument("--no-domain-adapter", action="store_true", help="do not use a clinical adapter")
+    p.add_argument("--domain-trainable", action="store_true", help="train the clinical adapter too")
+    p.add_argument("--no-task-adapter", action="store_true", help="head only (the paper's LLaMA* baseline)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<task>)")
+    g = p.add_argument_group("task LoRA and head")
+    g.add_argument("--r", type=int, default=8)
+    g.add_argument("--alpha", type=float, default=16)
+    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names, or all-linear")
+    g.add_argument("--pooling", default="last", choices=["last", "mean"], help="last non-pad token (paper) or mean")
+    g.add_argument("--max-seq-len", type=int, default=None, help="tokens per note (default 512, demo 128)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--epochs", type=float, default=None, help="default 10 (the paper), demo 3")
+    g.add_argument("--max-steps", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"])
+    g.add_argument("--warmup-ratio", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    g.add_argument("--grad-checkpointing", action="store_true")
+    g.add_argument("--save-every", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint exactly")
+    p.add_argument("--workers", type=int, default=2, help="tokenizer worker processes")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def setting_name(args: argparse.Namespace, domain: str | None) -> str:
+    """The paper's name for this configuration (eval.py groups and compares by it)."""
+    task = "" if args.no_task_adapter else "LoRA"
+    if not domain:
+        return task or "head-only"
+    clinical = f"Clinical LoRA ({'trainable' if args.domain_trainable else 'frozen'})"
+    return f"{clinical} + {task}" if task else clinical
+
+
+def load_data(args: argparse.Namespace, out: Path):
+    """The task's splits: custom files, a van Aken folder, or the synthetic demo (written once under runs/)."""
+    if args.train or args.val or args.test:
+        if not (args.train and args.val and args.test):
+            raise InputError("a custom task needs all of --train, --val and --test")
+        files = {"train": Path(args.train), "val": Path(args.val), "test": Path(args.test)}
+        kind = "multilabel" if args.multilabel else None
+        data = load_task_files(files, args.task, kind or "multiclass", args.text_col, args.label_col, args.id_col,
+                               args.label_sep)
+        if kind is None and data.num_labels == 2:
+            data.kind = "binary"
+        return data, "custom"
+    if args.task not in TASKS:
+        raise InputError(f"--task {args.task!r}: expected one of {', '.join(TASKS)} (or give --train/--val/--test)")
+    if args.data_dir:
+        return load_named_task(args.task, args.data_dir), "mimic"
+    demo_dir = out.parent / "demo-data" / "tasks"
+    if is_main() and not (demo_dir / TASKS[args.task].file("train")).is_file():
+        write_task_csvs(demo_dir, args.task, DEMO_PATIENTS, seed=args.seed)
+    barrier()
+    return load_named_task(args.task, demo_dir), "demo"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_with_config(build_parser(), argv)
+    t_start = time.perf_counter()
+    device = init_distributed() if args.device is None else torch.device(args.device)
+    torch.manual_seed(args.seed)
+    out = Path(args.out or f"runs/{args.task}")
+    demo = not (args.data_dir or args.train)
+    data, source = load_data(args, out)
+    if is_main():
+        print_report(data)
+    max_len = args.max_seq_len or (128 if demo else 512)
+    epochs = args.epochs or (3 if demo else 10)
+
+    domain = None if args.no_domain_adapter else args.domain_adapter
+    if domain is None and demo and not args.no_domain_adapter and Path("runs/dapt/adapter").is_dir():
+        domain = "runs/dapt/adapter"
+    base_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    lm, tok = from_pretrained(args.model, dtype=base_dtype, device=device)
+    if tok is None:
+        raise InputError(f"{args.model}: no tokenizer found beside the model")
+    if domain:
+        load_adapter(lm, domain, "domain", trainable=args.domain_trainable)
+    targets = "all-linear" if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
+    if not args.no_task_adapter:
+        add_adapter(lm, "task", r=args.r, alpha=args.alpha, dropout=args.dropout, targets=targets)
+    else:
+        for p in lm.parameters():
+            p.requires_grad_(False)
+        if domain:
+            set_trainable(lm, "domain", args.domain_trainable)
+    multilabel = data.kind == "multilabel"
+    model = Classifier(lm, data.num_labels, multilabel, args.pooling)
+    n_train, pct = trainable_parameters(model)
+
+    encoded = {s: EncodedSplit(data.splits[s], tok, max_len, workers=args.workers) for s in data.splits}
+    train_ds = encoded["train"]
+    weights = None if multilabel else class_weights(torch.as_tensor(data.splits["train"].targets), data.num_labels)
+    weights = weights.to(device) if weights is not None else None
+    batches_per_epoch = len(bucketed_batches(train_ds.lengths, args.batch_size, args.seed, 0))
+    steps_per_epoch = max(1, batches_per_epoch // args.grad_accum)
+    cfg = TrainConfig(
+        lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule, warmup_ratio=args.warmup_ratio,
+        epochs=epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        max_grad_norm=args.max_grad_norm, precision=args.precision, grad_checkpointing=args.grad_checkpointing,
+        eval_every=steps_per_epoch, save_every=args.save_every, seed=args.seed, progress=not args.no_progress,
+    )
+
+    def loss_fn(m, batch):
+        logits = m(batch["input_ids"], batch["attention_mask"])
+        return classification_loss_sum(logits, batch["labels"], multilabel, weights)
+
+    def auroc(split: str, probs: np.ndarray) -> float:
+        try:
+            return task_auroc(data.splits[split].targets, probs, data.kind)
+        except UndefinedMetricError:
+            return float("nan")
+
+    last_val: dict[str, np.ndarray] = {}
+
+    def evaluate(m) -> dict[str, float]:
+        last_val["probs"] = predict(m, encoded["val"], tok.pad_id, args.batch_size, device, args.precision)
+        return {"val_auroc": auroc("val", last_val["probs"])}
+
+    def write_predictions(split: str, probs: np.ndarray) -> None:
+        tmp = out / f".predictions_{split}.tmp{os.getpid()}.npz"
+        np.savez(tmp, ids=np.array(data.splits[split].ids), y_true=data.splits[split].targets,
+                 probs=probs.astype(np.float32), labels=np.array(data.labels), kind=np.array(data.kind))
+        os.replace(tmp, out / f"predictions_{split}.npz")
+
+    def on_best(m, metrics) -> None:
+        if not args.no_task_adapter:
+            save_adapter(lm, "task", out / "task_adapter", base_model_name=str(args.model))
+        if domain and args.domain_trainable:
+            save_adapter(lm, "domain", out / "domain_adapter", base_model_name=str(args.model))
+        m.save_head(out / "head", data.labels, {"task": data.name, "kind": data.kind})
+        write_predictions("val", last_val["probs"])
+
+    trainer = Trainer(model, cfg, train_ds, lambda b: collate_classification(b, tok.pad_id), loss_fn, out,
+                      evaluate=evaluate, on_best=on_best, metric="val_auroc", higher_is_better=True,
+                      batches=lambda epoch: bucketed_batches(train_ds.lengths, args.batch_size, args.seed, epoch),
+                      device=device)
+    state = trainer.fit(resume=args.resume)
+    if not is_main():
+        return 0
+    best = restore_best(model, out)
+    test_probs = predict(best, encoded["test"], tok.pad_id, args.batch_size, device, args.precision,
+                         progress=not args.no_progress)
+    write_predictions("test", test_probs)
+    plot_curves(out / "metrics.jsonl", out / "loss.png", val_key="val_auroc")
+    summary = {
+        "task": data.name, "kind": data.kind, "setting": setting_name(args, domain), "data": source,
+        "val_auroc": state.best, "test_auroc": auroc("test", test_probs),
+        "best_step": state.best_step, "best_epoch": (state.best_step or 0) // steps_per_epoch,
+        "trainable_params": n_train, "trainable_percent": pct,
+        "train_tokens": state.tokens, "tokens_per_s": state.tokens / max(state.train_s, 1e-9),
+        "peak_mem_mb": peak_memory_mb(device), "wall_s": time.perf_counter() - t_start,
+        "labels": data.labels, "data_report": data.report,
+        "config": {**vars(args), "max_seq_len": max_len, "epochs": epochs, "domain_adapter": domain},
+    }
+    write_json_atomic(out / "summary.json", summary)
+    print(f"{data.name}: val AUROC {summary['val_auroc']:.4f}, test AUROC {summary['test_auroc']:.4f} "
+          f"({summary['setting']}); outputs in {out}")
+    return 0
+
+
+def restore_best(model: Classifier, out: Path) -> Classifier:
+    """Put the best epoch's saved task adapter, domain adapter (if trained) and head back into ``model``."""
+    for folder, name in (("task_adapter", "task"), ("domain_adapter", "domain")):
+        if (out / folder).is_dir():
+            restore_adapter(model.lm, out / folder, name)
+    _, weight = Classifier.read_head(out / "head")
+    with torch.no_grad():
+        model.head.weight.copy_(weight)
+    return model
+
+
+if __name__ == "__main__":
+    run_cli(main)
