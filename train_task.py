@@ -172,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     def auroc(split: str, probs: np.ndarray) -> float:
         try:
             return task_auroc(data.splits[split].targets, probs, data.kind)
-        except UndefinedMetricError:
+        except UndefinedMetricError as e:
+            if is_main():
+                print(f"warning: {split} AUROC is undefined ({e})", file=sys.stderr)
             return float("nan")
 
     last_val: dict[str, np.ndarray] = {}
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_curves(out / "metrics.jsonl", out / "loss.png", val_key="val_auroc")
     summary = {
         "task": data.name, "kind": data.kind, "setting": setting_name(args, domain), "data": source,
-        "val_auroc": state.best, "test_auroc": auroc("test", test_probs),
+        "val_auroc": state.best, "test_auroc": finite_or_none(auroc("test", test_probs)),
         "best_step": state.best_step, "best_epoch": (state.best_step or 0) // steps_per_epoch,
         "trainable_params": n_train, "trainable_percent": pct,
         "train_tokens": state.tokens, "tokens_per_s": state.tokens / max(state.train_s, 1e-9),
@@ -218,9 +220,15 @@ def main(argv: list[str] | None = None) -> int:
         "config": {**vars(args), "max_seq_len": max_len, "epochs": epochs, "domain_adapter": domain},
     }
     write_json_atomic(out / "summary.json", summary)
-    print(f"{data.name}: val AUROC {summary['val_auroc']:.4f}, test AUROC {summary['test_auroc']:.4f} "
+    shown = {k: "undefined" if summary[k] is None else f"{summary[k]:.4f}" for k in ("val_auroc", "test_auroc")}
+    print(f"{data.name}: val AUROC {shown['val_auroc']}, test AUROC {shown['test_auroc']} "
           f"({summary['setting']}); outputs in {out}")
     return 0
+
+
+def finite_or_none(x: float) -> float | None:
+    """JSON has no NaN: an undefined metric is written as null."""
+    return x if np.isfinite(x) else None
 
 
 def restore_best(model: Classifier, out: Path) -> Classifier:

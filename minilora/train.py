@@ -291,12 +291,12 @@ class Trainer:
             metrics = self.evaluate(self.model)
         self.model.train()
         value = metrics.get(self.metric)
-        if value is not None and math.isfinite(value):
-            better = self.state.best is None or (value > self.state.best if self.higher else value < self.state.best)
-            if better:
-                self.state.best, self.state.best_step = value, self.state.step
-                if self.on_best is not None and is_main():
-                    self.on_best(self.model, metrics)
+        finite = value is not None and math.isfinite(value)
+        improved = finite and (self.state.best is None or (value > self.state.best if self.higher else value < self.state.best))
+        if improved or self.state.best_step is None:  # an undefined metric still keeps the first result
+            self.state.best, self.state.best_step = (value if finite else None), self.state.step
+            if self.on_best is not None and is_main():
+                self.on_best(self.model, metrics)
         self.log({"step": self.state.step, **metrics, "best": self.state.best})
         return metrics
 

@@ -1,0 +1,143 @@
+"""train_task.py end to end on a tiny random LLaMA: every task kind, stacked adapters, outputs and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from minilora.data.synthetic import TASKS, write_dapt_corpus, write_task_csvs
+from minilora.metrics import task_auroc
+
+FAST = ["--max-seq-len", "48", "--batch-size", "16", "--precision", "fp32", "--no-progress", "--workers", "1",
+        "--epochs", "1"]
+
+
+def run(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600, env={**os.environ})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tasks")
+    for task in TASKS:
+        write_task_csvs(d, task, 160, seed=3)
+    return d
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_every_task_trains_and_writes_predictions(tiny_lm, task_dir, tmp_path, task):
+    out = tmp_path / task
+    run("train_task.py", "--task", task, "--data-dir", str(task_dir), "--model", str(tiny_lm), "--out", str(out),
+        "--r", "4", "--alpha", "8", *FAST)
+    summary = json.loads((out / "summary.json").read_text())
+    spec = TASKS[task]
+    assert summary["task"] == task and summary["kind"] == spec.kind and summary["setting"] == "LoRA"
+    assert summary["data"] == "mimic" and summary["trainable_params"] > 0
+    pred = np.load(out / "predictions_test.npz")
+    with open(task_dir / spec.file("test"), newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(pred["ids"]) == len(rows) and list(pred["ids"]) == [r["id"] for r in rows]
+    if spec.kind == "multilabel":
+        assert pred["probs"].shape == pred["y_true"].shape == (len(rows), len(summary["labels"]))
+        codes = [set(r["short_codes"].split(",")) for r in rows]
+        for i, lab in enumerate(summary["labels"]):  # y_true is the multi-hot of the test codes
+            assert [lab in c for c in codes] == pred["y_true"][:, i].astype(bool).tolist()
+    else:
+        assert pred["probs"].shape == (len(rows), spec.num_classes)
+        assert np.allclose(pred["probs"].sum(1), 1.0, atol=1e-5)
+        assert [summary["labels"][k] for k in pred["y_true"]] == [r[spec.label_column] for r in rows]
+    assert summary["test_auroc"] == pytest.approx(task_auroc(pred["y_true"], pred["probs"], spec.kind), abs=1e-12)
+    assert summary["val_auroc"] is None or 0.0 <= summary["val_auroc"] <= 1.0
+    assert (out / "task_adapter" / "adapter_model.safetensors").is_file() and (out / "head" / "head.safetensors").is_file()
+
+
+def test_stacked_domain_adapter_and_head_only(tiny_lm, task_dir, tmp_path):
+    notes = write_dapt_corpus(tmp_path / "notes.jsonl", 30, seed=1)
+    run("train_dapt.py", "--model", str(tiny_lm), "--notes", str(notes), "--out", str(tmp_path / "dapt"),
+        "--max-steps", "2", "--cache-dir", str(tmp_path / "cache"), "--max-seq-len", "48", "--precision", "fp32",
+        "--no-progress", "--workers", "1")
+    common = ["--task", "mortality", "--data-dir", str(task_dir), "--model", str(tiny_lm), *FAST,
+              "--domain-adapter", str(tmp_path / "dapt" / "adapter")]
+    run("train_task.py", *common, "--out", str(tmp_path / "frozen"))
+    run("train_task.py", *common, "--out", str(tmp_path / "trainable"), "--domain-trainable")
+    run("train_task.py", *common, "--out", str(tmp_path / "head"), "--no-task-adapter", "--no-domain-adapter")
+    s = {k: json.loads((tmp_path / k / "summary.json").read_text()) for k in ("frozen", "trainable", "head")}
+    assert s["frozen"]["setting"] == "Clinical LoRA (frozen) + LoRA"
+    assert s["trainable"]["setting"] == "Clinical LoRA (trainable) + LoRA"
+    assert s["head"]["setting"] == "head-only"
+    assert s["head"]["trainable_params"] == 2 * 32  # the bias-free head only: 2 classes x hidden 32
+    assert s["trainable"]["trainable_params"] > s["frozen"]["trainable_params"] > s["head"]["trainable_params"]
+    assert (tmp_path / "trainable" / "domain_adapter").is_dir() and not (tmp_path / "frozen" / "domain_adapter").exists()
+
+
+def _write(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def test_custom_two_column_and_jsonl_tasks_report_unknown_labels(tiny_lm, tmp_path):
+    rng = np.random.default_rng(0)
+    words = ["fever", "cough", "chest pain", "sepsis", "fracture", "stroke"]
+    def rows(n):
+        return [[f"pt with {rng.choice(words)} and {rng.choice(words)}", str(rng.integers(0, 3))] for _ in range(n)]
+    train = _write(tmp_path / "train.csv", ["text", "label"], rows(60))
+    val = _write(tmp_path / "val.csv", ["text", "label"], rows(20))
+    test_rows = rows(20) + [["new label row", "7"], ["", "1"]]
+    test = _write(tmp_path / "test.csv", ["text", "label"], test_rows)
+    proc = run("train_task.py", "--task", "triage", "--train", str(train), "--val", str(val), "--test", str(test),
+               "--model", str(tiny_lm), "--out", str(tmp_path / "out"), *FAST)
+    assert "triage test: 20 rows (1 empty texts skipped; 1 rows with a label not seen in training left out)" in proc.stderr
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["kind"] == "multiclass" and s["labels"] == ["0", "1", "2"]
+    assert s["data_report"]["test"] == {"rows": 21, "empty_text": 1, "unknown_labels": 1}
+
+    jl = tmp_path / "ml.jsonl"
+    jl.write_text("".join(json.dumps({"body": f"note {i} {words[i % 6]}", "codes": ["A", "B"][: 1 + i % 2]}) + "\n"
+                          for i in range(40)))
+    run("train_task.py", "--task", "codes", "--train", str(jl), "--val", str(jl), "--test", str(jl), "--multilabel",
+        "--text-col", "body", "--label-col", "codes", "--model", str(tiny_lm), "--out", str(tmp_path / "ml"), *FAST)
+    assert json.loads((tmp_path / "ml" / "summary.json").read_text())["labels"] == ["A", "B"]
+
+
+def test_bad_task_inputs(tiny_lm, tmp_path):
+    train = _write(tmp_path / "train.csv", ["text", "outcome"], [["a", "0"], ["b", "1"]])
+    proc = run("train_task.py", "--task", "x", "--train", str(train), "--val", str(train), "--test", str(train),
+               "--model", str(tiny_lm), "--out", str(tmp_path / "o"), *FAST, check=False)
+    assert proc.returncode == 2 and "train.csv: missing column 'label' (columns: text, outcome)" in proc.stderr
+    proc = run("train_task.py", "--task", "nope", "--model", str(tiny_lm), *FAST, check=False)
+    assert proc.returncode == 2 and "--task 'nope'" in proc.stderr
+    proc = run("train_task.py", "--task", "mortality", "--data-dir", str(tmp_path), "--model", str(tiny_lm), *FAST,
+               check=False)
+    assert proc.returncode == 2 and "MP_IN_adm_train.csv: missing" in proc.stderr
+
+
+@pytest.mark.slow
+def test_demo_pipeline_three_commands(tmp_path):
+    """The README's demo: train_dapt.py, train_task.py for every task, eval.py (about half an hour on 2 cores)."""
+    runs = tmp_path / "runs"
+    run("train_dapt.py", "--out", str(runs / "dapt"), "--no-progress")
+    dapt = json.loads((runs / "dapt" / "summary.json").read_text())
+    assert dapt["val_ppl"] < dapt["base_val_ppl"]
+    for task in TASKS:
+        run("train_task.py", "--task", task, "--out", str(runs / task), "--no-progress",
+            "--domain-adapter", str(runs / "dapt" / "adapter"))
+        s = json.loads((runs / task / "summary.json").read_text())
+        assert 0.5 < s["test_auroc"] < 1.0, (task, s["test_auroc"])
+    run("eval.py", "--runs-dir", str(runs), "--out", str(runs / "report"))
+    report = json.loads((runs / "report" / "report.json").read_text())
+    assert 0.5 < report["macro_auroc"] < 1.0
