@@ -28,7 +28,6 @@ import pickle
 import re
 import sys
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folders written by train_task.py, or folders holding them (default: --runs-dir)")
     p.add_argument("--runs-dir", default="runs", help="where to look for runs when no RUN_DIR is given")
     p.add_argument("--out", default=None,
-                   help="output folder (default: runs/report; with --test: the run folder)")
+                   help="output folder (default: <runs-dir>/report; with --test: the run folder)")
     p.add_argument("--n-boot", type=int, default=None,
                    help=f"bootstrap resamples for the 95%% CI (default {DEFAULT_BOOT}; {MANY_LABELS_BOOT} for "
                         f"multi-label tasks with over {MANY_LABELS} labels)")
@@ -158,15 +157,13 @@ def load_predictions(path: Path, kind: str) -> dict[str, Any]:
     """ids, y_true, probs, labels of a predictions npz, checked against each other and the run's ``kind``."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in PREDICTION_ARRAYS if k not in npz.files]
-            if missing:
-                raise InputError(f"{path}: no array {missing[0]!r} (has {', '.join(npz.files) or 'none'}; expected "
-                                 f"{', '.join(PREDICTION_ARRAYS)})")
-            arrays = {k: npz[k] for k in PREDICTION_ARRAYS}
+            arrays = {k: npz[k] for k in npz.files}
     except (OSError, EOFError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
-        if isinstance(e, InputError):
-            raise
         raise InputError(f"{path}: cannot read it as a numpy .npz ({type(e).__name__}: {e})") from None
+    missing = [k for k in PREDICTION_ARRAYS if k not in arrays]
+    if missing:
+        raise InputError(f"{path}: no array {missing[0]!r} (has {', '.join(arrays) or 'none'}; expected "
+                         f"{', '.join(PREDICTION_ARRAYS)})")
     for k, a in arrays.items():
         if not isinstance(a, np.ndarray):
             raise InputError(f"{path}: array {k!r} is not a valid .npy member")
@@ -335,30 +332,34 @@ def plot_roc(pred: dict, row: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     y, p, labels, kind = pred["y_true"], pred["probs"], pred["labels"], row["kind"]
-    curves: list[tuple[np.ndarray, np.ndarray, str]] = []  # (y, score, legend prefix)
+    ci = f" [{100 * row['ci_low']:.2f}, {100 * row['ci_high']:.2f}]"
+    curves: list[tuple[np.ndarray, np.ndarray, str]] = []  # (targets, scores, legend name)
     if kind == "binary":
-        curves.append((y, p[:, 1], f"{labels[1]} (CI {100 * row['ci_low']:.1f}-{100 * row['ci_high']:.1f})"))
+        curves.append((y, p[:, 1], f"P(class {labels[1]})"))
+        scope = ""
     elif kind == "multiclass":
         curves += [(y == k, p[:, k], f"class {labels[k]} vs rest") for k in range(p.shape[1]) if (y == k).any()]
+        scope = " (one-vs-one macro)"
     else:
         curves.append((y.ravel(), p.ravel(), "micro-average"))
         cols = np.flatnonzero(scored_columns(y, kind, p.shape[1]))
         frequent = cols[np.argsort(-y[:, cols].sum(axis=0), kind="stable")[:CURVE_LABELS]]
         curves += [(y[:, k], p[:, k], f"{labels[k]} (prevalence {y[:, k].mean():.1%})") for k in frequent]
+        scope = f" (macro over {row['labels_scored']} labels)"
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
-    for target, s, name in curves:
+    for i, (target, s, name) in enumerate(curves):
         try:
             fpr, tpr, _ = roc_curve(target, s)
             auc = roc_auc(target, s)
         except UndefinedMetricError:
             continue
-        ax.plot(fpr, tpr, lw=2 if len(curves) == 1 or name == "micro-average" else 1,
-                label=f"{name}: AUROC {100 * auc:.1f}%")
+        main = i == 0 and kind != "multiclass"
+        ax.plot(fpr, tpr, lw=2 if main else 1,
+                label=f"{name}: AUROC {100 * auc:.2f}%" + (ci if kind == "binary" else ""))
     ax.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="chance")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate", aspect="equal")
     ax.set_title(f"{row['column'] or row['task']} - {row['setting']} ({row['data']})\n"
-                 f"test AUROC {100 * row['auroc']:.2f}% [{100 * row['ci_low']:.2f}, {100 * row['ci_high']:.2f}]",
-                 fontsize=10)
+                 f"test AUROC{scope} {100 * row['auroc']:.2f}%{ci}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
@@ -371,7 +372,7 @@ def plot_roc(pred: dict, row: dict, path: Path) -> Path:
 
 
 def pct(x: float | None, digits: int = 2) -> str:
-    return "–" if x is None else f"{100 * x:.{digits}f}"
+    return "-" if x is None else f"{100 * x:.{digits}f}"
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -384,7 +385,7 @@ def render_markdown(rows: list[dict], groups: list[dict], seed: int) -> tuple[st
     columns = [c for c in PAPER_COLUMNS if any(r["column"] == c for r in rows)] + custom
     datas = sorted({r["data"] for r in rows})
     lines = ["# Evaluation report", ""]
-    lines += [DATA_NOTES.get(d, f"Data: {d}.") for d in datas]
+    lines += [line for d in datas for line in (DATA_NOTES.get(d, f"Data: {d}."), "")][:-1]
     boots = sorted({r["n_boot"] for r in rows})
     lines += ["", f"Test AUROC in %, with a {CI_LEVEL:.0%} percentile-bootstrap CI over test rows "
               f"({'/'.join(map(str, boots))} resamples, seed {seed}). AUROC as the paper: binary on P(class 1), "
@@ -394,13 +395,13 @@ def render_markdown(rows: list[dict], groups: list[dict], seed: int) -> tuple[st
     table = []
     for g in groups:
         by_col = {r["column"] or r["task"]: r for r in rows if (r["setting"], r["data"]) == (g["setting"], g["data"])}
-        cells = [pct(by_col[c]["auroc"]) if c in by_col else "–" for c in columns]
+        cells = [pct(by_col[c]["auroc"]) if c in by_col else "-" for c in columns]
         table.append([g["setting"], g["data"], *cells, f"{pct(g['macro_auroc'])} ({g['n_tasks']} tasks)"])
         if g["data"] == "mimic" and g["paper_row"]:
             paper = PAPER_AUROC[g["paper_row"]]
-            table.append([f"↳ paper: {g['paper_row']}", "MIMIC-III",
-                          *[f"{paper[c]:.2f}" if c in paper else "–" for c in columns],
-                          f"{100 * g['paper_macro_auroc']:.2f} (same tasks)" if g["paper_macro_auroc"] else "–"])
+            table.append([f"paper: {g['paper_row']}", "MIMIC-III",
+                          *[f"{paper[c]:.2f}" if c in paper else "-" for c in columns],
+                          f"{100 * g['paper_macro_auroc']:.2f} (same tasks)" if g["paper_macro_auroc"] else "-"])
     lines += md_table(["setting", "data", *columns, "macro"], table)
     show_paper = any(r["paper_auroc"] is not None for r in rows)
     lines += ["", "## Runs", ""]
@@ -408,7 +409,7 @@ def render_markdown(rows: list[dict], groups: list[dict], seed: int) -> tuple[st
         ["val AUROC %", "AUPRC %", "F1 %", "trainable params", "run"]
     table = []
     for r in rows:
-        params = "–" if r["trainable_params"] is None else f"{r['trainable_params']:,}"
+        params = "-" if r["trainable_params"] is None else f"{r['trainable_params']:,}"
         table.append([r["setting"], r["column"] or r["task"], r["data"], f"{r['n_test']:,}",
                       f"{pct(r['auroc'])} [{pct(r['ci_low'])}, {pct(r['ci_high'])}]",
                       *([pct(r["paper_auroc"])] if show_paper else []), pct(r["val_auroc"]), pct(r["auprc"]),
@@ -421,6 +422,11 @@ def render_markdown(rows: list[dict], groups: list[dict], seed: int) -> tuple[st
            "notes; PMV from BEEP).", ""]
     ref += md_table(["model", *PAPER_COLUMNS, "macro"],
                     [[row, *[f"{v:.2f}" for v in values.values()]] for row, values in PAPER_AUROC.items()])
+    for row, values in PAPER_AUROC.items():
+        mean = np.mean([values[c] for c in PAPER_COLUMNS])
+        if abs(mean - values["macro"]) > 0.01:
+            ref += ["", f"Note: the paper's macro for {row} ({values['macro']:.2f}) is not the mean of its five "
+                        f"columns ({mean:.2f}); the table shows the paper's numbers as printed."]
     return "\n".join(lines), "\n".join(ref) + "\n"
 
 

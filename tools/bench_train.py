@@ -490,6 +490,8 @@ def worker_train(spec: dict) -> dict:
            "losses": run["results"], "load": run["load"], "steps_all": run["steps_all"], "waited_s": run["waited_s"],
            "memory": mem}
     if spec.get("profile"):
+        if float(spec["wait_quiet"]) > 0:
+            wait_quiet(float(spec["wait_quiet"]), float(spec["max_others"]))
         out["profile_top"] = _profile_step(torch, device, step, int(spec.get("profile_rows", 30)),
                                            spec.get("profile_file"))
     return out
@@ -826,8 +828,8 @@ def render(summary: dict, gemm: dict, meta: dict) -> str:
             f"| {c['kind']} | {c['mode'] or 'bf16'} | {c['targets'] or '-'} | {c['hf_recipe'] or '-'}: {c['hf_setup']} "
             f"| {c['speedup']:.2f}x | {', '.join(f'{x:.2f}' for x in c['per_round_speedup'])} "
             f"| {c['memory_ratio']:.2f}x | {_f(c['memory_ratio_above_imports'], '.2f')}x | {_f(c['minilora_mfu'], '.1%')} |")
-    lines += ["", "Targets (CPU, bf16, q_proj/v_proj" + ("; informational on CUDA" if s["device"] == "cuda" else "")
-              + "):"]
+    applies = s["device"] == "cpu" and s["shape"] == "smollm2"
+    lines += ["", "Targets (SmolLM2 on CPU, bf16, q_proj/v_proj" + ("" if applies else "; informational here") + "):"]
     if not summary["checks"]:
         lines.append("- not evaluated (needs the bf16 qv training configuration for both sides)")
     for c in summary["checks"]:
