@@ -7,16 +7,23 @@
                                          score that run's model on a new labelled CSV/JSONL(.gz) file; writes
                                          predictions_<stem>.npz and eval_<stem>.json to the run folder (or --out)
 
-Metrics (all fractions in [0, 1] in JSON, percent in report.md):
+Metrics (fractions in [0, 1] in JSON, percent in report.md):
   auroc      the paper's: binary on P(class 1); multi-class one-vs-one macro (LOS); multi-label macro over the
-             labels with both classes present in the test split
-  ci_low/ci_high  95% percentile bootstrap over test rows (--n-boot resamples, --seed)
+             labels with both classes present in the test split. null if undefined (one class in the test rows)
+  ci_low/ci_high  95% percentile bootstrap over test rows (n_boot resamples of --n-boot, --seed)
   auprc      average precision: binary of class 1; multi-class one-vs-rest macro over the classes present;
-             multi-label macro over the labels AUROC scores
+             multi-label macro over the labels AUROC scores (labels_scored)
   f1         macro F1: single-label from the argmax class; multi-label from P >= 0.5, over the labels AUROC scores
-  macro_auroc  per setting group (setting, data): the mean test AUROC over its tasks (the paper's headline
-             "macro" when all five tasks are present). The top-level macro_auroc is that of the group covering
-             the most tasks (ties: the higher macro), named in best_setting.
+  val_auroc  the paper's AUROC on predictions_val.npz
+report.json:
+  runs       one object per run: run_dir, task, column (PMV/MOR/LOS/DIAG/PROC or null), kind, setting, data,
+             num_labels, n_test, labels_scored, auroc, ci_low, ci_high, n_boot, auprc, f1, val_auroc,
+             trainable_params, trainable_percent, paper_auroc (MIMIC runs of a paper setting, else null), roc_png
+  settings   one object per (setting, data): tasks, undefined_tasks, n_tasks, macro_auroc = the mean test AUROC
+             over its tasks (the paper's headline "macro" when all five are there), paper_row, paper_macro_auroc
+             (the paper's mean over the same tasks; MIMIC only)
+  macro_auroc, best_setting  the macro of the setting group covering the most tasks (ties: the higher macro)
+  skipped, ci  folders that are not task runs (DAPT); the CI method and seed
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ CURVE_LABELS = 5  # most frequent labels drawn beside the micro-average curve of
 REQUIRED_SUMMARY = ("task", "kind", "setting", "data")
 PREDICTION_ARRAYS = ("ids", "y_true", "probs", "labels", "kind")
 
-# Test AUROC (%) of Gema et al. (arXiv 2307.03042) on MIMIC-III, from docs/paper-notes.md; macro = mean of five.
+# Test AUROC (%) of Gema et al. (arXiv 2307.03042) on MIMIC-III as printed (docs/paper-notes.md).
 PAPER_COLUMNS = ("PMV", "MOR", "LOS", "DIAG", "PROC")
 PAPER_AUROC: dict[str, dict[str, float]] = {
     row: dict(zip(PAPER_COLUMNS + ("macro",), values)) for row, values in (
@@ -123,7 +130,8 @@ def check_summary(summary: dict, path: Path) -> None:
 
 def find_runs(run_dirs: list[str], runs_dir: Path) -> tuple[list[tuple[Path, dict]], list[Path]]:
     """(task runs with their summaries, skipped non-task runs) among the given folders or under ``runs_dir``;
-    a folder without summary.json is searched one and two levels down."""
+    a folder without summary.json is searched one and two levels down. Two runs of one task, setting and data
+    is an error."""
     roots = [Path(d) for d in run_dirs] or [runs_dir]
     found: list[Path] = []
     for root in roots:
@@ -136,6 +144,7 @@ def find_runs(run_dirs: list[str], runs_dir: Path) -> tuple[list[tuple[Path, dic
             found += [s.parent for pattern in ("*/summary.json", "*/*/summary.json") for s in sorted(root.glob(pattern))
                       if not any(part.startswith(".") for part in s.relative_to(root).parts)]
     runs, skipped = [], []
+    seen: dict[tuple[str, str, str], Path] = {}  # (task, setting, data): one run each, as the macro needs
     for run in dict.fromkeys(found):
         summary = read_summary(run)
         if "task" not in summary:
@@ -143,6 +152,11 @@ def find_runs(run_dirs: list[str], runs_dir: Path) -> tuple[list[tuple[Path, dic
             skipped.append(run)
             continue
         check_summary(summary, run / "summary.json")
+        key = (str(summary["task"]), str(summary["setting"]), str(summary["data"]))
+        if key in seen:
+            raise InputError(f"two runs of task {key[0]!r} with setting {key[1]!r} on {key[2]} data: {seen[key]} and "
+                             f"{run}; pass the run folders to report explicitly")
+        seen[key] = run
         runs.append((run, summary))
     if not runs:
         where = ", ".join(map(str, roots))
@@ -187,10 +201,13 @@ def load_predictions(path: Path, kind: str) -> dict[str, Any]:
     else:
         if y.ndim != 1 or y.dtype.kind not in "iu":
             raise InputError(f"{path}: {kind} y_true must be integer class indices [n], got {y.dtype} {y.shape}")
-        if y.min() < 0 or y.max() >= probs.shape[1]:
-            raise InputError(f"{path}: y_true holds class {int(y.max())} but probs has {probs.shape[1]} columns")
+        bad = y[(y < 0) | (y >= probs.shape[1])]
+        if bad.size:
+            raise InputError(f"{path}: y_true holds class {int(bad[0])} but probs has {probs.shape[1]} columns")
         if kind == "binary" and probs.shape[1] != 2:
             raise InputError(f"{path}: binary probs must have 2 columns, got {probs.shape[1]}")
+        if not np.allclose(probs.sum(axis=1), 1, atol=1e-3):
+            raise InputError(f"{path}: {kind} probs rows must be softmax probabilities summing to 1")
     return {"ids": ids, "y_true": y, "probs": probs, "labels": [str(x) for x in labels]}
 
 
@@ -208,30 +225,40 @@ def default_n_boot(kind: str, num_labels: int) -> int:
     return MANY_LABELS_BOOT if kind == "multilabel" and num_labels > MANY_LABELS else DEFAULT_BOOT
 
 
-def score(y_true: np.ndarray, probs: np.ndarray, kind: str, n_boot: int, seed: int, desc: str,
+def score(y_true: np.ndarray, probs: np.ndarray, kind: str, n_boot: int, seed: int, where: str,
           progress: bool) -> dict[str, Any]:
-    """Test AUROC with its bootstrap CI, macro AUPRC and macro F1 of one prediction set."""
-    auroc = task_auroc(y_true, probs, kind)
-    with tqdm(total=n_boot + 1, desc=f"bootstrap {desc}", unit="resample", delay=2.0, leave=False,
+    """Test AUROC with its bootstrap CI, macro AUPRC and macro F1 of one prediction set. Where AUROC is undefined
+    (one class in the test rows) the metrics are None; where over half the resamples are, the CI is None."""
+    cols = scored_columns(y_true, kind, probs.shape[1])
+    out = {"auroc": None, "ci_low": None, "ci_high": None, "n_boot": n_boot, "auprc": None, "f1": None,
+           "n_test": len(y_true), "labels_scored": int(cols.sum())}
+    try:
+        out["auroc"] = task_auroc(y_true, probs, kind)
+    except UndefinedMetricError as e:
+        print(f"{where}: test AUROC undefined ({e}); left out of the macro", file=sys.stderr)
+        return out
+    with tqdm(total=n_boot + 1, desc=f"bootstrap {where}", unit="resample", delay=2.0, leave=False,
               disable=None if progress else True) as bar:
         def counted(y: np.ndarray, p: np.ndarray, kind: str) -> float:
             bar.update()
             return task_auroc(y, p, kind)
 
-        low, high = bootstrap_ci(y_true, probs, metric=counted, n_boot=n_boot, alpha=1 - CI_LEVEL, seed=seed,
-                                 kind=kind)
-    cols = scored_columns(y_true, kind, probs.shape[1])
+        try:
+            out["ci_low"], out["ci_high"] = bootstrap_ci(y_true, probs, metric=counted, n_boot=n_boot,
+                                                         alpha=1 - CI_LEVEL, seed=seed, kind=kind)
+        except ValueError as e:  # the inputs passed task_auroc: AUROC was undefined on most resamples
+            print(f"{where}: no bootstrap CI ({e})", file=sys.stderr)
     if kind == "binary":
-        auprc = average_precision(y_true, probs[:, 1])
-        f1_macro = f1(y_true, probs, average="macro", labels=np.arange(2))
+        out["auprc"] = average_precision(y_true, probs[:, 1])
+        out["f1"] = f1(y_true, probs, average="macro", labels=np.arange(2))
     elif kind == "multiclass":
-        auprc = float(average_precision(y_true, probs, average=None, labels=np.arange(probs.shape[1]))[cols].mean())
-        f1_macro = f1(y_true, probs, average="macro", labels=np.arange(probs.shape[1]))
+        ap = average_precision(y_true, probs, average=None, labels=np.arange(probs.shape[1]))
+        out["auprc"] = float(ap[cols].mean())
+        out["f1"] = f1(y_true, probs, average="macro", labels=np.arange(probs.shape[1]))
     else:
-        auprc = average_precision(y_true[:, cols], probs[:, cols], average="macro")
-        f1_macro = f1(y_true[:, cols], probs[:, cols], average="macro", threshold=0.5)
-    return {"auroc": auroc, "ci_low": low, "ci_high": high, "n_boot": n_boot, "auprc": auprc, "f1": f1_macro,
-            "n_test": len(y_true), "labels_scored": int(cols.sum())}
+        out["auprc"] = average_precision(y_true[:, cols], probs[:, cols], average="macro")
+        out["f1"] = f1(y_true[:, cols], probs[:, cols], average="macro", threshold=0.5)
+    return out
 
 
 def paper_row(setting: str) -> str | None:
@@ -258,8 +285,7 @@ def evaluate_run(run: Path, summary: dict, args: argparse.Namespace) -> tuple[di
               file=sys.stderr)
     row = {"run_dir": str(run), "task": task, "column": TASK_COLUMNS.get(task.lower()), "kind": kind,
            "setting": str(summary["setting"]), "data": str(summary["data"]), "num_labels": len(pred["labels"])}
-    row.update(score(pred["y_true"], pred["probs"], kind, n_boot, args.seed, f"{task}/{row['setting']}",
-                     not args.no_progress))
+    row.update(score(pred["y_true"], pred["probs"], kind, n_boot, args.seed, str(run), not args.no_progress))
     val_path = run / "predictions_val.npz"
     if val_path.is_file():
         val = load_predictions(val_path, kind)
@@ -272,7 +298,7 @@ def evaluate_run(run: Path, summary: dict, args: argparse.Namespace) -> tuple[di
         print(f"{run}: no predictions_val.npz; val_auroc from summary.json", file=sys.stderr)
         row["val_auroc"] = summary.get("val_auroc")
     recorded = summary.get("test_auroc")
-    if isinstance(recorded, (int, float)) and abs(recorded - row["auroc"]) > 1e-6:
+    if isinstance(recorded, (int, float)) and row["auroc"] is not None and abs(recorded - row["auroc"]) > 1e-6:
         print(f"note: {run}: summary.json test_auroc {recorded:.6f} differs from the recomputed {row['auroc']:.6f}",
               file=sys.stderr)
     row["trainable_params"] = summary.get("trainable_params")
@@ -283,25 +309,20 @@ def evaluate_run(run: Path, summary: dict, args: argparse.Namespace) -> tuple[di
 
 
 def group_settings(rows: list[dict]) -> list[dict]:
-    """One group per (setting, data): its tasks and macro AUROC (mean over tasks); the paper's mean over the
-    same tasks for MIMIC groups. Two runs of one task in a group is an error."""
+    """One group per (setting, data): its tasks and macro AUROC (mean over the tasks with a defined AUROC), and the
+    paper's mean over the same tasks for MIMIC groups."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["setting"], r["data"]), []).append(r)
     out = []
     for (setting, data), members in groups.items():
-        seen: dict[str, str] = {}
-        for r in members:
-            if r["task"] in seen:
-                raise InputError(f"two runs of task {r['task']!r} with setting {setting!r} on {data} data: "
-                                 f"{seen[r['task']]} and {r['run_dir']}; pass the run folders to report explicitly")
-            seen[r["task"]] = r["run_dir"]
-        row = paper_row(setting)
-        paper = [r["paper_auroc"] for r in members]
+        scored = [r for r in members if r["auroc"] is not None]
+        paper = [r["paper_auroc"] for r in scored]
         out.append({
-            "setting": setting, "data": data, "paper_row": row, "tasks": [r["task"] for r in members],
-            "n_tasks": len(members), "macro_auroc": float(np.mean([r["auroc"] for r in members])),
-            "paper_macro_auroc": float(np.mean(paper)) if data == "mimic" and None not in paper else None,
+            "setting": setting, "data": data, "paper_row": paper_row(setting), "tasks": [r["task"] for r in scored],
+            "undefined_tasks": [r["task"] for r in members if r["auroc"] is None], "n_tasks": len(scored),
+            "macro_auroc": float(np.mean([r["auroc"] for r in scored])) if scored else None,
+            "paper_macro_auroc": float(np.mean(paper)) if data == "mimic" and paper and None not in paper else None,
         })
     return out
 
@@ -375,6 +396,13 @@ def pct(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{100 * x:.{digits}f}"
 
 
+def auroc_cell(r: dict) -> str:
+    """Test AUROC % with its CI, or why there is none."""
+    if r["auroc"] is None:
+        return "undefined (one class in test)"
+    return pct(r["auroc"]) + (" [no CI]" if r["ci_low"] is None else f" [{pct(r['ci_low'])}, {pct(r['ci_high'])}]")
+
+
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -395,7 +423,8 @@ def render_markdown(rows: list[dict], groups: list[dict], seed: int) -> tuple[st
     table = []
     for g in groups:
         by_col = {r["column"] or r["task"]: r for r in rows if (r["setting"], r["data"]) == (g["setting"], g["data"])}
-        cells = [pct(by_col[c]["auroc"]) if c in by_col else "-" for c in columns]
+        cells = [("undefined" if by_col[c]["auroc"] is None else pct(by_col[c]["auroc"])) if c in by_col else "-"
+                 for c in columns]
         table.append([g["setting"], g["data"], *cells, f"{pct(g['macro_auroc'])} ({g['n_tasks']} tasks)"])
         if g["data"] == "mimic" and g["paper_row"]:
             paper = PAPER_AUROC[g["paper_row"]]
@@ -411,7 +440,7 @@ def render_markdown(rows: list[dict], groups: list[dict], seed: int) -> tuple[st
     for r in rows:
         params = "-" if r["trainable_params"] is None else f"{r['trainable_params']:,}"
         table.append([r["setting"], r["column"] or r["task"], r["data"], f"{r['n_test']:,}",
-                      f"{pct(r['auroc'])} [{pct(r['ci_low'])}, {pct(r['ci_high'])}]",
+                      auroc_cell(r),
                       *([pct(r["paper_auroc"])] if show_paper else []), pct(r["val_auroc"]), pct(r["auprc"]),
                       pct(r["f1"]), params, f"`{r['run_dir']}`"])
     lines += md_table(header, table)
@@ -448,11 +477,11 @@ def report(args: argparse.Namespace) -> int:
     several_data = len({r["data"] for r in rows}) > 1
     for row, pred in scored:
         name = f"roc_{slug(row['task'])}_{slug(row['setting'])}" + (f"_{slug(row['data'])}" if several_data else "")
-        row["roc_png"] = plot_roc(pred, row, out / f"{name}.png").name
-    best = max(groups, key=lambda g: (g["n_tasks"], g["macro_auroc"]))
+        row["roc_png"] = None if row["auroc"] is None else plot_roc(pred, row, out / f"{name}.png").name
+    best = max((g for g in groups if g["n_tasks"]), key=lambda g: (g["n_tasks"], g["macro_auroc"]), default=None)
     write_json_atomic(out / "report.json", {
-        "macro_auroc": best["macro_auroc"],
-        "best_setting": {"setting": best["setting"], "data": best["data"], "n_tasks": best["n_tasks"]},
+        "macro_auroc": best and best["macro_auroc"],
+        "best_setting": best and {"setting": best["setting"], "data": best["data"], "n_tasks": best["n_tasks"]},
         "settings": groups,
         "runs": rows,
         "skipped": [str(s) for s in skipped],
@@ -461,7 +490,8 @@ def report(args: argparse.Namespace) -> int:
     results, reference = render_markdown(rows, groups, args.seed)
     write_text_atomic(out / "report.md", results + "\n" + reference)
     print(results)
-    print(f"report: {out / 'report.md'}, {out / 'report.json'}; {len(rows)} ROC plots in {out}")
+    n_plots = sum(r["roc_png"] is not None for r in rows)
+    print(f"report: {out / 'report.md'}, {out / 'report.json'}; {n_plots} ROC plots in {out}")
     return 0
 
 
@@ -538,6 +568,10 @@ def score_file(args: argparse.Namespace) -> int:
     if not isinstance(summary.get("labels"), list) or not isinstance(summary.get("config"), dict):
         raise InputError(f"{run / 'summary.json'}: expected 'labels' (list) and 'config' (object)")
     kind, labels, cfg = summary["kind"], [str(x) for x in summary["labels"]], summary["config"]
+    out, stem = Path(args.out) if args.out else run, file_stem(test)
+    if out.resolve() == run.resolve() and stem in ("val", "test"):
+        raise InputError(f"{test}: its predictions would overwrite train_task.py's predictions_{stem}.npz in {run}; "
+                         f"pass --out DIR")
     split, counts = read_labelled(test, labels, kind, args)
     model, tok, _ = load_classifier(run, device=args.device)
     if model.num_labels != len(labels):
@@ -546,20 +580,17 @@ def score_file(args: argparse.Namespace) -> int:
     probs = predict(model, dataset, pad_id=tok.pad_id, batch_size=args.batch_size or cfg.get("batch_size", 16),
                     device=next(model.parameters()).device, precision=args.precision or cfg.get("precision", "bf16"),
                     progress=not args.no_progress and sys.stderr.isatty())
-    out = Path(args.out) if args.out else run
-    stem = file_stem(test)
     npz = write_npz_atomic(out / f"predictions_{stem}.npz", ids=np.asarray(split.ids, dtype=str), y_true=split.targets,
                            probs=probs.astype(np.float32), labels=np.asarray(labels, dtype=str), kind=np.array(kind))
     n_boot = args.n_boot or default_n_boot(kind, len(labels))
-    metrics = score(split.targets, probs, kind, n_boot, args.seed, f"{summary['task']}/{stem}", not args.no_progress)
+    metrics = score(split.targets, probs, kind, n_boot, args.seed, str(test), not args.no_progress)
     write_json_atomic(out / f"eval_{stem}.json", {
         "run_dir": str(run), "file": str(test), "task": summary["task"], "kind": kind,
         "setting": summary["setting"], **metrics, "counts": counts,
         "ci": {"level": CI_LEVEL, "method": "percentile bootstrap over rows", "seed": args.seed},
     })
-    print(f"{summary['task']} ({summary['setting']}) on {test.name}: AUROC {pct(metrics['auroc'])}% "
-          f"[95% CI {pct(metrics['ci_low'])}, {pct(metrics['ci_high'])}], AUPRC {pct(metrics['auprc'])}%, "
-          f"F1 {pct(metrics['f1'])}%, n={metrics['n_test']:,}; predictions in {npz}")
+    print(f"{summary['task']} ({summary['setting']}) on {test.name}, n={metrics['n_test']:,}: AUROC % [95% CI] "
+          f"{auroc_cell(metrics)}, AUPRC {pct(metrics['auprc'])}%, F1 {pct(metrics['f1'])}%; predictions in {npz}")
     return 0
 
 

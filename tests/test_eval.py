@@ -199,6 +199,22 @@ def test_mimic_runs_show_the_paper_numbers(tmp_path):
     assert "| 77.36 |" in md and "NOT comparable" not in md
 
 
+def test_undefined_test_auroc_is_reported_and_left_out_of_the_macro(tmp_path, capsys):
+    write_run(tmp_path / "runs" / "mor", "mortality", "binary", "LoRA", n=80)
+    y, p = write_run(tmp_path / "runs" / "pmv", "pmv", "binary", "LoRA", n=40, seed=4)["test"]
+    write_predictions(tmp_path / "runs" / "pmv" / "predictions_test.npz", "binary", np.zeros_like(y), p, ["0", "1"])
+    out = tmp_path / "report"
+    assert ev.main(["--runs-dir", str(tmp_path / "runs"), "--out", str(out), "--n-boot", "20", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "pmv" in err and "test AUROC undefined" in err and "left out of the macro" in err
+    rep = json.loads((out / "report.json").read_text())
+    runs = {r["task"]: r for r in rep["runs"]}
+    assert runs["pmv"]["auroc"] is None and runs["pmv"]["ci_low"] is None and runs["pmv"]["roc_png"] is None
+    assert rep["settings"][0]["undefined_tasks"] == ["pmv"] and rep["settings"][0]["tasks"] == ["mortality"]
+    assert rep["macro_auroc"] == runs["mortality"]["auroc"]
+    assert "undefined (one class in test)" in (out / "report.md").read_text()
+
+
 def test_setting_names_match_paper_rows():
     expected = {
         "LoRA": "LLaMA + LoRA",
@@ -247,6 +263,14 @@ def test_dapt_only_folder_is_skipped_then_exit_2(tmp_path, capsys):
     assert "no task runs found" in err and "skipped 1 non-task run" in err
 
 
+def test_two_runs_of_one_task_and_setting_exit_2(tmp_path, capsys):
+    write_run(tmp_path / "a" / "mor", "mortality", "binary", "LoRA", n=50)
+    write_run(tmp_path / "b" / "mor", "mortality", "binary", "LoRA", n=50)
+    code, err = run_in_process(capsys, "--runs-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--n-boot", "5")
+    assert code == 2 and "two runs of task 'mortality' with setting 'LoRA'" in err
+    assert str(tmp_path / "a" / "mor") in err and str(tmp_path / "b" / "mor") in err
+
+
 @pytest.mark.parametrize("damage, message", [
     ("garbage", "cannot read it as a numpy .npz"),
     ("truncated", "cannot read it as a numpy .npz"),
@@ -255,6 +279,7 @@ def test_dapt_only_folder_is_skipped_then_exit_2(tmp_path, capsys):
     ("labels", "labels has shape (3,) but probs has 2 columns"),
     ("kind", "kind is 'multiclass' but summary.json says 'binary'"),
     ("class_index", "y_true holds class 2 but probs has 2 columns"),
+    ("not_softmax", "binary probs rows must be softmax probabilities summing to 1"),
 ])
 def test_bad_predictions_exit_2(tmp_path, capsys, damage, message):
     run = tmp_path / "mor"
@@ -272,8 +297,10 @@ def test_bad_predictions_exit_2(tmp_path, capsys, damage, message):
         write_predictions(path, "binary", y, p, ["0", "1", "2"])
     elif damage == "kind":
         write_predictions(path, "multiclass", y, p, ["0", "1"])
-    else:
+    elif damage == "class_index":
         write_predictions(path, "binary", np.where(y == 1, 2, 0), p, ["0", "1"])
+    else:
+        write_predictions(path, "binary", y, p * 2, ["0", "1"])
     code, err = run_in_process(capsys, str(run), "--out", str(tmp_path / "out"))
     assert code == 2 and err.count("\n") == 1 and message in err and str(path) in err, err
 
@@ -334,3 +361,5 @@ def test_score_a_new_file_with_a_trained_run(tiny_lm, tmp_path, capsys):
     no_label.write_text('"id","text"\n"1","chest pain"\n')
     code, err = run_in_process(capsys, "--run", str(run), "--test", str(no_label))
     assert code == 2 and err.count("\n") == 1 and "missing column 'label'" in err and str(no_label) in err
+    code, err = run_in_process(capsys, "--run", str(run), "--test", str(tmp_path / "test.csv.gz"))
+    assert code == 2 and "would overwrite train_task.py's predictions_test.npz" in err and "--out" in err
