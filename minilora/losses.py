@@ -35,10 +35,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         for i in range(0, h.shape[0], rows):
             hc, yc = h[i : i + rows].to(dtype), y[i : i + rows]
             logits = (hc @ w.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            target = logits.gather(1, yc[:, None]).squeeze(1)
+            peak = logits.amax(dim=-1, keepdim=True)
+            p = logits.sub_(peak).exp_()  # one exp pass, in place: unnormalised softmax
+            norm = p.sum(dim=-1, keepdim=True)
+            total += (peak.squeeze(1) + norm.log().squeeze(1) - target).sum()
             if need_h or need_w:
-                p = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+                p.div_(norm)
                 p[torch.arange(len(yc), device=p.device), yc] -= 1.0
                 p = p.to(dtype)
                 if need_h:
