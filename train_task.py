@@ -64,10 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=0.0)
     g.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names, or all-linear")
     g.add_argument("--pooling", default="last", choices=["last", "mean"], help="last non-pad token (paper) or mean")
-    g.add_argument("--max-seq-len", type=int, default=None, help="tokens per note (default 512, demo 128)")
+    g.add_argument("--max-seq-len", type=int, default=None, help="tokens per note (default 512, demo 256)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=3e-4)
-    g.add_argument("--epochs", type=float, default=None, help="default 10 (the paper), demo 3")
+    g.add_argument("--epochs", type=float, default=None, help="default 10 (the paper), demo 2")
     g.add_argument("--max-steps", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--grad-accum", type=int, default=1)
@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     data, source = load_data(args, out)
     if is_main():
         print_report(data)
-    max_len = args.max_seq_len or (128 if demo else 512)
-    epochs = args.epochs or (3 if demo else 10)
+    max_len = args.max_seq_len or (256 if demo else 512)
+    epochs = args.epochs or (2 if demo else 10)
 
     domain = None if args.no_domain_adapter else args.domain_adapter
     if domain is None and demo and not args.no_domain_adapter and Path("runs/dapt/adapter").is_dir():

@@ -251,9 +251,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
         np.random.set_state(ck["rng"]["numpy"])
         random.setstate(ck["rng"]["python"])
-        if is_main():  # drop metric lines written after the checkpoint
-            rows = [r for r in self.state.history]
-            self._write_metrics(rows, mode="w")
+        self._write_metrics(self.state.history, mode="w")  # drops lines written after the checkpoint
         return True
 
     def _write_metrics(self, rows: list[dict], mode: str = "a") -> None:
