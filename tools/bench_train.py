@@ -423,8 +423,8 @@ def wait_quiet(max_wait: float, threshold: float) -> float:
 
 def _timed_loop(torch, spec: dict, step) -> dict:
     """Warm-up, then ``steps`` timed steps. A step during which other processes used more than
-    ``max_others`` cores is kept in the record but redone (up to ``retries`` times per worker), after waiting up to
-    ``wait_quiet`` s for the machine to calm down; the medians use the clean steps."""
+    ``max_others`` cores is kept in the record but redone (up to ``retries`` times per worker); before each step the
+    worker waits for the machine to calm down, ``wait_quiet`` s at most in all; the medians use the clean steps."""
     device = spec["device"]
     max_others, wait_s, retries = float(spec["max_others"]), float(spec["wait_quiet"]), int(spec["retries"])
     all_steps, results, waited = [], [], 0.0
@@ -432,7 +432,8 @@ def _timed_loop(torch, spec: dict, step) -> dict:
         results.append(step())
     clean = 0
     while clean < int(spec["steps"]):
-        waited += wait_quiet(wait_s, max_others) if wait_s > 0 else 0.0
+        if wait_s - waited > 0:  # the wait budget is per worker, so a machine that stays busy costs it once
+            waited += wait_quiet(wait_s - waited, max_others)
         load = CpuLoad()
         _sync(torch, device)
         t0 = time.perf_counter()
@@ -659,8 +660,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-others-load", type=float, default=0.25, metavar="CORES",
                    help="a timed step during which other processes used more CPU than this is redone (default 0.25)")
     p.add_argument("--wait-quiet", type=float, metavar="S",
-                   help="before each timed step, wait up to S seconds for other processes to go below "
-                        "--max-others-load (default 600; 0 with --quick)")
+                   help="before timed steps, wait for other processes to go below --max-others-load, at most S "
+                        "seconds per worker in all (default 600; 0 with --quick)")
     p.add_argument("--retries", type=int, metavar="N",
                    help="contended steps redone per worker (default 4; 0 with --quick)")
     p.add_argument("--worker-timeout", type=float, default=3600, help="seconds before a worker is killed")
