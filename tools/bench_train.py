@@ -665,6 +665,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retries", type=int, metavar="N",
                    help="contended steps redone per worker (default 4; 0 with --quick)")
     p.add_argument("--worker-timeout", type=float, default=3600, help="seconds before a worker is killed")
+    p.add_argument("--report", type=Path, metavar="IN", help="only re-summarise the raw results of an earlier --json "
+                   "file (print the tables; with --json, write the new summary)")
     p.add_argument("--worker", nargs="+", metavar="KEY=VALUE", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -702,6 +704,14 @@ def _side_key(r: dict) -> tuple:
     return r["kind"], r.get("mode"), r.get("targets"), r["side"], r.get("recipe")
 
 
+def _split_steps(r: dict) -> tuple[list[float], list[float]]:
+    """(clean, contended) step times of one worker run."""
+    if not r.get("steps_all"):
+        return list(r["step_s"]), []
+    return ([x["s"] for x in r["steps_all"] if not x["contended"]],
+            [x["s"] for x in r["steps_all"] if x["contended"]])
+
+
 def summarize(runs: list[dict], gemm: dict, device: str) -> dict:
     """Medians per (kind, mode, targets, side, recipe), the comparisons and the target checks."""
     groups: dict[tuple, list[dict]] = {}
@@ -716,21 +726,25 @@ def summarize(runs: list[dict], gemm: dict, device: str) -> dict:
         row: dict[str, Any] = {"kind": kind, "mode": mode, "targets": targets, "side": side, "recipe": recipe,
                                "rounds_ok": len(ok), "rounds_failed": len(rs) - len(ok)}
         if ok:
-            steps = [s for r in ok for s in r["step_s"]]
+            clean = [s for r in ok for s in _split_steps(r)[0]]
+            contended = [s for r in ok for s in _split_steps(r)[1]]
+            steps = clean or contended  # contended steps count only where no clean step exists in any round
             tokens = ok[0]["tokens_per_step"]
             cuda = device == "cuda"
             peak = [r["memory"]["cuda_peak_mb"] if cuda else r["memory"]["peak_rss_mb"] for r in ok]
             row.update(
                 setup=ok[0].get("setup"), tokens_per_step=tokens, step_s_median=median(steps),
-                tok_s=tokens / median(steps), tok_s_per_round=[tokens / median(r["step_s"]) for r in ok],
+                tok_s=tokens / median(steps),
+                tok_s_per_round=[tokens / median(_split_steps(r)[0]) if _split_steps(r)[0] else None for r in ok],
                 peak_mb=median(peak), peak_metric="cuda max_memory_allocated (training phase)" if cuda else "ru_maxrss",
                 peak_rss_mb=median([r["memory"]["peak_rss_mb"] for r in ok]),
                 after_imports_mb=median([r["memory"].get("after_imports_mb") for r in ok]),
                 after_load_mb=median([r["memory"].get("after_load_mb") for r in ok]),
                 phase_peak_rss_mb=median([r["memory"].get("phase_peak_rss_mb") for r in ok]),
-                others_cores=max((r["load"].get("others_cores") or 0.0) for r in ok),
-                contended_steps_kept=sum(r["load"].get("contended_steps_kept", 0) for r in ok),
-                contended_steps_redone=sum(r["load"].get("contended_steps_redone", 0) for r in ok),
+                others_cores=max([x["others_cores"] or 0.0 for r in ok for x in r.get("steps_all", [])
+                                  if x["contended"] != bool(clean)] or [(r["load"].get("others_cores") or 0.0) for r in ok]),
+                contended_steps_kept=0 if clean else len(contended),
+                contended_steps_redone=len(contended) if clean else 0,
                 params=ok[0].get("params"), matmul_params=ok[0].get("matmul_params"),
                 trainable_params=ok[0].get("trainable_params"),
             )
@@ -768,7 +782,8 @@ def summarize(runs: list[dict], gemm: dict, device: str) -> dict:
                 if ml.get("after_imports_mb") and hf.get("after_imports_mb") else None,
                 "minilora_tok_s": ml["tok_s"], "hf_tok_s": hf["tok_s"], "minilora_mfu": ml.get("mfu"),
                 "hf_mfu": hf.get("mfu"),
-                "per_round_speedup": [a / b for a, b in zip(ml["tok_s_per_round"], hf["tok_s_per_round"])]}
+                "per_round_speedup": [a / b if a and b else None
+                                      for a, b in zip(ml["tok_s_per_round"], hf["tok_s_per_round"])]}
         if ml.get("trainable_params") is not None and hf.get("trainable_params") is not None:
             comp["same_trainable_params"] = ml["trainable_params"] == hf["trainable_params"]
         comparisons.append(comp)
@@ -827,7 +842,7 @@ def render(summary: dict, gemm: dict, meta: dict) -> str:
     for c in summary["comparisons"]:
         lines.append(
             f"| {c['kind']} | {c['mode'] or 'bf16'} | {c['targets'] or '-'} | {c['hf_recipe'] or '-'}: {c['hf_setup']} "
-            f"| {c['speedup']:.2f}x | {', '.join(f'{x:.2f}' for x in c['per_round_speedup'])} "
+            f"| {c['speedup']:.2f}x | {', '.join(_f(x, '.2f') for x in c['per_round_speedup'])} "
             f"| {c['memory_ratio']:.2f}x | {_f(c['memory_ratio_above_imports'], '.2f')}x | {_f(c['minilora_mfu'], '.1%')} |")
     applies = s["device"] == "cpu" and s["shape"] == "smollm2"
     lines += ["", "Targets (SmolLM2 on CPU, bf16, q_proj/v_proj" + ("" if applies else "; informational here") + "):"]
@@ -837,9 +852,10 @@ def render(summary: dict, gemm: dict, meta: dict) -> str:
         val = f"{c['value']:.1%}" if "MFU" in c["name"] else f"{c['value']:.2f}x"
         lines.append(f"- {c['name']}: {val} (target {c['target']}) "
                      f"{'PASS' if c['pass'] else 'FAIL'}")
-    lines += ["", f"Timed steps during which other processes used more than {s['max_others_load']} cores were redone "
-              f"(up to {s['retries']} per worker, after waiting up to {s['wait_quiet']:g}s for quiet); "
-              "'contended' counts steps kept anyway."]
+    lines += ["", f"Timed steps during which other processes used more than {s['max_others_load']} cores are "
+              f"'contended': redone (up to {s['retries']} per worker, waiting up to {s['wait_quiet']:g}s per worker "
+              "for quiet) and left out of the medians; a row marked '(N contended)' had no clean step at all. "
+              "Per-round ratios use clean steps only ('-': none)."]
     lines += ["peak MB: ru_maxrss of the side's own process (nothing subtracted) on CPU, "
               "torch.cuda.max_memory_allocated of the training phase on CUDA. MFU = 4 (training) or 2 (forward) x "
               "parameters x tokens/s / bf16 GEMM rate; MFU* counts matmul parameters only."]
@@ -850,6 +866,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return run_worker_main(args.worker)
+    if args.report:
+        return report_main(args)
     t_start = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     launch = Launcher(tmp, args.worker_timeout, verbose=True)
@@ -911,28 +929,13 @@ def main(argv: list[str] | None = None) -> int:
             "fp32_gflops": median([g["fp32_gflops"] for g in ok_gemm]),
             "bf16_per_round": [g["bf16_gflops"] for g in ok_gemm], "fp32_per_round": [g["fp32_gflops"] for g in ok_gemm],
             "runs": gemm_runs}
-    summary = summarize(runs, gemm, args.device)
     command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(
         [sys.executable, str(Path(__file__).resolve()), *argv])
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("worker", "report")}
     meta = {"command": command, "settings": settings, "machine": prep["machine"], "versions": prep["versions"],
             "model_note": prep.get("model_note"), "data": prep.get("data")}
-    table = render(summary, gemm, meta)
-    print(table, flush=True)
-    applies = args.device == "cpu" and args.shape == "smollm2"
-    result = {
-        **meta, "targets": TARGETS, "gemm": gemm, **summary,
-        "all_targets_pass": (all(c["pass"] for c in summary["checks"]) if summary["checks"] else None) if applies else None,
-        "targets_apply": applies, "errors": errors, "runs": runs, "launcher_maxrss_mb": maxrss_mb(),
-        "wall_s": time.time() - t_start, "table_markdown": table,
-    }
-    if args.profile:
-        prof = [r for r in runs if r.get("profile_top")]
-        for r in prof:
-            print(f"\nProfile (one step, top ops by self CPU time): train {r['mode']} {r['targets']} {r['side']}"
-                  f"{' ' + r['recipe'] if r['recipe'] else ''}", flush=True)
-            for e in r["profile_top"][:15]:
-                print(f"  {e['op'][:48]:48s} {e['self_cpu_ms']:9.1f} ms {e['self_cpu_pct']:5.1f}%  calls {e['calls']}")
+    result = finish(meta, gemm, runs, errors)
+    result.update(launcher_maxrss_mb=maxrss_mb(), wall_s=time.time() - t_start)
     if args.json:
         atomic_write_json(args.json, result)
         log(f"wrote {args.json}")
@@ -942,6 +945,39 @@ def main(argv: list[str] | None = None) -> int:
 
     shutil.rmtree(tmp, ignore_errors=True)
     return 1 if errors else 0
+
+
+def finish(meta: dict, gemm: dict, runs: list[dict], errors: list[str]) -> dict:
+    """Summary, table (printed) and the result dict, from the raw worker results."""
+    settings = meta["settings"]
+    summary = summarize(runs, gemm, settings["device"])
+    table = render(summary, gemm, meta)
+    print(table, flush=True)
+    for r in runs:
+        if r.get("profile_top"):
+            print(f"\nProfile (one step, top ops by self CPU time): train {r['mode']} {r['targets']} {r['side']}"
+                  f"{' ' + r['recipe'] if r['recipe'] else ''}", flush=True)
+            for e in r["profile_top"][:15]:
+                print(f"  {e['op'][:48]:48s} {e['self_cpu_ms']:9.1f} ms {e['self_cpu_pct']:5.1f}%  calls {e['calls']}")
+    applies = settings["device"] == "cpu" and settings["shape"] == "smollm2"
+    meta_keys = ("command", "settings", "machine", "versions", "model_note", "data")
+    return {
+        **{k: meta.get(k) for k in meta_keys}, "targets": TARGETS, "gemm": gemm, **summary,
+        "all_targets_pass": (all(c["pass"] for c in summary["checks"]) if summary["checks"] else None) if applies else None,
+        "targets_apply": applies, "errors": errors, "runs": runs, "table_markdown": table,
+    }
+
+
+def report_main(args: argparse.Namespace) -> int:
+    """Re-summarise the raw worker results of an earlier ``--json`` file (``--report IN``)."""
+    data = json.loads(Path(args.report).read_text())
+    result = finish(data, data["gemm"], data["runs"], data.get("errors", []))
+    result.update(launcher_maxrss_mb=data.get("launcher_maxrss_mb"), wall_s=data.get("wall_s"),
+                  report_of=str(args.report))
+    if args.json:
+        atomic_write_json(args.json, result)
+        log(f"wrote {args.json}")
+    return 0
 
 
 if __name__ == "__main__":
