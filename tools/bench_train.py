@@ -720,6 +720,7 @@ def summarize(runs: list[dict], gemm: dict, device: str) -> dict:
             groups.setdefault(_side_key(r), []).append(r)
     rows = []
     bf16_rate, fp32_rate = gemm.get("bf16_gflops"), gemm.get("fp32_gflops")
+    rate_by_round = {g.get("round"): g["bf16_gflops"] for g in gemm.get("runs", []) if "error" not in g}
     for key, rs in groups.items():
         ok = [r for r in rs if "error" not in r]
         kind, mode, targets, side, recipe = key
@@ -750,9 +751,14 @@ def summarize(runs: list[dict], gemm: dict, device: str) -> dict:
             )
             flops_per_token = (4 if kind == "train" else 2)
             if bf16_rate and row["params"]:
-                row["mfu"] = flops_per_token * row["params"] * row["tok_s"] / (bf16_rate * 1e9)
+                # each round's tokens/s against that round's GEMM rate (the machine's speed drifts), then the median
+                paired = [(t, rate_by_round[r.get("round")]) for t, r in zip(row["tok_s_per_round"], ok)
+                          if t and rate_by_round.get(r.get("round"))]
+                row["mfu_per_round"] = [flops_per_token * row["params"] * t / (g * 1e9) for t, g in paired]
+                row["mfu_vs_median_gemm"] = flops_per_token * row["params"] * row["tok_s"] / (bf16_rate * 1e9)
+                row["mfu"] = median(row["mfu_per_round"]) or row["mfu_vs_median_gemm"]
                 if row["matmul_params"]:
-                    row["mfu_matmul"] = flops_per_token * row["matmul_params"] * row["tok_s"] / (bf16_rate * 1e9)
+                    row["mfu_matmul"] = row["mfu"] * row["matmul_params"] / row["params"]
             if mode == "fp32" and fp32_rate and row["params"]:
                 row["mfu_vs_fp32_gemm"] = flops_per_token * row["params"] * row["tok_s"] / (fp32_rate * 1e9)
             if kind == "train":
@@ -844,6 +850,8 @@ def render(summary: dict, gemm: dict, meta: dict) -> str:
             f"| {c['kind']} | {c['mode'] or 'bf16'} | {c['targets'] or '-'} | {c['hf_recipe'] or '-'}: {c['hf_setup']} "
             f"| {c['speedup']:.2f}x | {', '.join(_f(x, '.2f') for x in c['per_round_speedup'])} "
             f"| {c['memory_ratio']:.2f}x | {_f(c['memory_ratio_above_imports'], '.2f')}x | {_f(c['minilora_mfu'], '.1%')} |")
+    if meta.get("complete") is False:
+        lines[:0] = ["PARTIAL RUN: the run was interrupted; only the rounds and sides listed below were measured.", ""]
     applies = s["device"] == "cpu" and s["shape"] == "smollm2"
     lines += ["", "Targets (SmolLM2 on CPU, bf16, q_proj/v_proj" + ("" if applies else "; informational here") + "):"]
     if not summary["checks"]:
@@ -858,7 +866,8 @@ def render(summary: dict, gemm: dict, meta: dict) -> str:
               "Per-round ratios use clean steps only ('-': none)."]
     lines += ["peak MB: ru_maxrss of the side's own process (nothing subtracted) on CPU, "
               "torch.cuda.max_memory_allocated of the training phase on CUDA. MFU = 4 (training) or 2 (forward) x "
-              "parameters x tokens/s / bf16 GEMM rate; MFU* counts matmul parameters only."]
+              "parameters x tokens/s / bf16 GEMM rate (each round against its own GEMM measurement, then the median); "
+              "MFU* counts matmul parameters only."]
     return "\n".join(lines)
 
 
@@ -890,12 +899,25 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict] = []
     gemm_runs: list[dict] = []
     common = {**base, "steps": args.steps, "warmup": args.warmup, "rank": args.rank, "alpha": args.alpha}
+    command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(
+        [sys.executable, str(Path(__file__).resolve()), *argv])
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("worker", "report")}
+    meta = {"command": command, "settings": settings, "machine": prep["machine"], "versions": prep["versions"],
+            "model_note": prep.get("model_note"), "data": prep.get("data")}
+
+    def checkpoint() -> None:
+        """The raw results so far (``--report`` reads them), so that an interrupted run keeps its numbers."""
+        if args.json:
+            atomic_write_json(args.json, {**meta, "complete": False, "gemm": gemm_summary(gemm_runs, args.gemm_size),
+                                          "runs": runs, "errors": errors})
+
     for rnd in range(args.rounds):
         log(f"round {rnd + 1}/{args.rounds}: GEMM rate")
         g = launch({**base, "kind": "gemm", "gemm_size": args.gemm_size})
         if "error" not in g:
             log(f"  GEMM {args.gemm_size}^3: bf16 {g['bf16_gflops']:.0f} GFLOP/s, fp32 {g['fp32_gflops']:.0f} GFLOP/s")
         gemm_runs.append({**g, "round": rnd})
+        checkpoint()
         for mode, tg in configs:
             sides = [("minilora", None)] + [("hf", r) for r in (hf_bf16 if mode == "bf16" else [None])]
             for side, recipe in sides:
@@ -909,33 +931,26 @@ def main(argv: list[str] | None = None) -> int:
                 if "error" in r:
                     errors.append(f"{name} round {rnd + 1}: {r['error']}")
                 else:
+                    busy = sum(x["contended"] for x in r["steps_all"])
                     log(f"  {name}: {statistics.median(r['tok_s']):.1f} tok/s (steps {', '.join(f'{s:.2f}' for s in r['step_s'])} s), "
                         f"peak RSS {r['memory']['peak_rss_mb']:.0f} MB, loss {r['losses'][-1]:.3f}, "
-                        f"others' CPU {_f(r['load']['others_cores'], '.2f')} cores, {r['load']['contended_steps_redone']} "
-                        f"contended step(s) redone, waited {r['waited_s']:.0f}s")
+                        f"others' CPU {_f(r['load']['others_cores'], '.2f')} cores, {busy} contended step(s), "
+                        f"waited {r['waited_s']:.0f}s")
+                checkpoint()
         if not args.no_classify:
             for side in ("minilora", "hf"):
                 spec = {**base, "kind": "cls", "side": side, "steps": args.cls_steps, "warmup": 1}
                 r = launch(spec)
                 r.update(kind="cls", mode="bf16", targets=None, side=side, recipe=None, round=rnd)
                 runs.append(r)
+                checkpoint()
                 if "error" in r:
                     errors.append(f"classify-{side} round {rnd + 1}: {r['error']}")
                 else:
                     log(f"  classify-{side}: {statistics.median(r['tok_s']):.1f} tok/s, "
                         f"peak RSS {r['memory']['peak_rss_mb']:.0f} MB")
-    ok_gemm = [g for g in gemm_runs if "error" not in g]
-    gemm = {"n": args.gemm_size, "bf16_gflops": median([g["bf16_gflops"] for g in ok_gemm]),
-            "fp32_gflops": median([g["fp32_gflops"] for g in ok_gemm]),
-            "bf16_per_round": [g["bf16_gflops"] for g in ok_gemm], "fp32_per_round": [g["fp32_gflops"] for g in ok_gemm],
-            "runs": gemm_runs}
-    command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(
-        [sys.executable, str(Path(__file__).resolve()), *argv])
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("worker", "report")}
-    meta = {"command": command, "settings": settings, "machine": prep["machine"], "versions": prep["versions"],
-            "model_note": prep.get("model_note"), "data": prep.get("data")}
-    result = finish(meta, gemm, runs, errors)
-    result.update(launcher_maxrss_mb=maxrss_mb(), wall_s=time.time() - t_start)
+    result = finish(meta, gemm_summary(gemm_runs, args.gemm_size), runs, errors)
+    result.update(complete=True, launcher_maxrss_mb=maxrss_mb(), wall_s=time.time() - t_start)
     if args.json:
         atomic_write_json(args.json, result)
         log(f"wrote {args.json}")
@@ -945,6 +960,14 @@ def main(argv: list[str] | None = None) -> int:
 
     shutil.rmtree(tmp, ignore_errors=True)
     return 1 if errors else 0
+
+
+def gemm_summary(gemm_runs: list[dict], n: int) -> dict:
+    ok = [g for g in gemm_runs if "error" not in g]
+    return {"n": n, "bf16_gflops": median([g["bf16_gflops"] for g in ok]),
+            "fp32_gflops": median([g["fp32_gflops"] for g in ok]),
+            "bf16_per_round": [g["bf16_gflops"] for g in ok], "fp32_per_round": [g["fp32_gflops"] for g in ok],
+            "runs": gemm_runs}
 
 
 def finish(meta: dict, gemm: dict, runs: list[dict], errors: list[str]) -> dict:
@@ -973,7 +996,7 @@ def report_main(args: argparse.Namespace) -> int:
     data = json.loads(Path(args.report).read_text())
     result = finish(data, data["gemm"], data["runs"], data.get("errors", []))
     result.update(launcher_maxrss_mb=data.get("launcher_maxrss_mb"), wall_s=data.get("wall_s"),
-                  report_of=str(args.report))
+                  report_of=str(args.report), complete=data.get("complete", True))
     if args.json:
         atomic_write_json(args.json, result)
         log(f"wrote {args.json}")
