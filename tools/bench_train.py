@@ -22,17 +22,23 @@ times a few steps after warm-up; the report gives medians over all timed steps):
 
 Each measurement runs in its own subprocess (this script with ``--worker``), so peak memory is per side:
 ``peak RSS`` is the worker's ru_maxrss (nothing subtracted; the launcher imports no torch, so the inherited floor
-is tiny), ``after imports`` is its RSS once torch and the side's libraries are imported, ``train peak`` is the
-high-water RSS of the training phase alone (reset through /proc/self/clear_refs after loading). On CUDA the
+is tiny), ``after imports`` is its RSS once torch and the side's libraries are imported, ``train-phase peak`` is
+the high-water RSS of the timed phase alone (reset through /proc/self/clear_refs after loading). On CUDA the
 peak memory is torch.cuda.max_memory_allocated() of the training phase.
-MFU = 4 x parameters x tokens/s / measured bf16 GEMM rate (2048^3 on CPU, 8192^3 on CUDA, timed every round);
-``MFU*`` counts only parameters used in matmuls (drops an untied input embedding).
+MFU = 4 x parameters x tokens/s / measured bf16 GEMM rate (2048^3 on CPU, 8192^3 on CUDA, measured every round;
+each round's tokens/s is divided by that round's rate, then the median is taken); ``MFU*`` counts only parameters
+used in matmuls (drops an untied input embedding).
 Targets (CPU, bf16, q_proj/v_proj): minilora >= 2.0x the training tokens/s of transformers+PEFT, <= 0.7x its
-peak memory, MFU >= 50%. ``others' CPU`` is the load other processes put on the machine while a side was timed.
+peak memory, MFU >= 50%.
+
+Shared machines: the CPU time other processes use is measured around every timed step; a step during which they
+used more than ``--max-others-load`` cores is "contended", redone (``--retries``) after waiting for quiet
+(``--wait-quiet`` seconds per worker at most) and left out of the medians when clean steps exist.
 
 Usage: ``python tools/bench_train.py [--rounds 3] [--steps 2] [--json out.json]``; ``--quick`` for a smoke run;
 ``--device cuda --shape llama7b --layers 2`` on a GPU. ``--profile DIR`` adds a torch.profiler table of one
-extra step per side and configuration (first round) to DIR and to the JSON.
+extra step per side and configuration (first round) to DIR and to the JSON. ``--json`` is rewritten after every
+worker (``"complete": false`` until the end); ``--report IN.json`` re-prints the tables of such a file.
 """
 
 from __future__ import annotations
@@ -302,7 +308,7 @@ def worker_gemm(spec: dict) -> dict:
     return out
 
 
-def _load_minilora(spec: dict, torch, dtype: str, classify: bool = False):
+def _load_minilora(spec: dict, dtype: str):
     sys.path.insert(0, str(ROOT))
     from minilora import from_pretrained
 
@@ -310,7 +316,7 @@ def _load_minilora(spec: dict, torch, dtype: str, classify: bool = False):
     return model
 
 
-def _hf_load(spec: dict, cls, torch, dtype, **kwargs):
+def _hf_load(spec: dict, cls, dtype, **kwargs):
     model_path = Path(spec["model"])
     if model_path.suffix == ".gguf":
         return cls.from_pretrained(str(model_path.parent), gguf_file=model_path.name, dtype=dtype, **kwargs)
@@ -330,7 +336,7 @@ def _setup_train(spec: dict, torch):
         from minilora.lora import add_adapter
         from minilora.losses import lm_loss_sum
 
-        model = _load_minilora(spec, torch, "bf16" if mode == "bf16" else "fp32")
+        model = _load_minilora(spec, "bf16" if mode == "bf16" else "fp32")
         total = model.num_parameters()
         tied = model.lm_head.weight is model.model.embed_tokens.weight
         embed = model.model.embed_tokens.weight.numel()
@@ -350,7 +356,7 @@ def _setup_train(spec: dict, torch):
 
         recipe = spec.get("recipe") or "fp32"
         dtype = torch.bfloat16 if recipe == "bf16w" else torch.float32
-        base = _hf_load(spec, transformers.AutoModelForCausalLM, torch, dtype).to(device)
+        base = _hf_load(spec, transformers.AutoModelForCausalLM, dtype).to(device)
         base.config.use_cache = False
         total = sum(p.numel() for p in base.parameters())
         tied = base.get_output_embeddings().weight is base.get_input_embeddings().weight
@@ -373,7 +379,7 @@ def _setup_train(spec: dict, torch):
     return model, loss_fn, params, info
 
 
-def _profile_step(torch, device: str, step, rows: int, path: str | None) -> list[dict]:
+def _profile_step(device: str, step, rows: int, path: str | None) -> list[dict]:
     """Run ``step`` once under torch.profiler; write its tables to ``path`` and return the top ops."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -381,7 +387,7 @@ def _profile_step(torch, device: str, step, rows: int, path: str | None) -> list
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts, record_shapes=True) as prof:
         step()
-    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     avgs = prof.key_averages()
     total_self = sum(e.self_cpu_time_total for e in avgs) or 1.0
     if path:
@@ -389,7 +395,7 @@ def _profile_step(torch, device: str, step, rows: int, path: str | None) -> list
             f"sorted by {sort}\n\n" + avgs.table(sort_by=sort, row_limit=rows, max_name_column_width=60)
             + "\n\nby input shape\n\n" + prof.key_averages(group_by_input_shape=True).table(
                 sort_by=sort, row_limit=rows, max_name_column_width=40, max_shapes_column_width=90))
-    top = sorted(avgs, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+    top = sorted(avgs, key=lambda e: getattr(e, sort), reverse=True)[:rows]
     return [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
              "cpu_total_ms": e.cpu_time_total / 1e3, "self_cpu_pct": 100 * e.self_cpu_time_total / total_self,
              **({"self_device_ms": getattr(e, "self_device_time_total", 0) / 1e3} if cuda else {})} for e in top]
@@ -493,7 +499,7 @@ def worker_train(spec: dict) -> dict:
     if spec.get("profile"):
         if float(spec["wait_quiet"]) > 0:
             wait_quiet(float(spec["wait_quiet"]), float(spec["max_others"]))
-        out["profile_top"] = _profile_step(torch, device, step, int(spec.get("profile_rows", 30)),
+        out["profile_top"] = _profile_step(device, step, int(spec.get("profile_rows", 30)),
                                            spec.get("profile_file"))
     return out
 
@@ -514,21 +520,21 @@ def worker_cls(spec: dict) -> dict:
     mask = torch.ones_like(ids)
     k = NUM_LABELS
     if side == "minilora":
-        lm = _load_minilora(spec, torch, "bf16")
+        lm = _load_minilora(spec, "bf16")
         total = lm.num_parameters()
         model = Classifier(lm, k).eval()
         forward = lambda: model(ids, mask)  # noqa: E731
         info = {"setup": f"minilora Classifier (last-token pooling, {k} labels), bf16 weights"}
     else:
         try:
-            model = _hf_load(spec, transformers.AutoModelForSequenceClassification, torch, torch.bfloat16,
+            model = _hf_load(spec, transformers.AutoModelForSequenceClassification, torch.bfloat16,
                              num_labels=k).to(device).eval()
             if model.config.pad_token_id is None:  # HF pools at the last token that is not pad
                 model.config.pad_token_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
             forward = lambda: model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # noqa: E731
             info = {"setup": f"transformers AutoModelForSequenceClassification ({k} labels), bf16 weights"}
         except Exception as e:  # noqa: BLE001 - fall back to the equivalent: base model + last-token pool + head
-            base = _hf_load(spec, transformers.AutoModel, torch, torch.bfloat16).to(device).eval()
+            base = _hf_load(spec, transformers.AutoModel, torch.bfloat16).to(device).eval()
             head = torch.nn.Linear(base.config.hidden_size, k, bias=False, device=device)
             last = mask.sum(1) - 1
             rows = torch.arange(ids.shape[0], device=device)
@@ -584,8 +590,8 @@ def run_worker_main(items: list[str]) -> int:
 class Launcher:
     """Runs workers as subprocesses of this script and keeps their results (or errors)."""
 
-    def __init__(self, tmp: Path, timeout: float, verbose: bool):
-        self.tmp, self.timeout, self.verbose, self.count = tmp, timeout, verbose, 0
+    def __init__(self, tmp: Path, timeout: float):
+        self.tmp, self.timeout, self.count = tmp, timeout, 0
 
     def __call__(self, spec: dict) -> dict:
         self.count += 1
@@ -879,7 +885,7 @@ def main(argv: list[str] | None = None) -> int:
         return report_main(args)
     t_start = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
-    launch = Launcher(tmp, args.worker_timeout, verbose=True)
+    launch = Launcher(tmp, args.worker_timeout)
     if args.shape == "smollm2":
         model = str(smollm2_file())
     else:
