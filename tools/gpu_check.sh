@@ -4,7 +4,7 @@
 #
 # Usage, from anywhere, on a CUDA machine (no pip install needed: the repo runs from source with PYTHONPATH):
 #   tools/gpu_check.sh [OUT_DIR]        default OUT_DIR: benchmarks/results/<YYYYMMDD>-<gpu name>
-# Budget: the step timeouts below add up to about 10 minutes (kernel checks 8, training benchmark 3). Each step runs under `timeout`; a failing or timed-out
+# Budget: the step timeouts below add up to about 11 minutes (kernel checks 6, training benchmark 5). Each step runs under `timeout`; a failing or timed-out
 # step is recorded and the next one runs regardless. Files written: steps.log (all output), summary.json,
 # summary.md, and whatever the steps write (bench_kernels.json).
 #
@@ -53,13 +53,13 @@ json.dump({'python': platform.python_version(), 'torch': torch.__version__, 'tri
           open('$WORK/versions.json', 'w'))"
 # One Triton config in the correctness tests keeps compiles bounded; the benchmark autotunes (it checks the
 # tuned kernels' outputs against the reference too).
-step kernel-tests 200 env MINILORA_TRITON_AUTOTUNE=0 "$PY" -m pytest \
+step kernel-tests 180 env MINILORA_TRITON_AUTOTUNE=0 "$PY" -m pytest \
     tests/test_kernels.py tests/test_kernels_compile.py -q -rfE -p no:cacheprovider --junitxml="$WORK/kernel-tests.xml"
-step kernel-bench 150 "$PY" tools/bench_kernels.py --device cuda --json "$OUT/bench_kernels.json"
+step kernel-bench 140 "$PY" tools/bench_kernels.py --device cuda --json "$OUT/bench_kernels.json"
 # Training throughput, peak memory and MFU against transformers+PEFT at LLaMA-7B layer shapes (random weights:
 # the real SmolLM2 file does not travel to the GPU machine).
-step train-bench 170 "$PY" tools/bench_train.py --device cuda --shape llama7b --layers 4 --modes bf16 \
-    --targets qv,all --rounds 2 --json "$OUT/bench_train.json"
+step train-bench 300 "$PY" tools/bench_train.py --device cuda --shape llama7b --layers 4 --modes bf16 \
+    --targets qv,all --rounds 1 --hf-bf16 bf16w --json "$OUT/bench_train.json"
 
 "$PY" - "$OUT" "$WORK" <<'EOF'
 """Collect the steps' results into summary.json and summary.md."""
