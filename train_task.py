@@ -66,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pooling", default="last", choices=["last", "mean"], help="last non-pad token (paper) or mean")
     g.add_argument("--max-seq-len", type=int, default=None, help="tokens per note (default 512, demo 256)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of the adapters (and of the head)")
+    g.add_argument("--head-lr", type=float, default=None,
+                   help="peak learning rate of the classification head (default: --lr); a freshly initialised "
+                   "head often wants a larger one than the adapters")
     g.add_argument("--epochs", type=float, default=None, help="default 10 (the paper), demo 2")
     g.add_argument("--max-steps", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=8)
@@ -159,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     batches_per_epoch = len(bucketed_batches(train_ds.lengths, args.batch_size, args.seed, 0))
     steps_per_epoch = max(1, batches_per_epoch // args.grad_accum)
     cfg = TrainConfig(
-        lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule, warmup_ratio=args.warmup_ratio,
+        lr=args.lr, lr_overrides={} if args.head_lr is None else {"head.": args.head_lr},
+        weight_decay=args.weight_decay, schedule=args.schedule, warmup_ratio=args.warmup_ratio,
         epochs=epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         max_grad_norm=args.max_grad_norm, precision=args.precision, grad_checkpointing=args.grad_checkpointing,
         eval_every=steps_per_epoch, save_every=args.save_every, seed=args.seed, progress=not args.no_progress,

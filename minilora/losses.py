@@ -28,29 +28,40 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w = weight.to(dtype)
-        rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        n, V = h.shape[0], weight.shape[0]
+        rows = min(n, max(1, CHUNK_ELEMENTS // V))
+        acc = torch.promote_types(dtype, torch.float32)
+        # One logits buffer (and its fp32 view of the same values when computing in 16 bits), reused by every
+        # chunk: fresh 10-100 MB tensors per chunk cost page faults, and mixed-dtype ops take slow paths on CPU.
+        buf = torch.empty(rows, V, dtype=dtype, device=h.device)
+        buf32 = buf if acc == dtype else torch.empty(rows, V, dtype=acc, device=h.device)
+        total = torch.zeros((), dtype=acc, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
-        for i in range(0, h.shape[0], rows):
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
+        for i in range(0, n, rows):
             hc, yc = h[i : i + rows].to(dtype), y[i : i + rows]
-            logits = (hc @ w.T).float()
-            target = logits.gather(1, yc[:, None]).squeeze(1)
-            peak = logits.amax(dim=-1, keepdim=True)
-            p = logits.sub_(peak).exp_()  # one exp pass, in place: unnormalised softmax
+            r = hc.shape[0]
+            logits, lf = buf[:r], buf32[:r]
+            torch.mm(hc, w.T, out=logits)
+            if lf is not logits:
+                lf.copy_(logits)
+            target = lf.gather(1, yc[:, None])
+            peak = lf.amax(dim=-1, keepdim=True)
+            p = lf.sub_(peak).exp_()  # unnormalised softmax, in place (torch.logsumexp would copy)
             norm = p.sum(dim=-1, keepdim=True)
-            total += (peak.squeeze(1) + norm.log().squeeze(1) - target).sum()
+            total += (peak + norm.log() - target).sum()
             if need_h or need_w:
-                p.div_(norm)
-                p[torch.arange(len(yc), device=p.device), yc] -= 1.0
-                p = p.to(dtype)
+                p.mul_(norm.reciprocal_())
+                p[torch.arange(r, device=p.device), yc] -= 1.0
+                if p is not logits:
+                    logits.copy_(p)
                 if need_h:
-                    grad_h[i : i + rows] = p @ w
+                    torch.mm(logits, w, out=grad_h[i : i + rows])
                 if need_w:
-                    grad_w.addmm_(p.T.float(), hc.float())
+                    grad_w.addmm_(p.T, hc.to(acc))
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
-        return total
+        return total.float()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from minilora import ops
+
 _REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _LLAMA_ARCHS = {"LlamaForCausalLM", "LlamaModel", "LLaMAForCausalLM"}
 
@@ -108,10 +110,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
@@ -133,13 +132,8 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     return inv_freq.float()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class Attention(nn.Module):
-    """Multi-head attention with grouped-query K/V heads, RoPE, and PyTorch SDPA."""
+    """Multi-head attention with grouped-query K/V heads and RoPE (``minilora.ops.attention``: GEMMs or SDPA)."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -149,22 +143,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        q = ops.rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)  # [B, H, T, D]
+        k = ops.rope(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), cos, sin)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        if self.n_kv != self.n_heads:
-            rep = self.n_heads // self.n_kv
-            k = k[:, :, None].expand(B, self.n_kv, rep, T, self.head_dim).reshape(B, self.n_heads, T, self.head_dim)
-            v = v[:, :, None].expand(B, self.n_kv, rep, T, self.head_dim).reshape(B, self.n_heads, T, self.head_dim)
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = ops.attention(q, k, v, mask, bias)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -178,7 +163,7 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class TransformerBlock(nn.Module):
@@ -192,14 +177,16 @@ class TransformerBlock(nn.Module):
         self.mlp = FeedForward(cfg)
         self.checkpoint = False
 
-    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, bias)
         return h + self.mlp(self.post_attention_layernorm(h))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, cos, sin, mask, use_reentrant=False)
-        return self._forward(x, cos, sin, mask)
+            return checkpoint(self._forward, x, cos, sin, mask, bias, use_reentrant=False)
+        return self._forward(x, cos, sin, mask, bias)
 
 
 class Decoder(nn.Module):
@@ -250,8 +237,11 @@ class Transformer(nn.Module):
             mask = (causal[None] & attention_mask.bool()[:, None, :])[:, None]  # [B, 1, T, T]
             # A fully padded query row would give NaN; let it see itself (its output is ignored).
             mask = mask | torch.eye(T, dtype=torch.bool, device=input_ids.device)
+        bias = None
+        if torch.is_grad_enabled() and x.device.type == "cpu" and T <= ops.MATMUL_ATTENTION_MAX_T:
+            bias = ops.causal_bias(T, mask, x.device)  # shared by the layers' GEMM attention
         for block in self.model.layers:
-            x = block(x, cos, sin, mask)
+            x = block(x, cos, sin, mask, bias)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

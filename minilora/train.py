@@ -39,6 +39,8 @@ class TrainConfig:
     """Optimisation settings (defaults: the paper's DAPT setup, HF-Trainer AdamW defaults)."""
 
     lr: float = 3e-4
+    # parameter-name prefix -> peak learning rate (e.g. {"head.": 1e-3}); the rest use ``lr``
+    lr_overrides: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -158,6 +160,18 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def param_groups(named: list[tuple[str, nn.Parameter]], lr: float, overrides: dict[str, float]) -> list[dict]:
+    """AdamW groups: one per ``overrides`` prefix that matches something (first match wins), then the rest."""
+    groups: dict[str, list[nn.Parameter]] = {}
+    for name, p in named:
+        key = next((pre for pre in overrides if name.startswith(pre)), "")
+        groups.setdefault(key, []).append(p)
+    unused = [pre for pre in overrides if pre not in groups]
+    if unused:
+        raise ValueError(f"lr_overrides: no trainable parameter name starts with {unused}")
+    return [{"params": ps, "lr": overrides.get(key, lr)} for key, ps in groups.items()]
+
+
 class Trainer:
     """Runs the optimisation loop for a model whose trainable parameters are those with ``requires_grad``.
 
@@ -186,11 +200,13 @@ class Trainer:
         self.metric, self.higher = metric, higher_is_better
         self.device = torch.device(device)
         self.batches = batches or (lambda epoch: shuffled_batches(len(dataset), cfg.batch_size, cfg.seed, epoch))
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
         if not self.params:
             raise ValueError("the model has no trainable parameters (add an adapter or a head first)")
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+            param_groups(named, cfg.lr, cfg.lr_overrides),
+            lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
         )
         steps_per_epoch = max(1, len(self.batches(0)) // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -298,6 +314,12 @@ class Trainer:
         self.log({"step": self.state.step, **metrics, "best": self.state.best})
         return metrics
 
+    def _last_good(self) -> str:
+        if self.ckpt_path.is_file():
+            return (f"The last good checkpoint is {self.ckpt_path} (resume with --resume, perhaps with a lower "
+                    "learning rate)")
+        return "No checkpoint had been written yet; lower the learning rate (or LoRA alpha) and start again"
+
     def fit(self, resume: bool = False) -> TrainState:
         """Train to ``total_steps``; returns the final state. Exits the process (code 130/143) on SIGINT/SIGTERM."""
         if resume:
@@ -344,12 +366,14 @@ class Trainer:
             stats = all_reduce_sum(torch.stack([loss_sum, count, torch.tensor(float(tokens), dtype=torch.float64)]))
             mean_loss = float(stats[0] / stats[1])
             if not math.isfinite(mean_loss):
-                raise NonFiniteLoss(
-                    f"loss became {mean_loss} at step {st.step + 1}; stopped. The last good checkpoint is "
-                    f"{self.ckpt_path} (resume with --resume, perhaps with a lower learning rate)"
-                )
+                raise NonFiniteLoss(f"loss became {mean_loss} at step {st.step + 1}; stopped. {self._last_good()}")
             self._reduce_gradients(float(stats[1]))
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            if not math.isfinite(grad_norm):  # caught before the optimizer turns the weights into NaN
+                raise NonFiniteLoss(
+                    f"gradient norm became {grad_norm} at step {st.step + 1} (loss {mean_loss:.4g}); stopped. "
+                    f"{self._last_good()}"
+                )
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()

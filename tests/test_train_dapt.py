@@ -139,13 +139,37 @@ def test_torchrun_two_ranks_match_one_process(tiny_lm, notes, tmp_path):
 
 
 def test_non_finite_loss_stops_with_last_good_checkpoint(tiny_lm, notes, tmp_path):
+    # alpha 1e38 scales the LoRA gradients past the fp32 range: caught before the optimizer corrupts the weights
     run = tmp_path / "run"
     proc = dapt("--model", str(tiny_lm), "--notes", str(notes), "--out", str(run), "--max-steps", "200",
-                "--lr", "1e30", "--max-grad-norm", "1e30", "--save-every", "1", "--cache-dir", str(tmp_path / "c"),
-                *FAST, check=False)
+                "--alpha", "1e38", "--save-every", "1", "--cache-dir", str(tmp_path / "c"), *FAST, check=False)
     assert proc.returncode == 1
-    assert "loss became nan" in proc.stderr or "loss became inf" in proc.stderr
-    assert "last good checkpoint" in proc.stderr and (run / "checkpoint" / "state.pt").is_file()
+    assert "gradient norm became inf at step 1" in proc.stderr or "gradient norm became nan at step 1" in proc.stderr
+    assert "No checkpoint had been written yet" in proc.stderr and not (run / "checkpoint" / "state.pt").exists()
+
+
+def test_trainer_stops_on_non_finite_loss(tmp_path):
+    """The loss check itself, in-process: a loss that turns NaN at step 3 stops with the step-2 checkpoint."""
+    import torch
+
+    from minilora.train import NonFiniteLoss, TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    calls = []
+
+    def loss_fn(m, batch):
+        calls.append(1)
+        x = batch["input_ids"]
+        loss = m(x).pow(2).sum()
+        return (loss * float("nan") if len(calls) == 3 else loss), x.shape[0]
+
+    cfg = TrainConfig(lr=1e-2, max_steps=10, batch_size=2, precision="fp32", progress=False, save_every=1)
+    tr = Trainer(net, cfg, [torch.randn(3) for _ in range(8)], lambda xs: {"input_ids": torch.stack(xs)}, loss_fn,
+                 tmp_path)
+    with pytest.raises(NonFiniteLoss, match="loss became nan at step 3; stopped. The last good checkpoint is"):
+        tr.fit()
+    assert torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)["state"]["step"] == 2
 
 
 # ---- bad notes: one clear line each, exit code 2 ----

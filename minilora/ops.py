@@ -1,0 +1,230 @@
+"""Lean autograd functions for the decoder's non-GEMM work: RMSNorm, RoPE, SwiGLU and causal GQA attention.
+
+Each computes the same values as the plain PyTorch composition in ``minilora/model.py``'s reference functions
+(``rms_norm_ref``, ``rope_ref``, ``swiglu_ref``, ``attention_ref``) but saves less for backward and makes fewer
+passes over memory, which is what limits these ops on a CPU:
+
+- ``rms_norm`` saves its input (alive anyway: the residual stream) and one fp32 scalar per row, not fp32 copies.
+- ``rope`` rotates q or k straight into the head-major ``[B, H, T, D]`` layout attention wants (no ``cat``, no
+  separate transpose copy), and its backward is the inverse rotation.
+- ``swiglu`` saves gate and up (needed anyway) instead of also the activated gate.
+- ``attention`` (CPU training, short sequences): grouped-query attention as batched GEMMs on ``[G*T, T]`` score
+  tiles shared by the ``G`` query heads of a K/V head (no K/V repeat); it saves the probabilities and computes the
+  backward with four GEMMs and one fused softmax-backward pass. PyTorch's CPU
+  flash-attention backward is several times slower at these sizes. Elsewhere (GPU, long sequences, inference)
+  it calls SDPA.
+
+``MINILORA_ATTENTION=sdpa|matmul|auto`` (default ``auto``) forces the attention implementation.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Saved probabilities cost B*H*T*T*2 bytes per layer; beyond this length SDPA (which saves none) is used.
+MATMUL_ATTENTION_MAX_T = 512
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32 for 16-bit inputs, else the input's own (fp32, or fp64 in gradient checks)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ---------------------------------------------------------------- RMSNorm
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        xf = x.to(_acc(x.dtype))
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))
+        out = weight * (xf * rstd).to(x.dtype)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.to(rstd.dtype) * rstd
+        gw = (g * weight).to(rstd.dtype)
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (g * xhat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dot = (gw * xhat).mean(-1, keepdim=True)
+            dx = gw.sub_(xhat.mul_(dot)).mul_(rstd).to(x.dtype)
+        return dx, dw, None
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``weight * (x / rms(x))``, the normalisation in fp32 and cast back to ``x.dtype`` before the weight (as HF)."""
+    return _RMSNorm.apply(x, weight, eps)
+
+
+# ---------------------------------------------------------------- RoPE
+def _rotate_into(out: Tensor, x: Tensor, c: Tensor, s: Tensor, sign: float) -> Tensor:
+    """``out = x * c + sign * rotate_half(x) * s`` with c, s the first halves of the (duplicated) tables."""
+    h = x.shape[-1] // 2
+    x1, x2, o1, o2 = x[..., :h], x[..., h:], out[..., :h], out[..., h:]
+    torch.mul(x1, c, out=o1)
+    o1.addcmul_(x2, s, value=-sign)
+    torch.mul(x2, c, out=o2)
+    o2.addcmul_(x1, s, value=sign)
+    return out
+
+
+class _RoPE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, T, H, D = x.shape
+        c, s = cos[:, None, : D // 2].to(x.dtype), sin[:, None, : D // 2].to(x.dtype)
+        out = torch.empty(B, H, T, D, dtype=x.dtype, device=x.device)
+        _rotate_into(out.transpose(1, 2), x, c, s, 1.0)
+        ctx.save_for_backward(c, s)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        c, s = ctx.saved_tensors
+        B, H, T, D = g.shape
+        dx = torch.empty(B, T, H, D, dtype=g.dtype, device=g.device)
+        _rotate_into(dx, g.transpose(1, 2), c, s, -1.0)
+        return dx, None, None
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding of ``x`` [B, T, H, D] (HF rotate-half) returned as a contiguous ``[B, H, T, D]``.
+
+    ``cos``/``sin`` are [T, D] tables whose two halves are equal (``cat(freqs, freqs)``), in any float dtype;
+    they are rounded to ``x.dtype`` first, as HF does.
+    """
+    return _RoPE.apply(x, cos, sin)
+
+
+# ---------------------------------------------------------------- SwiGLU
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        gate, up = ctx.saved_tensors
+        dgate = torch.ops.aten.silu_backward(g * up, gate) if ctx.needs_input_grad[0] else None
+        dup = F.silu(gate).mul_(g) if ctx.needs_input_grad[1] else None
+        return dgate, dup
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """``silu(gate) * up``."""
+    return _SwiGLU.apply(gate, up)
+
+
+# ---------------------------------------------------------------- attention
+def attention_backend(q: Tensor) -> str:
+    """``"matmul"`` or ``"sdpa"`` for queries ``q`` [B, H, T, D] under MINILORA_ATTENTION."""
+    mode = os.environ.get("MINILORA_ATTENTION", "auto")
+    if mode not in ("auto", "sdpa", "matmul"):
+        raise ValueError(f"MINILORA_ATTENTION={mode!r}: expected auto, sdpa or matmul")
+    if mode != "auto":
+        return mode
+    train = torch.is_grad_enabled() and q.requires_grad
+    return "matmul" if train and q.device.type == "cpu" and q.shape[2] <= MATMUL_ATTENTION_MAX_T else "sdpa"
+
+
+def _probs(q: Tensor, k: Tensor, bias: Tensor) -> Tensor:
+    """Softmax probabilities [B, Hkv, G*T, T] in q's dtype; q [B, Hkv, G*T, D] already scaled.
+
+    The scores stay in q's dtype: adding a 0 / -inf bias is exact, and the softmax accumulates in fp32 internally.
+    Mixed-dtype elementwise ops are avoided on purpose: on CPU they take a slow, unvectorised path.
+    """
+    B, Hkv, GT, _ = q.shape
+    T = k.shape[2]
+    s = torch.matmul(q, k.transpose(-1, -2)).view(B, Hkv, GT // T, T, T)
+    return torch.softmax(s.add_(bias.to(s.dtype)), dim=-1).view(B, Hkv, GT, T)
+
+
+class _MatmulAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        B, H, T, D = q.shape
+        Hkv = k.shape[1]
+        scale = D**-0.5
+        p = _probs(q.reshape(B, Hkv, (H // Hkv) * T, D) * scale, k, bias)
+        ctx.save_for_backward(q, k, v, p)
+        ctx.scale = scale
+        return torch.matmul(p, v).view(B, H, T, D)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        q, k, v, p = ctx.saved_tensors
+        B, H, T, D = q.shape
+        Hkv = k.shape[1]
+        gg = g.reshape(B, Hkv, (H // Hkv) * T, D).to(q.dtype)
+        dv = torch.matmul(p.transpose(-1, -2), gg)
+        dp = torch.matmul(gg, v.transpose(-1, -2))
+        ds = torch._softmax_backward_data(dp, p, -1, p.dtype)  # p * (dp - rowsum(p * dp)), fused; = dS / scale
+        dq = torch.matmul(ds, k * ctx.scale).view(B, H, T, D)
+        dk = torch.matmul(ds.transpose(-1, -2), q.reshape(B, Hkv, (H // Hkv) * T, D) * ctx.scale)
+        return dq, dk, dv, None
+
+
+def causal_bias(T: int, mask: Tensor | None, device: torch.device) -> Tensor:
+    """Additive fp32 attention bias: ``[T, T]`` causal, or ``[B, 1, 1, T, T]`` from a boolean ``[B, 1, T, T]`` mask."""
+    if mask is None:
+        return torch.full((T, T), float("-inf"), device=device).triu_(1)
+    return torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))[:, :, None]
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None = None) -> Tensor:
+    """Causal grouped-query attention: q [B, H, T, D], k and v [B, Hkv, T, D] -> [B, H, T, D].
+
+    ``mask`` (bool [B, 1, T, T], True = may attend) replaces the causal mask when given; ``bias`` is
+    ``causal_bias(T, mask)``, which callers compute once for all layers (else it is built here when needed).
+    """
+    if attention_backend(q) == "matmul":
+        if bias is None:
+            bias = causal_bias(q.shape[2], mask, q.device)
+        return _MatmulAttention.apply(q, k, v, bias)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+    if k.shape[1] != q.shape[1]:  # with a mask, GQA would send CUDA SDPA to its math backend: repeat K/V instead
+        B, Hkv, T, D = k.shape
+        rep = q.shape[1] // Hkv
+        k = k[:, :, None].expand(B, Hkv, rep, T, D).reshape(B, Hkv * rep, T, D)
+        v = v[:, :, None].expand(B, Hkv, rep, T, D).reshape(B, Hkv * rep, T, D)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+# ---------------------------------------------------------------- references (plain PyTorch compositions)
+def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rope_ref(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x = x.transpose(1, 2)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def swiglu_ref(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up
+
+
+def attention_ref(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Explicit softmax attention with K/V repeated per query head, as HF's eager path."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    T = q.shape[2]
+    s = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is None:
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)

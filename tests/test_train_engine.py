@@ -1,0 +1,48 @@
+"""Trainer pieces tested in-process: per-prefix learning rates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from minilora.train import TrainConfig, Trainer, param_groups
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2, bias=False)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_param_groups_route_by_prefix():
+    net = Net()
+    groups = param_groups(list(net.named_parameters()), 1e-4, {"head.": 5e-3})
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in groups}
+    assert by_lr[5e-3] == {id(net.head.weight)}
+    assert by_lr[1e-4] == {id(net.body.weight), id(net.body.bias)}
+    with pytest.raises(ValueError, match="no trainable parameter name starts with \\['tail.'\\]"):
+        param_groups(list(net.named_parameters()), 1e-4, {"tail.": 1.0})
+
+
+def test_trainer_schedules_each_group_from_its_own_peak(tmp_path):
+    torch.manual_seed(0)
+    net = Net()
+    data = [torch.randn(4) for _ in range(8)]
+
+    def loss_fn(m, batch):
+        return m(batch).pow(2).sum(), batch.shape[0]
+
+    cfg = TrainConfig(lr=1e-3, lr_overrides={"head.": 1e-2}, epochs=2, batch_size=4, precision="fp32",
+                      progress=False, warmup_steps=2, save_every=0)
+    tr = Trainer(net, cfg, data, torch.stack, loss_fn, tmp_path)
+    head0 = net.head.weight.detach().clone()
+    # the first of two warm-up steps runs each group at half its own peak, the second at the peak
+    assert sorted(g["lr"] for g in tr.optimizer.param_groups) == pytest.approx([0.5e-3, 0.5e-2])
+    tr.scheduler.step()
+    assert sorted(g["lr"] for g in tr.optimizer.param_groups) == pytest.approx([1e-3, 1e-2])
+    assert torch.equal(head0, net.head.weight)
