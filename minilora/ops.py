@@ -7,7 +7,7 @@ passes over memory, which is what limits these ops on a CPU:
 - ``rms_norm`` saves its input (alive anyway: the residual stream) and one fp32 scalar per row, not fp32 copies.
 - ``rope`` rotates q or k straight into the head-major ``[B, H, T, D]`` layout attention wants (no ``cat``, no
   separate transpose copy), and its backward is the inverse rotation.
-- ``swiglu`` saves gate and up (needed anyway) instead of also the activated gate.
+- ``swiglu`` saves gate and up (needed anyway) instead of also the activated gate, which it recomputes.
 - ``attention`` (CPU training, short sequences): grouped-query attention as batched GEMMs on ``[G*T, T]`` score
   tiles shared by the ``G`` query heads of a K/V head (no K/V repeat); it saves the probabilities and computes the
   backward with four GEMMs and one fused softmax-backward pass. PyTorch's CPU
@@ -38,24 +38,31 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        xf = x.to(_acc(x.dtype))
-        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))
-        out = weight * (xf * rstd).to(x.dtype)
+        acc, D = _acc(x.dtype), x.shape[-1]
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)  # one pass, fp32 accumulation
+        rstd = torch.rsqrt(norm.square_().div_(D).add_(eps))
+        xf = x.to(acc)
+        n = (xf * rstd if xf is x else xf.mul_(rstd)).to(x.dtype)
+        out = n.mul_(weight) if weight.dtype == n.dtype and n is not x else weight * n
         ctx.save_for_backward(x, weight, rstd)
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
+        # with xhat = x * rstd and gw = g * weight:  dx = rstd * gw - (rstd^3 / D) * sum(gw * x) * x
         x, weight, rstd = ctx.saved_tensors
-        xhat = x.to(rstd.dtype) * rstd
-        gw = (g * weight).to(rstd.dtype)
+        acc, D = rstd.dtype, x.shape[-1]
+        gw = g * weight
         dw = None
         if ctx.needs_input_grad[1]:
-            dw = (g * xhat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+            dw = (g * (x.to(acc) * rstd).to(x.dtype)).reshape(-1, D).sum(0).to(weight.dtype)
         dx = None
         if ctx.needs_input_grad[0]:
-            dot = (gw * xhat).mean(-1, keepdim=True)
-            dx = gw.sub_(xhat.mul_(dot)).mul_(rstd).to(x.dtype)
+            # the per-row correction sum(gw * x), accumulated in fp32 inside vecdot, rounded once to x.dtype
+            dot = torch.linalg.vecdot(gw, x, dim=-1).unsqueeze(-1).to(acc)
+            beta = rstd.pow(3).mul_(dot).div_(-D)
+            xf = x.to(acc)
+            dx = (xf * beta if xf is x else xf.mul_(beta)).addcmul_(gw.to(acc), rstd).to(x.dtype)
         return dx, dw, None
 
 
