@@ -51,14 +51,19 @@ class LinearCrossEntropy(torch.autograd.Function):
             norm = p.sum(dim=-1, keepdim=True)
             total += (peak + norm.log() - target).sum()
             if need_h or need_w:
-                p.mul_(norm.reciprocal_())
-                p[torch.arange(r, device=p.device), yc] -= 1.0
+                # softmax - onehot = (p - norm * onehot) / norm: the one-hot goes in before rounding (no
+                # cancellation later) and the 1 / norm row scaling is applied to the [rows, D] product instead of
+                # to the [rows, V] probabilities
+                p[torch.arange(r, device=p.device), yc] -= norm.squeeze(1)
+                inv = norm.reciprocal_()
+            if need_h:
                 if p is not logits:
                     logits.copy_(p)
-                if need_h:
-                    torch.mm(logits, w, out=grad_h[i : i + rows])
-                if need_w:
-                    grad_w.addmm_(p.T, hc.to(acc))
+                gh = grad_h[i : i + rows]
+                torch.mm(logits, w, out=gh)
+                gh.mul_(inv)  # fp32 scale on the small [rows, D] block
+            if need_w:
+                grad_w.addmm_(p.mul_(inv).T, hc.to(acc))
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total.float()

@@ -197,13 +197,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor
         if bias is None:
             bias = causal_bias(q.shape[2], mask, q.device)
         return _MatmulAttention.apply(q, k, v, bias)
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
-    if k.shape[1] != q.shape[1]:  # with a mask, GQA would send CUDA SDPA to its math backend: repeat K/V instead
+    if k.shape[1] != q.shape[1] and (mask is not None or q.device.type != "cpu"):
+        # GQA inside SDPA is used on CPU only: with a mask, or on some CUDA/torch versions, it would pick the slow
+        # math backend. Elsewhere K/V are repeated per query head (views + one copy), as before.
         B, Hkv, T, D = k.shape
         rep = q.shape[1] // Hkv
         k = k[:, :, None].expand(B, Hkv, rep, T, D).reshape(B, Hkv * rep, T, D)
         v = v[:, :, None].expand(B, Hkv, rep, T, D).reshape(B, Hkv * rep, T, D)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
