@@ -59,15 +59,50 @@ class _RMSNorm(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             # the per-row correction sum(gw * x), accumulated in fp32 inside vecdot, rounded once to x.dtype
-            dot = torch.linalg.vecdot(gw, x, dim=-1).unsqueeze(-1).to(acc)
+            dot = torch.linalg.vecdot(gw, x.to(gw.dtype), dim=-1).unsqueeze(-1).to(acc)
             beta = rstd.pow(3).mul_(dot).div_(-D)
             xf = x.to(acc)
             dx = (xf * beta if xf is x else xf.mul_(beta)).addcmul_(gw.to(acc), rstd).to(x.dtype)
         return dx, dw, None
 
 
+def _triton_rowwise(x: Tensor):
+    """``kernels.rowwise`` (Triton RMSNorm / SwiGLU) when it should run on ``x``, else None (the PyTorch functions).
+
+    ``kernels.backend_for`` decides (``MINILORA_KERNELS=auto|triton|torch``): Triton for CUDA tensors, and for CPU
+    tensors only with ``MINILORA_KERNELS=triton`` under ``TRITON_INTERPRET=1`` (tests). CPU tensors otherwise
+    never import triton (so the project runs without it); ``MINILORA_KERNELS=triton`` without triton raises.
+    """
+    global _ROWWISE
+    if os.environ.get("MINILORA_KERNELS", "auto") == "torch" or not (
+            x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    if _ROWWISE is None:
+        try:
+            from kernels import rowwise
+        except ImportError as exc:
+            rowwise = exc
+        _ROWWISE = rowwise
+    import kernels
+
+    if kernels.backend_for(x) != "triton":
+        return None
+    if isinstance(_ROWWISE, ImportError):
+        raise RuntimeError(f"MINILORA_KERNELS=triton, but kernels.rowwise cannot be imported: {_ROWWISE}")
+    return _ROWWISE if x.is_cuda or _ROWWISE.INTERPRET else None
+
+
+_ROWWISE = None  # kernels.rowwise once imported (or the ImportError); see _triton_rowwise
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """``weight * (x / rms(x))``, the normalisation in fp32 and cast back to ``x.dtype`` before the weight (as HF)."""
+    """``weight * (x / rms(x))``, the normalisation in fp32 and cast back to ``x.dtype`` before the weight (as HF).
+
+    Triton kernels (``kernels.rowwise``) on CUDA when ``weight.dtype == x.dtype``; otherwise ``_RMSNorm``.
+    """
+    triton_ops = _triton_rowwise(x)
+    if triton_ops is not None and triton_ops.rms_norm_supported(x, weight):
+        return triton_ops.rms_norm(x, weight, eps)
     return _RMSNorm.apply(x, weight, eps)
 
 
@@ -127,7 +162,10 @@ class _SwiGLU(torch.autograd.Function):
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
-    """``silu(gate) * up``."""
+    """``silu(gate) * up``: Triton kernels (``kernels.rowwise``) on CUDA for equal dtypes, else ``_SwiGLU``."""
+    triton_ops = _triton_rowwise(gate)
+    if triton_ops is not None and triton_ops.swiglu_supported(gate, up):
+        return triton_ops.swiglu(gate, up)
     return _SwiGLU.apply(gate, up)
 
 

@@ -25,6 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+from kernels import rowwise  # noqa: E402
 from kernels.lora_linear import (  # noqa: E402
     DEFAULT_CONFIG, DROPOUT_BLOCK, SMEM_PER_BLOCK, TUNED_CONFIGS, prune_configs,
 )
@@ -40,11 +41,16 @@ UNIT_STRIDES = {
 }
 STRIDES = ("stride_xm", "stride_xk", "stride_wk", "stride_wn", "stride_sm", "stride_sr",
            "stride_lr", "stride_ln", "stride_om", "stride_on")
+ROW_WIDTHS = (576, 4096, 8192)  # kernels.rowwise RMSNorm: SmolLM2's and LLaMA-7B's hidden sizes, and the largest
+# kernels.rowwise variants: (HAS_DX, HAS_DW) of the RMSNorm backward, (HAS_DGATE, HAS_DUP) of the SwiGLU backward
+ROWWISE_VARIANTS = {"rms_norm_bwd": {"dx-dw": (True, True), "dx": (True, False)},
+                    "swiglu_bwd": {"both": (True, True), "dup": (False, True)}}
 
 
 @dataclass(frozen=True)
 class Case:
-    """One compile: kernel, target, input dtype, call layout, (BM, BN, BK, GROUP_M, warps, stages), variant."""
+    """One compile: kernel, target, input dtype, call layout, (BM, BN, BK, GROUP_M, warps, stages), variant;
+    ``width``: the row width of a kernels.rowwise RMSNorm case (its BLOCK_D and warps)."""
 
     kernel: str
     target: int
@@ -52,11 +58,16 @@ class Case:
     layout: str = "fwd"
     config: tuple[int, ...] = DEFAULT_CONFIG
     variant: str = "lora"
+    width: int = 0
 
     @property
     def id(self) -> str:
         if self.kernel == "dropout":
             return f"dropout-sm{self.target}-{self.dtype}"
+        if self.kernel.startswith("rms_norm"):
+            return f"{self.kernel}-sm{self.target}-{self.dtype}-d{self.width}-{self.variant}"
+        if self.kernel.startswith("swiglu"):
+            return f"{self.kernel}-sm{self.target}-{self.dtype}-{self.variant}"
         return f"fused-sm{self.target}-{self.dtype}-{self.layout}-{self.variant}-{'x'.join(map(str, self.config))}"
 
 
@@ -72,6 +83,13 @@ def cases() -> list[Case]:
                 [("bwd", "dropout"), ("fwd", "nolora"), ("fwd", "rank64"), ("strided-x", "lora")]]
         fp32_config = prune_configs(TUNED_CONFIGS, 4, RANK_BLOCK, SMEM_PER_BLOCK[target])[0]
         out.append(Case("fused", target, "fp32", "fwd", fp32_config, "tf32"))
+        for dtype in ITEMSIZE:  # kernels.rowwise: RMSNorm per row width, SwiGLU (width-independent)
+            for width in ROW_WIDTHS:
+                out.append(Case("rms_norm_fwd", target, dtype, variant="y", width=width))
+                out += [Case("rms_norm_bwd", target, dtype, variant=v, width=width)
+                        for v in ROWWISE_VARIANTS["rms_norm_bwd"]]
+            out.append(Case("swiglu_fwd", target, dtype, variant="h"))
+            out += [Case("swiglu_bwd", target, dtype, variant=v) for v in ROWWISE_VARIANTS["swiglu_bwd"]]
     return out
 
 
@@ -109,13 +127,51 @@ def _dropout_source(case: Case) -> tuple[ASTSource, dict]:
     return ASTSource(fn=_dropout_kernel, signature=sig, constexprs=consts), {"num_warps": 4}
 
 
+def _rowwise_source(case: Case) -> tuple[ASTSource, dict]:
+    """A kernels.rowwise kernel as the JIT sees it at LLaMA shapes: aligned pointers, widths and row strides % 16."""
+    fn = getattr(rowwise, f"_{case.kernel}_kernel")
+    ptr, f32 = "*" + case.dtype, "*fp32"
+    if case.kernel == "rms_norm_fwd":
+        sig = {"X": ptr, "W": ptr, "Y": ptr, "RSTD": f32, "stride_x": "i32", "D": "i32", "eps": "fp32"}
+        consts = {"BLOCK_D": rowwise.rms_norm_block(case.width)}
+        aligned = ["X", "W", "Y", "RSTD", "stride_x", "D"]
+    elif case.kernel == "rms_norm_bwd":
+        sig = {"X": ptr, "W": ptr, "G": ptr, "RSTD": f32, "DX": ptr, "DW": f32, "M": "i32", "D": "i32",
+               "stride_x": "i32", "stride_g": "i32", "P": "i32"}
+        has_dx, has_dw = ROWWISE_VARIANTS["rms_norm_bwd"][case.variant]
+        consts = {"HAS_DX": has_dx, "HAS_DW": has_dw, "BLOCK_D": rowwise.rms_norm_block(case.width)}
+        aligned = ["X", "W", "G", "RSTD", "DX", "DW", "D", "stride_x", "stride_g"]
+    elif case.kernel == "swiglu_fwd":
+        sig = {"GATE": ptr, "UP": ptr, "H": ptr, "N": "i32", "n_blocks": "i32", "stride_gate": "i32",
+               "stride_up": "i32"}
+        consts = {"BLOCK": rowwise.SWIGLU_BLOCK}
+        aligned = ["GATE", "UP", "H", "N", "stride_gate", "stride_up"]
+    else:
+        sig = {"G": ptr, "GATE": ptr, "UP": ptr, "DGATE": ptr, "DUP": ptr, "N": "i32", "n_blocks": "i32",
+               "stride_g": "i32", "stride_gate": "i32", "stride_up": "i32"}
+        has_dgate, has_dup = ROWWISE_VARIANTS["swiglu_bwd"][case.variant]
+        consts = {"HAS_DGATE": has_dgate, "HAS_DUP": has_dup, "BLOCK": rowwise.SWIGLU_BLOCK}
+        aligned = ["G", "GATE", "UP", "DGATE", "DUP", "N", "stride_g", "stride_gate", "stride_up"]
+    sig.update({name: "constexpr" for name in consts})
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    warps = (rowwise.rms_norm_warps(consts["BLOCK_D"]) if case.kernel.startswith("rms_norm")
+             else rowwise.SWIGLU_WARPS)
+    return ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), {"num_warps": warps}
+
+
+def _source(case: Case) -> tuple[ASTSource, dict]:
+    if case.kernel == "dropout":
+        return _dropout_source(case)
+    return _fused_source(case) if case.kernel == "fused" else _rowwise_source(case)
+
+
 def compile_case(case: Case) -> dict:
     """Compile one case; return shared-memory bytes, which MMA instructions the PTX holds, or the error."""
     import triton
     warnings.simplefilter("ignore")
     start = time.perf_counter()
     try:
-        src, options = (_dropout_source if case.kernel == "dropout" else _fused_source)(case)
+        src, options = _source(case)
         compiled = triton.compile(src, target=GPUTarget("cuda", case.target, 32), options=options)
     except Exception as exc:  # reported per case by the test
         return {"error": f"{type(exc).__name__}: {exc}"[:2000]}
@@ -153,6 +209,11 @@ def test_configs_fit_a100_and_hopper_in_16_bit() -> None:
     """Every tuned config is a candidate on both GPUs for bf16/fp16 (fp32 prunes to what fits)."""
     for target in TARGETS:
         assert prune_configs(TUNED_CONFIGS, 2, RANK_BLOCK, SMEM_PER_BLOCK[target]) == TUNED_CONFIGS
+
+
+def test_rowwise_widths_cover_what_dispatch_accepts() -> None:
+    """The widest RMSNorm row that kernels.rowwise accepts (BLOCK_D, warps) is among the compiled widths."""
+    assert rowwise.rms_norm_block(rowwise.MAX_RMS_NORM_D) <= max(rowwise.rms_norm_block(w) for w in ROW_WIDTHS)
 
 
 def main(out_path: str) -> None:

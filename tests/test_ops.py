@@ -71,6 +71,22 @@ def test_rms_norm_rope_swiglu_match_reference(dtype, tol):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
+def test_rms_norm_mixed_weight_dtype():
+    """fp16/bf16 activations with an fp32 weight (a model loaded in fp32 under autocast): HF's promotion rules."""
+    torch.manual_seed(5)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(3, 4, 16, dtype=dtype)
+        w = (torch.rand(16) + 0.5).requires_grad_(True)
+        g = torch.randn(3, 4, 16)
+        o1, g1 = _grads(lambda x, w: ops.rms_norm(x, w, 1e-6), [x.requires_grad_(True), w], g)
+        o2, g2 = _grads(lambda x, w: ops.rms_norm_ref(x, w, 1e-6), [x, w], g)
+        assert o1.dtype == o2.dtype == torch.float32
+        torch.testing.assert_close(o1, o2)
+        for a, b in zip(g1, g2):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
 def _padding_mask(lengths, T):
     keep = torch.arange(T)[None] < torch.tensor(lengths)[:, None]
     m = torch.ones(T, T, dtype=torch.bool).tril()[None] & keep[:, None, :]

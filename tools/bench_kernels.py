@@ -7,7 +7,15 @@ Layers (two adapters, r = 16 + 8 by default, everything in one dtype, adapters t
   ours         kernels.lora_linear (Triton on CUDA; on CPU it is the addmm path)
   ours-bare    kernels.lora_linear with no adapter (CUDA only: Triton's GEMM against cuBLAS's)
 GPU targets (checked on every shape): fused fwd <= 1.08x bare, >= 1.25x faster than peft; fwd+bwd >= 1.2x faster.
-Usage: ``PYTHONPATH=. python tools/bench_kernels.py [--device cuda] [--json out.json]``.
+
+``--rowwise`` (opt-in; ``--rowwise-only`` skips the LoRA layers) also times RMSNorm (weight frozen as in LoRA
+training, and trained: ``rms_norm+dw``) and SwiGLU, forward and forward+backward, at ``--rowwise-dims`` (default
+LLaMA-7B: 8*512 tokens, hidden 4096, intermediate 11008): ``triton`` (kernels.rowwise, CUDA only) against
+``torch`` (minilora.ops' PyTorch autograd functions) and ``ref`` (the plain compositions ops.*_ref). On CUDA
+these times are GPU time per call (events around each call, L2 flushed before it, calls queued behind a sleep
+kernel so that launch overhead does not count) and GB/s counts the minimum traffic (each input read once, each
+output written once).
+Usage: ``PYTHONPATH=. python tools/bench_kernels.py [--device cuda] [--rowwise] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -27,6 +35,12 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
 from kernels import reference  # noqa: E402
+from minilora import ops  # noqa: E402
+
+try:
+    from kernels import rowwise  # noqa: E402
+except ImportError:
+    rowwise = None
 
 GPU_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K, N) of LLaMA-7B: attention, up/gate, down
 GPU_TOKENS = [2048, 8192]
@@ -34,6 +48,9 @@ CPU_SHAPES = [(1024, 1024), (1024, 2816)]
 CPU_TOKENS = [512]
 TARGETS = {"fwd_vs_bare_max": 1.08, "fwd_speedup_vs_peft_min": 1.25, "fwdbwd_speedup_vs_peft_min": 1.2}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ROWWISE_GPU_DIMS = (8 * 512, 4096, 11008)  # (tokens, hidden, intermediate) of LLaMA-7B
+ROWWISE_CPU_DIMS = (512, 1024, 2816)
+L2_FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2 (H200: 60 MB)
 
 
 def make_layers(k: int, n: int, ranks: list[int], dtype: torch.dtype, device: torch.device
@@ -82,6 +99,114 @@ def timer(device: torch.device, warmup: int, iters: int) -> Callable[[Callable[[
                 times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
     return measure
+
+
+def gpu_timer(device: torch.device, warmup: int, iters: int) -> Callable[[Callable[[], object]], float]:
+    """Median GPU milliseconds of a call: CUDA events around each call, a memset over L2_FLUSH_BYTES before each,
+    and all calls queued behind a sleep kernel so the CPU's launch overhead stays out of the events."""
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+
+    def measure(fn: Callable[[], object]) -> float:
+        for _ in range(warmup):
+            fn()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        torch.cuda.synchronize(device)
+        if hasattr(torch.cuda, "_sleep"):
+            torch.cuda._sleep(50_000_000)  # ~25 ms at 2 GHz: time to queue the calls below
+        slept = torch.cuda.Event()
+        slept.record()
+        for start, end in events:
+            flush.zero_()
+            start.record()
+            fn()
+            end.record()
+        if slept.query():
+            print("warning: the GPU caught up with the CPU while the calls were queued; times may include launch gaps",
+                  file=sys.stderr)
+        torch.cuda.synchronize(device)
+        return statistics.median(start.elapsed_time(end) for start, end in events)
+    return measure
+
+
+def rowwise_impls(device: torch.device) -> dict[str, dict[str, Callable[..., Tensor]]]:
+    """{op: {impl: fn}}: RMSNorm and SwiGLU as the kernels.rowwise Triton functions (CUDA only), minilora.ops'
+    PyTorch autograd functions and the plain reference compositions."""
+    eps = 1e-5
+    impls = {
+        "rms_norm": {"torch": lambda x, w: ops._RMSNorm.apply(x, w, eps),
+                     "ref": lambda x, w: ops.rms_norm_ref(x, w, eps)},
+        "swiglu": {"torch": ops._SwiGLU.apply, "ref": ops.swiglu_ref},
+    }
+    if rowwise is not None and (device.type == "cuda" or rowwise.INTERPRET):
+        impls["rms_norm"]["triton"] = lambda x, w: rowwise.rms_norm(x, w, eps)
+        impls["swiglu"]["triton"] = rowwise.swiglu
+    return impls
+
+
+def bench_rowwise(tokens: int, hidden: int, inter: int, dtype: torch.dtype, device: torch.device,
+                  measure: Callable[[Callable[[], object]], float]) -> list[dict]:
+    """Forward and forward+backward times of every RMSNorm and SwiGLU implementation, errors against ``torch``."""
+    gen = torch.Generator().manual_seed(2)
+
+    def rand(*shape: int, scale: float = 1.0, offset: float = 0.0) -> Tensor:
+        return (torch.randn(*shape, generator=gen) * scale + offset).to(device, dtype)
+
+    size = torch.empty(0, dtype=dtype).element_size()
+    x, gx, w = rand(tokens, hidden), rand(tokens, hidden), rand(hidden, scale=0.1, offset=1.0)
+    gate, up, gh = rand(tokens, inter, scale=2.0), rand(tokens, inter), rand(tokens, inter)
+    cases = {  # op -> (impl group, inputs, which inputs are trained, output gradient, minimum bytes fwd / fwd+bwd)
+        "rms_norm": ("rms_norm", (x, w), (True, False), gx, (2 * tokens * hidden * size, 5 * tokens * hidden * size)),
+        "rms_norm+dw": ("rms_norm", (x, w), (True, True), gx, (2 * tokens * hidden * size, 5 * tokens * hidden * size)),
+        "swiglu": ("swiglu", (gate, up), (True, True), gh, (3 * tokens * inter * size, 8 * tokens * inter * size)),
+    }
+    impls = rowwise_impls(device)
+    rows = []
+    for op, (group, inputs, trained, grad, (bytes_fwd, bytes_fwdbwd)) in cases.items():
+        leaves = [t.detach().clone().requires_grad_(flag) for t, flag in zip(inputs, trained)]
+        want = None
+        for impl, fn in impls[group].items():
+            def forward() -> None:
+                with torch.no_grad():
+                    fn(*inputs)
+
+            def forward_backward() -> None:
+                for t in leaves:
+                    t.grad = None
+                fn(*leaves).backward(grad)
+
+            forward_backward()
+            got = [fn(*inputs).float()] + [t.grad.float() for t in leaves if t.requires_grad]
+            if want is None:
+                want = got  # the first implementation, "torch"
+            err = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(got, want))
+            fwd_ms, fwdbwd_ms = measure(forward), measure(forward_backward)
+            rows.append({"op": op, "impl": impl, "tokens": tokens, "width": inputs[0].shape[1],
+                         "fwd_ms": fwd_ms, "fwdbwd_ms": fwdbwd_ms,
+                         "fwd_gbps": bytes_fwd / fwd_ms / 1e6, "fwdbwd_gbps": bytes_fwdbwd / fwdbwd_ms / 1e6,
+                         "max_rel_err_vs_torch": err})
+            del got
+    return rows
+
+
+def rowwise_table(rows: list[dict]) -> str:
+    """Markdown table of the row-wise ops: times, effective bandwidth and speedup over ``torch``."""
+    torch_row = {r["op"]: r for r in rows if r["impl"] == "torch"}
+    lines = ["| op | tokens | width | impl | fwd ms | fwd+bwd ms | fwd GB/s | fwd+bwd GB/s | fwd x faster than torch "
+             "| fwd+bwd x faster than torch | rel err vs torch |", "|" + "---|" * 11]
+    for r in rows:
+        t = torch_row[r["op"]]
+        lines.append(f"| {r['op']} | {r['tokens']} | {r['width']} | {r['impl']} | {r['fwd_ms']:.4f} "
+                     f"| {r['fwdbwd_ms']:.4f} | {r['fwd_gbps']:.0f} | {r['fwdbwd_gbps']:.0f} "
+                     f"| {t['fwd_ms'] / r['fwd_ms']:.2f} | {t['fwdbwd_ms'] / r['fwdbwd_ms']:.2f} "
+                     f"| {r['max_rel_err_vs_torch']:.1e} |")
+    return "\n".join(lines)
+
+
+def rowwise_speedups(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """{op: {fwd, fwdbwd}}: how many times faster ``triton`` is than ``torch`` (empty without triton)."""
+    by = {(r["op"], r["impl"]): r for r in rows}
+    return {op: {k: by[(op, "torch")][f"{k}_ms"] / by[(op, "triton")][f"{k}_ms"] for k in ("fwd", "fwdbwd")}
+            for op, impl in by if impl == "triton"}
 
 
 def bench_shape(m: int, k: int, n: int, ranks: list[int], dtype: torch.dtype, device: torch.device,
@@ -167,6 +292,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=None, help="timed calls per timing (default 50 GPU, 20 CPU)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--json", type=Path, help="write all numbers, device and versions here")
+    p.add_argument("--rowwise", action="store_true",
+                   help="also time RMSNorm and SwiGLU: kernels.rowwise (Triton, CUDA) against minilora.ops' functions")
+    p.add_argument("--rowwise-only", action="store_true", help="--rowwise without the LoRA layers")
+    p.add_argument("--rowwise-dims", type=int, nargs=3, metavar=("TOKENS", "HIDDEN", "INTERMEDIATE"),
+                   help="row-wise op sizes (default: 4096 4096 11008 on GPU, 512 1024 2816 on CPU)")
     return p.parse_args(argv)
 
 
@@ -180,11 +310,12 @@ def main(argv: list[str] | None = None) -> dict:
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes] if args.shapes else (
         GPU_SHAPES if gpu else CPU_SHAPES)
     tokens = args.tokens or (GPU_TOKENS if gpu else CPU_TOKENS)
-    measure = timer(device, args.warmup if args.warmup is not None else (10 if gpu else 5),
-                    args.iters or (50 if gpu else 20))
+    warmup = args.warmup if args.warmup is not None else (10 if gpu else 5)
+    iters = args.iters or (50 if gpu else 20)
+    measure = timer(device, warmup, iters)
     dtype = DTYPES[args.dtype]
     rows = []
-    for k, n in shapes:
+    for k, n in ([] if args.rowwise_only else shapes):
         for m in tokens:
             rows += bench_shape(m, k, n, args.ranks, dtype, device, measure)
             print(f"done M={m} K={k} N={n}", file=sys.stderr, flush=True)
@@ -202,6 +333,19 @@ def main(argv: list[str] | None = None) -> dict:
     result["table_markdown"] = (
         f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {args.dtype}, ranks {args.ranks}, "
         f"ours = {result['ours_backend']}{'' if gpu else ' (targets are for the GPU)'}\n\n{table(rows, targets)}")
+    if args.rowwise_only:
+        result["all_targets_pass"] = None
+        result["table_markdown"] = f"{result['device']}, torch {result['torch']}, triton {result['triton']}"
+    if args.rowwise or args.rowwise_only:
+        t, h, i = args.rowwise_dims or (ROWWISE_GPU_DIMS if gpu else ROWWISE_CPU_DIMS)
+        rw_measure = gpu_timer(device, warmup, iters) if gpu else measure
+        result["rowwise_rows"] = bench_rowwise(t, h, i, dtype, device, rw_measure)
+        result["rowwise_speedups"] = rowwise_speedups(result["rowwise_rows"])
+        timing = "GPU time per call, L2 flushed" if gpu else "wall time per call"
+        result["table_markdown"] += (f"\n\nRMSNorm and SwiGLU ({args.dtype}, {timing}): kernels.rowwise (triton) vs "
+                                     f"minilora.ops (torch) and the plain compositions (ref)\n\n"
+                                     f"{rowwise_table(result['rowwise_rows'])}")
+        print(f"done row-wise ops T={t} H={h} I={i}", file=sys.stderr, flush=True)
     print(result["table_markdown"])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

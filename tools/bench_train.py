@@ -349,7 +349,12 @@ def _setup_train(spec: dict, torch):
             total_loss, count = lm_loss_sum(model.hidden_states(ids), model.lm_head, ids)
             return total_loss / count
 
-        info = {"setup": RECIPE_TEXT[f"minilora/{mode}"], "attention": "torch SDPA"}
+        from minilora import ops
+
+        probe = torch.empty(1, 1, spec["seq"], 1, device=spec["device"], requires_grad=True)
+        info = {"setup": RECIPE_TEXT[f"minilora/{mode}"],
+                "attention": {"matmul": "minilora GEMM attention (training), SDPA (inference)",
+                              "sdpa": "torch SDPA"}[ops.attention_backend(probe)]}
     else:
         import peft
         import transformers

@@ -53,9 +53,10 @@ json.dump({'python': platform.python_version(), 'torch': torch.__version__, 'tri
           open('$WORK/versions.json', 'w'))"
 # One Triton config in the correctness tests keeps compiles bounded; the benchmark autotunes (it checks the
 # tuned kernels' outputs against the reference too).
-step kernel-tests 180 env MINILORA_TRITON_AUTOTUNE=0 "$PY" -m pytest \
-    tests/test_kernels.py tests/test_kernels_compile.py -q -rfE -p no:cacheprovider --junitxml="$WORK/kernel-tests.xml"
-step kernel-bench 140 "$PY" tools/bench_kernels.py --device cuda --json "$OUT/bench_kernels.json"
+step kernel-tests 180 env MINILORA_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_kernels.py tests/test_kernels_rowwise.py \
+    tests/test_kernels_compile.py -q -rfE -p no:cacheprovider --junitxml="$WORK/kernel-tests.xml"
+# --rowwise: also RMSNorm and SwiGLU (kernels.rowwise Triton vs minilora.ops' PyTorch functions), a few seconds.
+step kernel-bench 140 "$PY" tools/bench_kernels.py --device cuda --rowwise --json "$OUT/bench_kernels.json"
 # Training throughput, peak memory and MFU against transformers+PEFT at LLaMA-7B layer shapes (random weights:
 # the real SmolLM2 file does not travel to the GPU machine).
 step train-bench 300 "$PY" tools/bench_train.py --device cuda --shape llama7b --layers 4 --modes bf16 \

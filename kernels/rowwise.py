@@ -1,0 +1,297 @@
+"""RMSNorm and SwiGLU in Triton, forward and backward (CUDA; CPU only under ``TRITON_INTERPRET=1``).
+
+Both ops are memory-bound: each kernel reads its inputs once, computes in fp32 registers and writes its outputs
+once in the input dtype. ``minilora.ops.rms_norm`` / ``minilora.ops.swiglu`` dispatch here for CUDA tensors
+(``MINILORA_KERNELS``, as ``kernels.backend_for``) when ``rms_norm_supported`` / ``swiglu_supported`` hold, and to
+their PyTorch autograd functions otherwise. Inputs of any leading shape are seen as 2-D ``[rows, last dim]``
+views with a unit-stride last dim (copied to contiguous only when they are not), so row strides are free.
+
+RMSNorm over the last dim D (1 <= D <= ``MAX_RMS_NORM_D``), the semantics of ``minilora.ops.rms_norm_ref`` for
+``weight.dtype == x.dtype``:
+
+    forward   rstd = rsqrt(mean(x^2) + eps) in fp32;  y = w * (x * rstd).to(x.dtype)
+              one program per row, the whole row in registers (BLOCK_D = next power of two >= D);
+              saves x (alive anyway: the residual stream) and rstd (fp32, one per row)
+    backward  gw = g * w;  dx = rstd * gw - (rstd^3 / D) * sum(gw * x) * x
+              dw = sum over rows of g * (x * rstd).to(x.dtype), only when w requires grad: P programs (about two
+              per SM) each loop over rows pid, pid + P, ..., accumulate an fp32 partial [D] in registers and
+              write it to a [P, D] buffer that one torch ``sum(0)`` reduces. Without dw: one program per row.
+
+SwiGLU, elementwise over ``[rows, N]`` (a flat 1-D range when every tensor is contiguous):
+
+    forward   h = silu(gate) * up                                    saves gate and up only
+    backward  dgate = g * up * sig * (1 + gate * (1 - sig)),  dup = g * silu(gate),  sig = sigmoid(gate)
+
+The backward functions are once-differentiable (no double backward through the kernels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_RMS_NORM_D = 8192  # a whole row lives in registers (LLaMA: 576..8192); wider rows go to PyTorch
+DW_PROGRAMS_PER_SM = 2  # RMSNorm weight-gradient programs per SM (each holds a [BLOCK_D] fp32 accumulator)
+INTERPRET_DW_PROGRAMS = 3  # under the interpreter: few programs, so that each loops over several rows
+SWIGLU_BLOCK = 1024  # elements per SwiGLU program
+SWIGLU_WARPS = 4
+
+
+def rms_norm_block(d: int) -> int:
+    """BLOCK_D for rows of width d: the next power of two (a whole row per program)."""
+    return triton.next_power_of_2(d)
+
+
+def rms_norm_warps(block_d: int) -> int:
+    """Warps per RMSNorm program: 4 below 2048 columns, 8 below 8192, else 16 (at most 16 values per thread)."""
+    return 4 if block_d < 2048 else 8 if block_d < 8192 else 16
+
+
+# ---------------------------------------------------------------- kernels
+@triton.jit
+def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, D, eps, BLOCK_D: tl.constexpr):
+    """Y[row] = W * (X[row] * rstd).to(X dtype), RSTD[row] = rsqrt(mean(X[row]^2) + eps); Y is [rows, D]."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    inside = cols < D
+    x = tl.load(X + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+    n = (x * rstd).to(Y.dtype.element_ty).to(tl.float32)  # rounded to x's dtype before the weight, as HF
+    w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
+    tl.store(Y + row * D + cols, (w * n).to(Y.dtype.element_ty), mask=inside)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(X, W, G, RSTD, DX, DW, M, D, stride_x, stride_g, P,
+                         HAS_DX: tl.constexpr, HAS_DW: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows pid, pid + P, ... < M: DX[row] (if HAS_DX) and the fp32 partial DW[pid] = sum g * xhat (if HAS_DW)."""
+    pid = tl.program_id(0)
+    first = pid.to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    inside = cols < D
+    w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    x_ptrs = X + first * stride_x + cols  # advanced by P rows per step (pointers are 64-bit, rows * D may not be)
+    g_ptrs = G + first * stride_g + cols
+    dx_ptrs = DX + first * D + cols
+    rstd_ptr = RSTD + first
+    for _ in range(pid, M, P):
+        x = tl.load(x_ptrs, mask=inside, other=0.0).to(tl.float32)
+        g = tl.load(g_ptrs, mask=inside, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr)
+        if HAS_DX:
+            gw = g * w
+            c = tl.sum(gw * x, axis=0) * (rstd * rstd * rstd / D)
+            tl.store(dx_ptrs, (gw * rstd - x * c).to(DX.dtype.element_ty), mask=inside)
+        if HAS_DW:
+            dw += g * (x * rstd).to(X.dtype.element_ty).to(tl.float32)
+        x_ptrs += P * stride_x
+        g_ptrs += P * stride_g
+        dx_ptrs += P * D
+        rstd_ptr += P
+    if HAS_DW:
+        tl.store(DW + first * D + cols, dw, mask=inside)
+
+
+@triton.jit
+def _swiglu_fwd_kernel(GATE, UP, H, N, n_blocks, stride_gate, stride_up, BLOCK: tl.constexpr):
+    """H[row, cols] = silu(GATE) * UP for the program's BLOCK columns of one row; H is [rows, N]."""
+    pid = tl.program_id(0)
+    row = (pid // n_blocks).to(tl.int64)
+    cols = (pid % n_blocks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < N
+    a = tl.load(GATE + row * stride_gate + cols, mask=inside, other=0.0).to(tl.float32)
+    b = tl.load(UP + row * stride_up + cols, mask=inside, other=0.0).to(tl.float32)
+    h = a * tl.sigmoid(a) * b
+    tl.store(H + row * N + cols, h.to(H.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(G, GATE, UP, DGATE, DUP, N, n_blocks, stride_g, stride_gate, stride_up,
+                       HAS_DGATE: tl.constexpr, HAS_DUP: tl.constexpr, BLOCK: tl.constexpr):
+    """DGATE = G * UP * sig * (1 + GATE * (1 - sig)), DUP = G * silu(GATE); both [rows, N]."""
+    pid = tl.program_id(0)
+    row = (pid // n_blocks).to(tl.int64)
+    cols = (pid % n_blocks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < N
+    g = tl.load(G + row * stride_g + cols, mask=inside, other=0.0).to(tl.float32)
+    a = tl.load(GATE + row * stride_gate + cols, mask=inside, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(a)
+    if HAS_DGATE:
+        b = tl.load(UP + row * stride_up + cols, mask=inside, other=0.0).to(tl.float32)
+        dgate = g * b * sig * (1.0 + a * (1.0 - sig))
+        tl.store(DGATE + row * N + cols, dgate.to(DGATE.dtype.element_ty), mask=inside)
+    if HAS_DUP:
+        tl.store(DUP + row * N + cols, (g * a * sig).to(DUP.dtype.element_ty), mask=inside)
+
+
+# ---------------------------------------------------------------- host side
+def _check_device(*tensors: Tensor) -> None:
+    for t in tensors:
+        if not t.is_cuda and not INTERPRET:
+            raise ValueError(f"kernels.rowwise (Triton): tensors must be on CUDA (got {t.device}); "
+                             "set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU")
+
+
+def _device_ctx(t: Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``t`` as ``[rows, last dim]`` with a unit-stride last dim: a view when possible, else a contiguous copy."""
+    t2 = t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+    if t2.shape[1] > 1 and t2.stride(1) != 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+def _elementwise_layout(*tensors: Tensor) -> tuple[list[Tensor], int, int, list[int]]:
+    """(tensors, rows, N, row strides) for an elementwise kernel: one flat row if all are contiguous."""
+    if all(t.is_contiguous() for t in tensors):
+        return list(tensors), 1, tensors[0].numel(), [0] * len(tensors)
+    rows = [_rows(t) for t in tensors]
+    return rows, rows[0].shape[0], rows[0].shape[1], [t.stride(0) for t in rows]
+
+
+def rms_norm_supported(x: Tensor, weight: Tensor) -> bool:
+    """Whether ``rms_norm`` takes these inputs (else use ``minilora.ops``' PyTorch function)."""
+    return (x.dim() >= 1 and weight.dim() == 1 and x.dtype in DTYPES and weight.dtype == x.dtype
+            and weight.device == x.device and 1 <= x.shape[-1] <= MAX_RMS_NORM_D and weight.shape[0] == x.shape[-1])
+
+
+def swiglu_supported(gate: Tensor, up: Tensor) -> bool:
+    """Whether ``swiglu`` takes these inputs (else use ``minilora.ops``' PyTorch function)."""
+    return (gate.dim() >= 1 and gate.shape == up.shape and gate.dtype in DTYPES and up.dtype == gate.dtype
+            and up.device == gate.device)
+
+
+def rms_norm_forward(x2: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(y [rows, D], rstd [rows] fp32) for a 2-D x2 with a unit-stride last dim."""
+    m, d = x2.shape
+    y = torch.empty((m, d), device=x2.device, dtype=x2.dtype)
+    rstd = torch.empty(m, device=x2.device, dtype=torch.float32)
+    if m == 0:
+        return y, rstd
+    block = rms_norm_block(d)
+    with _device_ctx(x2):
+        _rms_norm_fwd_kernel[(m,)](x2, weight, y, rstd, x2.stride(0), d, float(eps),
+                                   BLOCK_D=block, num_warps=rms_norm_warps(block))
+    return y, rstd
+
+
+def rms_norm_backward(g2: Tensor, x2: Tensor, weight: Tensor, rstd: Tensor, need_dx: bool, need_dw: bool
+                      ) -> tuple[Tensor | None, Tensor | None]:
+    """(dx [rows, D] or None, dw [D] or None) from the output gradient g2 and the saved x2, weight, rstd."""
+    m, d = x2.shape
+    dx = torch.empty((m, d), device=x2.device, dtype=x2.dtype) if need_dx else None
+    if m == 0 or not (need_dx or need_dw):
+        return dx, (torch.zeros_like(weight) if need_dw else None)
+    if not need_dw:
+        programs = m
+    elif x2.is_cuda and not INTERPRET:
+        programs = min(m, DW_PROGRAMS_PER_SM * _sm_count(x2.device.index or 0))
+    else:
+        programs = min(m, INTERPRET_DW_PROGRAMS)
+    partial = torch.empty((programs, d), device=x2.device, dtype=torch.float32) if need_dw else None
+    block = rms_norm_block(d)
+    with _device_ctx(x2):
+        _rms_norm_bwd_kernel[(programs,)](
+            x2, weight, g2, rstd, x2 if dx is None else dx, rstd if partial is None else partial,
+            m, d, x2.stride(0), g2.stride(0), programs,
+            HAS_DX=need_dx, HAS_DW=need_dw, BLOCK_D=block, num_warps=rms_norm_warps(block))
+    dw = None
+    if need_dw:
+        dw = (partial[0] if programs == 1 else partial.sum(0)).to(weight.dtype)
+    return dx, dw
+
+
+def swiglu_forward(gate: Tensor, up: Tensor) -> Tensor:
+    """``silu(gate) * up`` as a new contiguous tensor of gate's shape."""
+    (a, b), m, n, (sa, sb) = _elementwise_layout(gate, up)
+    h = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
+    if h.numel() == 0:
+        return h
+    n_blocks = triton.cdiv(n, SWIGLU_BLOCK)
+    with _device_ctx(gate):
+        _swiglu_fwd_kernel[(m * n_blocks,)](a, b, h, n, n_blocks, sa, sb, BLOCK=SWIGLU_BLOCK, num_warps=SWIGLU_WARPS)
+    return h
+
+
+def swiglu_backward(g: Tensor, gate: Tensor, up: Tensor, need_dgate: bool, need_dup: bool
+                    ) -> tuple[Tensor | None, Tensor | None]:
+    """(dgate or None, dup or None), new contiguous tensors of gate's shape."""
+    dgate = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype) if need_dgate else None
+    dup = torch.empty(gate.shape, device=gate.device, dtype=up.dtype) if need_dup else None
+    if gate.numel() == 0 or not (need_dgate or need_dup):
+        return dgate, dup
+    (gg, a, b), m, n, (sg, sa, sb) = _elementwise_layout(g, gate, up)
+    n_blocks = triton.cdiv(n, SWIGLU_BLOCK)
+    with _device_ctx(gate):
+        _swiglu_bwd_kernel[(m * n_blocks,)](
+            gg, a, b, a if dgate is None else dgate, a if dup is None else dup, n, n_blocks, sg, sa, sb,
+            HAS_DGATE=need_dgate, HAS_DUP=need_dup, BLOCK=SWIGLU_BLOCK, num_warps=SWIGLU_WARPS)
+    return dgate, dup
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        x2 = _rows(x)
+        y, rstd = rms_norm_forward(x2, weight, eps)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.x_shape = x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):
+        x2, weight, rstd = ctx.saved_tensors
+        dx, dw = rms_norm_backward(_rows(g.to(x2.dtype)), x2, weight, rstd,
+                                   ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return (None if dx is None else dx.view(ctx.x_shape)), dw, None
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up)
+        return swiglu_forward(gate, up)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):
+        gate, up = ctx.saved_tensors
+        return swiglu_backward(g.to(gate.dtype), gate, up, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` over the last dim (see ``rms_norm_supported``)."""
+    if not rms_norm_supported(x, weight):
+        raise ValueError(f"kernels.rowwise.rms_norm: unsupported x {x.dtype} {tuple(x.shape)} {x.device} with "
+                         f"weight {weight.dtype} {tuple(weight.shape)} {weight.device}")
+    _check_device(x)
+    return RMSNormFunction.apply(x, weight.contiguous(), eps)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """``silu(gate) * up`` (see ``swiglu_supported``)."""
+    if not swiglu_supported(gate, up):
+        raise ValueError(f"kernels.rowwise.swiglu: unsupported gate {gate.dtype} {tuple(gate.shape)} {gate.device} "
+                         f"with up {up.dtype} {tuple(up.shape)} {up.device}")
+    _check_device(gate)
+    return SwiGLUFunction.apply(gate, up)

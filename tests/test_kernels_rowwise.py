@@ -1,0 +1,263 @@
+"""kernels.rowwise (Triton RMSNorm and SwiGLU) against ops.rms_norm_ref / ops.swiglu_ref under autograd.
+
+The ``test_rowwise_*`` tests call ``minilora.ops.rms_norm`` / ``ops.swiglu`` and run twice: in this process, where
+CPU tensors take the PyTorch functions, and in a child pytest with ``TRITON_INTERPRET=1 MINILORA_KERNELS=triton``
+(``test_interpreter_suite``), where the same calls run the Triton kernels on CPU (a child process because triton
+reads TRITON_INTERPRET when kernels are defined). The interpreter's bf16 is broken, so it is tested in fp32 and
+fp16; ``test_cuda_*`` run the compiled kernels on a GPU (bf16 included) and skip elsewhere.
+Errors are max |got - want| / max(max |want|, 1), against the same function in float64 and in the input dtype.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minilora import ops
+from minilora.model import LlamaConfig, Transformer
+
+try:
+    from kernels import rowwise
+except ImportError:
+    rowwise = None
+
+ROOT = Path(__file__).resolve().parents[1]
+IN_INTERPRETER_CHILD = os.environ.get("MINILORA_TEST_INTERPRETER") == "1"
+HAS_CUDA_TRITON = torch.cuda.is_available() and rowwise is not None and not rowwise.INTERPRET
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+DTYPES = [torch.float32, torch.float16]
+EPS = 1e-6
+
+
+def _ids(shape: tuple) -> str:
+    lead, d = shape
+    return "x".join(map(str, (*lead, d)))
+
+
+def run(fn, inputs: list[torch.Tensor], grad: torch.Tensor) -> list[torch.Tensor | None]:
+    """[output, grad of each input] of ``fn`` on fresh leaves (grad None for inputs without requires_grad)."""
+    leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def run_on(fn, inputs: list[torch.Tensor], grad: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor | None]:
+    """``run`` on copies of the inputs and the gradient converted to ``dtype`` (float64: the truth)."""
+    return run(fn, [t.detach().to(dtype).requires_grad_(t.requires_grad) for t in inputs], grad.to(dtype))
+
+
+def assert_close(got: list, want: list, dtype: torch.dtype, what: str) -> None:
+    for i, (a, b) in enumerate(zip(got, want)):
+        name = "out" if i == 0 else f"grad{i - 1}"
+        assert (a is None) == (b is None), f"{what}: {name} is {'None' if a is None else 'set'}, expected otherwise"
+        if a is None:
+            continue
+        assert a.shape == b.shape, f"{what}: {name} shape {tuple(a.shape)} != {tuple(b.shape)}"
+        err = (a.double() - b.double()).abs().max().item() / max(b.double().abs().max().item(), 1.0)
+        assert err <= TOL[dtype], f"{what}: {name} error {err:.2e} > {TOL[dtype]:.0e}"
+
+
+def check_against_reference(fn, ref, inputs: list[torch.Tensor], grad: torch.Tensor, what: str) -> list:
+    """``fn`` vs ``ref`` in float64 and in the inputs' dtype; the outputs keep the dtype of the inputs."""
+    dtype = inputs[0].dtype
+    got = run(fn, inputs, grad)
+    assert got[0].dtype == dtype and all(g is None or g.dtype == dtype for g in got[1:])
+    assert_close(got, run_on(ref, inputs, grad, torch.float64), dtype, f"{what} vs float64")
+    assert_close(got, run(ref, inputs, grad), dtype, f"{what} vs {dtype} reference")
+    return got
+
+
+def rms_inputs(lead: tuple, d: int, dtype: torch.dtype, w_grad: bool = True, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, d, generator=g).to(dtype).requires_grad_()
+    w = (torch.rand(d, generator=g) + 0.5).to(dtype).requires_grad_(w_grad)
+    return x, w, torch.randn(*lead, d, generator=g).to(dtype)
+
+
+def swiglu_inputs(lead: tuple, n: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    gate = (torch.randn(*lead, n, generator=g) * 3).to(dtype).requires_grad_()
+    up = torch.randn(*lead, n, generator=g).to(dtype).requires_grad_()
+    return gate, up, torch.randn(*lead, n, generator=g).to(dtype)
+
+
+def rms_norm(x, w):
+    return ops.rms_norm(x, w, EPS)
+
+
+def rms_norm_ref(x, w):
+    return ops.rms_norm_ref(x, w, EPS)
+
+
+# (leading shape, row width): LLaMA widths, widths not a power of two, one column, no leading dims (a single row),
+# more rows than the interpreter's three weight-gradient programs
+RMS_SHAPES = [((3,), 576), ((2, 3), 100), ((5,), 1), ((), 100), ((2,), 4096), ((1,), 8192), ((4, 9), 64)]
+SWIGLU_SHAPES = [((3,), 576), ((2, 3), 100), ((5,), 1), ((), 100), ((2,), 1100), ((1,), 11008)]
+
+
+def test_rowwise_dispatch() -> None:
+    """The child really runs Triton; this process uses PyTorch for CPU tensors."""
+    assert (ops._triton_rowwise(torch.ones(1)) is not None) == IN_INTERPRETER_CHILD
+
+
+@pytest.mark.parametrize("w_grad", [True, False], ids=["w-grad", "w-frozen"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", RMS_SHAPES, ids=_ids)
+def test_rowwise_rms_norm_matches_reference(shape: tuple, dtype: torch.dtype, w_grad: bool) -> None:
+    x, w, g = rms_inputs(*shape, dtype, w_grad)
+    got = check_against_reference(rms_norm, rms_norm_ref, [x, w], g, "rms_norm")
+    assert (got[2] is None) == (not w_grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+def test_rowwise_rms_norm_layouts(dtype: torch.dtype) -> None:
+    # x a transposed view (last dim not contiguous), a column slice (row stride > D), frozen x with trained w
+    x, w, g = rms_inputs((40,), 6, dtype)
+    xt = x.detach().t().contiguous().requires_grad_()  # [6, 40]; the functions see its [40, 6] transpose
+    check_against_reference(lambda x, w: rms_norm(x.t(), w), lambda x, w: rms_norm_ref(x.t(), w), [xt, w], g,
+                            "transposed x")
+    x, w, g = rms_inputs((7,), 100, dtype)
+    check_against_reference(lambda x, w: rms_norm(x[:, 10:60], w[:50]), lambda x, w: rms_norm_ref(x[:, 10:60], w[:50]),
+                            [x, w], g[:, :50], "sliced x")
+    check_against_reference(rms_norm, rms_norm_ref, [x.detach(), w], g, "frozen x")
+    # y.sum().backward() hands over a stride-0 gradient
+    x, w, _ = rms_inputs((2, 3), 100, dtype)
+    got = run(lambda x, w: rms_norm(x, w).sum(), [x, w], torch.tensor(1.0, dtype=dtype))
+    want = run_on(lambda x, w: rms_norm_ref(x, w).sum(), [x, w], torch.tensor(1.0), torch.float64)
+    assert_close(got[1:], want[1:], dtype, "stride-0 gradient")
+
+
+def test_rowwise_rms_norm_empty_and_fallbacks() -> None:
+    x, w, g = rms_inputs((0, 3), 64, torch.float32)
+    y, dx, dw = run(rms_norm, [x, w], g)
+    assert y.shape == dx.shape == (0, 3, 64) and torch.equal(dw, torch.zeros(64))
+    # weight in another dtype than x, and float64: PyTorch's function (the kernels need weight.dtype == x.dtype)
+    x, w, g = rms_inputs((3,), 100, torch.float16)
+    if rowwise is not None:
+        assert not rowwise.rms_norm_supported(x, w.float())
+        assert not rowwise.rms_norm_supported(x.double(), w.double())
+    # (x frozen: ops._RMSNorm's dx for mixed dtypes is a separate matter)
+    got = run(rms_norm, [x.detach(), w.detach().float().requires_grad_()], g)
+    want = run(rms_norm_ref, [x.detach(), w.detach().float().requires_grad_()], g)
+    assert got[0].dtype == torch.float32
+    assert_close(got, want, torch.float16, "fp16 x, fp32 weight")
+    x, w, g = rms_inputs((3,), 100, torch.float64)
+    assert_close(run(rms_norm, [x, w], g), run(rms_norm_ref, [x, w], g), torch.float32, "float64")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", SWIGLU_SHAPES, ids=_ids)
+def test_rowwise_swiglu_matches_reference(shape: tuple, dtype: torch.dtype) -> None:
+    gate, up, g = swiglu_inputs(*shape, dtype)
+    check_against_reference(ops.swiglu, ops.swiglu_ref, [gate, up], g, "swiglu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+def test_rowwise_swiglu_layouts_and_partial_grads(dtype: torch.dtype) -> None:
+    gate, up, g = swiglu_inputs((5, 3), 200, dtype)
+    check_against_reference(ops.swiglu, ops.swiglu_ref, [gate.detach(), up], g, "frozen gate")
+    check_against_reference(ops.swiglu, ops.swiglu_ref, [gate, up.detach()], g, "frozen up")
+    # gate and up as the two halves of one fused projection: row-strided views
+    both = torch.cat([gate.detach(), up.detach()], dim=-1).requires_grad_()
+    check_against_reference(lambda t: ops.swiglu(*t.chunk(2, dim=-1)), lambda t: ops.swiglu_ref(*t.chunk(2, dim=-1)),
+                            [both], g, "chunked gate/up")
+    # transposed (last dim not contiguous) inputs and a stride-0 gradient
+    got = run(lambda a, b: ops.swiglu(a.transpose(0, 1), b.transpose(0, 1)).sum(), [gate, up],
+              torch.tensor(1.0, dtype=dtype))
+    want = run_on(lambda a, b: ops.swiglu_ref(a.transpose(0, 1), b.transpose(0, 1)).sum(), [gate, up],
+                  torch.tensor(1.0), torch.float64)
+    assert_close(got[1:], want[1:], dtype, "transposed inputs, stride-0 gradient")
+    empty = run(ops.swiglu, [gate[:0], up[:0]], g[:0])
+    assert all(t.shape == (0, 3, 200) for t in empty)
+
+
+def test_rowwise_model_same_as_pytorch_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiny model's loss and gradients agree between the dispatched ops and the PyTorch functions."""
+    cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=100, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2)
+    torch.manual_seed(5)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    ids = torch.randint(0, 64, (2, 9))
+    results = []
+    for backend in (None, "torch"):
+        if backend:
+            monkeypatch.setenv("MINILORA_KERNELS", backend)
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], abs=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(IN_INTERPRETER_CHILD, reason="this is the child's parent")
+@pytest.mark.skipif(rowwise is None, reason="triton is not installed")
+def test_interpreter_suite() -> None:
+    """Run every ``test_rowwise_*`` test in a child with the Triton kernels under the interpreter."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "MINILORA_KERNELS": "triton", "MINILORA_TEST_INTERPRETER": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-k", "test_rowwise_", "-p", "no:cacheprovider"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"interpreter suite failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+
+
+# ---------------------------------------------------------------- compiled kernels on a GPU
+CUDA_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+CUDA_RMS_SHAPES = [((8, 512), 4096), ((3,), 576), ((2, 5), 8192), ((7,), 100), ((1000,), 2048), ((), 1)]
+CUDA_SWIGLU_SHAPES = [((8, 512), 11008), ((3,), 576), ((7,), 100), ((2, 33), 1536)]
+cuda_only = pytest.mark.skipif(not HAS_CUDA_TRITON, reason="needs CUDA and triton (not interpreted)")
+
+
+def _on_cuda(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.detach().cuda().requires_grad_(t.requires_grad) for t in tensors]
+
+
+@cuda_only
+@pytest.mark.parametrize("w_grad", [True, False], ids=["w-grad", "w-frozen"])
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("shape", CUDA_RMS_SHAPES, ids=_ids)
+def test_cuda_rms_norm_matches_reference(monkeypatch: pytest.MonkeyPatch, shape: tuple, dtype: torch.dtype,
+                                         w_grad: bool) -> None:
+    monkeypatch.setenv("MINILORA_KERNELS", "auto")
+    x, w, g = _on_cuda(*rms_inputs(*shape, dtype, w_grad))
+    assert ops._triton_rowwise(x) is rowwise and rowwise.rms_norm_supported(x, w)
+    got = check_against_reference(rms_norm, rms_norm_ref, [x, w], g, "cuda rms_norm")
+    assert (got[2] is None) == (not w_grad)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("shape", CUDA_SWIGLU_SHAPES, ids=_ids)
+def test_cuda_swiglu_matches_reference(monkeypatch: pytest.MonkeyPatch, shape: tuple, dtype: torch.dtype) -> None:
+    monkeypatch.setenv("MINILORA_KERNELS", "auto")
+    gate, up, g = _on_cuda(*swiglu_inputs(*shape, dtype))
+    assert ops._triton_rowwise(gate) is rowwise
+    check_against_reference(ops.swiglu, ops.swiglu_ref, [gate, up], g, "cuda swiglu")
+    both = torch.cat([gate.detach(), up.detach()], dim=-1).requires_grad_()
+    check_against_reference(lambda t: ops.swiglu(*t.chunk(2, dim=-1)), lambda t: ops.swiglu_ref(*t.chunk(2, dim=-1)),
+                            [both], g, "cuda chunked gate/up")
+
+
+@cuda_only
+def test_cuda_bf16_layouts_and_frozen_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MINILORA_KERNELS", "auto")
+    dtype = torch.bfloat16
+    x, w, g = _on_cuda(*rms_inputs((300,), 1000, dtype))
+    check_against_reference(lambda x, w: rms_norm(x[:, 100:676], w[:576]),
+                            lambda x, w: rms_norm_ref(x[:, 100:676], w[:576]), [x, w], g[:, :576], "sliced x")
+    check_against_reference(rms_norm, rms_norm_ref, [x.detach(), w], g, "frozen x")
+    gate, up, g = _on_cuda(*swiglu_inputs((64,), 300, dtype))
+    check_against_reference(ops.swiglu, ops.swiglu_ref, [gate.detach(), up], g, "frozen gate")
+    check_against_reference(ops.swiglu, ops.swiglu_ref, [gate, up.detach()], g, "frozen up")
