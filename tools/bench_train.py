@@ -351,7 +351,8 @@ def _setup_train(spec: dict, torch):
 
         from minilora import ops
 
-        probe = torch.empty(1, 1, spec["seq"], 1, device=spec["device"], requires_grad=True)
+        seq = int(torch.load(spec["data_file"]).shape[1])
+        probe = torch.empty(1, 1, seq, 1, device=spec["device"], requires_grad=True)
         info = {"setup": RECIPE_TEXT[f"minilora/{mode}"],
                 "attention": {"matmul": "minilora GEMM attention (training), SDPA (inference)",
                               "sdpa": "torch SDPA"}[ops.attention_backend(probe)]}
