@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -11,6 +14,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
+
+
+def run_interpreter_child(test_file: str | Path, keyword: str) -> None:
+    """Run the tests of ``test_file`` matching ``keyword`` in a child pytest with the Triton kernels under
+    ``TRITON_INTERPRET=1`` (triton reads it when kernels are defined, so it must be set before the import)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "MINILORA_KERNELS": "triton", "MINILORA_TEST_INTERPRETER": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "pytest", str(test_file), "-q", "-k", keyword, "-p", "no:cacheprovider"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"interpreter suite failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
 
 
 def shared_path(*parts: str) -> Path:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_interpreter_child
 
 import kernels
 from kernels import reference
@@ -233,12 +232,7 @@ def test_autotune_prunes_to_device_shared_memory(monkeypatch: pytest.MonkeyPatch
 @pytest.mark.skipif(kernels.triton_impl is None, reason="triton is not installed")
 def test_triton_interpreter_suite() -> None:
     """Run every ``test_fused_*`` test in a child with the Triton kernels under the interpreter."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "MINILORA_KERNELS": "triton", "MINILORA_TEST_INTERPRETER": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-k", "fused", "-p", "no:cacheprovider"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreter suite failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+    run_interpreter_child(Path(__file__), "fused")
 
 
 CUDA_SHAPES = [

@@ -11,12 +11,11 @@ Errors are max |got - want| / max(max |want|, 1), against the same function in f
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_interpreter_child
 
 from minilora import ops
 from minilora.model import LlamaConfig, Transformer
@@ -205,12 +204,7 @@ def test_rowwise_model_same_as_pytorch_ops(monkeypatch: pytest.MonkeyPatch) -> N
 @pytest.mark.skipif(rowwise is None, reason="triton is not installed")
 def test_interpreter_suite() -> None:
     """Run every ``test_rowwise_*`` test in a child with the Triton kernels under the interpreter."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "MINILORA_KERNELS": "triton", "MINILORA_TEST_INTERPRETER": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-k", "test_rowwise_", "-p", "no:cacheprovider"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreter suite failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+    run_interpreter_child(Path(__file__), "test_rowwise_")
 
 
 # ---------------------------------------------------------------- compiled kernels on a GPU
