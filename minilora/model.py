@@ -236,9 +236,7 @@ class Transformer(nn.Module):
             mask = (causal[None] & attention_mask.bool()[:, None, :])[:, None]  # [B, 1, T, T]
             # A fully padded query row would give NaN; let it see itself (its output is ignored).
             mask = mask | torch.eye(T, dtype=torch.bool, device=input_ids.device)
-        bias = None
-        if torch.is_grad_enabled() and x.device.type == "cpu" and T <= ops.MATMUL_ATTENTION_MAX_T:
-            bias = ops.causal_bias(T, mask, x.device)  # shared by the layers' GEMM attention
+        bias = ops.layer_bias(T, mask, x.device)
         for block in self.model.layers:
             x = block(x, cos, sin, mask, bias)
         return self.model.norm(x)

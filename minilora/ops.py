@@ -1,6 +1,6 @@
 """Lean autograd functions for the decoder's non-GEMM work: RMSNorm, RoPE, SwiGLU and causal GQA attention.
 
-Each computes the same values as the plain PyTorch composition in ``minilora/model.py``'s reference functions
+Each computes the same values as the plain PyTorch composition at the end of this file
 (``rms_norm_ref``, ``rope_ref``, ``swiglu_ref``, ``attention_ref``) but saves less for backward and makes fewer
 passes over memory, which is what limits these ops on a CPU:
 
@@ -70,29 +70,17 @@ def _triton_rowwise(x: Tensor):
     """``kernels.rowwise`` (Triton RMSNorm / SwiGLU) when it should run on ``x``, else None (the PyTorch functions).
 
     ``kernels.backend_for`` decides (``MINILORA_KERNELS=auto|triton|torch``): Triton for CUDA tensors, and for CPU
-    tensors only with ``MINILORA_KERNELS=triton`` under ``TRITON_INTERPRET=1`` (tests). CPU tensors otherwise
-    never import triton (so the project runs without it); ``MINILORA_KERNELS=triton`` without triton raises.
+    tensors only under ``TRITON_INTERPRET=1`` (tests). CPU tensors otherwise never import triton.
     """
-    global _ROWWISE
-    if os.environ.get("MINILORA_KERNELS", "auto") == "torch" or not (
-            x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return None
-    if _ROWWISE is None:
-        try:
-            from kernels import rowwise
-        except ImportError as exc:
-            rowwise = exc
-        _ROWWISE = rowwise
     import kernels
 
     if kernels.backend_for(x) != "triton":
         return None
-    if isinstance(_ROWWISE, ImportError):
-        raise RuntimeError(f"MINILORA_KERNELS=triton, but kernels.rowwise cannot be imported: {_ROWWISE}")
-    return _ROWWISE if x.is_cuda or _ROWWISE.INTERPRET else None
+    from kernels import rowwise
 
-
-_ROWWISE = None  # kernels.rowwise once imported (or the ImportError); see _triton_rowwise
+    return rowwise if x.is_cuda or rowwise.INTERPRET else None
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -170,15 +158,23 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------- attention
-def attention_backend(q: Tensor) -> str:
-    """``"matmul"`` or ``"sdpa"`` for queries ``q`` [B, H, T, D] under MINILORA_ATTENTION."""
+def _backend(device: torch.device, T: int, train: bool) -> str:
     mode = os.environ.get("MINILORA_ATTENTION", "auto")
     if mode not in ("auto", "sdpa", "matmul"):
         raise ValueError(f"MINILORA_ATTENTION={mode!r}: expected auto, sdpa or matmul")
     if mode != "auto":
         return mode
-    train = torch.is_grad_enabled() and q.requires_grad
-    return "matmul" if train and q.device.type == "cpu" and q.shape[2] <= MATMUL_ATTENTION_MAX_T else "sdpa"
+    return "matmul" if train and device.type == "cpu" and T <= MATMUL_ATTENTION_MAX_T else "sdpa"
+
+
+def attention_backend(q: Tensor) -> str:
+    """``"matmul"`` or ``"sdpa"`` for queries ``q`` [B, H, T, D] under MINILORA_ATTENTION."""
+    return _backend(q.device, q.shape[2], torch.is_grad_enabled() and q.requires_grad)
+
+
+def layer_bias(T: int, mask: Tensor | None, device: torch.device) -> Tensor | None:
+    """``causal_bias`` built once for all layers of a forward when the GEMM attention may run there, else None."""
+    return causal_bias(T, mask, device) if _backend(device, T, torch.is_grad_enabled()) == "matmul" else None
 
 
 def _probs(q: Tensor, k: Tensor, bias: Tensor) -> Tensor:
