@@ -52,18 +52,23 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = 
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
-    """Run a recipe's ``main``: bad input (missing files, invalid values) prints one line and exits with code 2."""
-    from minilora.train import NonFiniteLoss
+    """Run a recipe's ``main``: bad input (missing files, invalid values) prints one line and exits with code 2.
+
+    Under torchrun the process group is torn down before exit on every path: a rank that leaves with a live gloo
+    group can abort in its destructor ("terminate called without an active exception") and fail the launch."""
+    from minilora.train import NonFiniteLoss, shutdown_distributed
 
     try:
         code = main()
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        code = 1
     except (InputError, FileNotFoundError, ValueError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        code = EXIT_BAD_INPUT
+    finally:
+        shutdown_distributed()
     sys.exit(code or 0)
 
 
