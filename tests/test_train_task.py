@@ -61,6 +61,7 @@ def test_every_task_trains_and_writes_predictions(tiny_lm, task_dir, tmp_path, t
     assert summary["test_auroc"] == pytest.approx(task_auroc(pred["y_true"], pred["probs"], spec.kind), abs=1e-12)
     assert summary["val_auroc"] is None or 0.0 <= summary["val_auroc"] <= 1.0
     assert (out / "task_adapter" / "adapter_model.safetensors").is_file() and (out / "head" / "head.safetensors").is_file()
+    assert json.loads((out / "head" / "head_config.json").read_text())["pooling"] == "last"  # the paper's, on real data
 
 
 def test_stacked_domain_adapter_and_head_only(tiny_lm, task_dir, tmp_path):
@@ -124,6 +125,30 @@ def test_bad_task_inputs(tiny_lm, tmp_path):
     proc = run("train_task.py", "--task", "mortality", "--data-dir", str(tmp_path), "--model", str(tiny_lm), *FAST,
                check=False)
     assert proc.returncode == 2 and "MP_IN_adm_train.csv: missing" in proc.stderr
+
+
+def test_demo_task_defaults_to_mean_pooling(tiny_lm, tmp_path):
+    out = tmp_path / "runs" / "pmv"
+    run("train_task.py", "--task", "pmv", "--model", str(tiny_lm), "--out", str(out), "--no-domain-adapter", *FAST)
+    assert json.loads((out / "head" / "head_config.json").read_text())["pooling"] == "mean"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"] == "demo" and summary["config"]["pooling"] == "mean"
+    assert (tmp_path / "runs" / "demo-data" / "tasks" / TASKS["pmv"].file("train")).is_file()
+
+
+@pytest.mark.parametrize("task", ["mortality", "pmv", "los"])
+def test_demo_cohorts_leave_enough_of_every_class_to_select_and_judge(tmp_path, task):
+    """Best-epoch selection on validation and the test AUROC need a few dozen of every class, not 3 deaths."""
+    sys.path.insert(0, str(ROOT))
+    from train_task import DEMO_PATIENTS
+
+    files = write_task_csvs(tmp_path, task, DEMO_PATIENTS[task], seed=0)
+    column = TASKS[task].label_column
+    for split, path in files.items():
+        with open(path, newline="", encoding="utf-8") as fh:
+            counts = np.unique([r[column] for r in csv.DictReader(fh)], return_counts=True)[1]
+        least = 20 if split == "train" else 10
+        assert len(counts) == (4 if task == "los" else 2) and counts.min() >= least, (split, counts)
 
 
 @pytest.mark.slow

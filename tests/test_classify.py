@@ -1,0 +1,59 @@
+"""The classifier's pooling against transformers: last non-pad token as LlamaForSequenceClassification picks it,
+and the masked mean of LlamaModel's final hidden states, with right padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import save_tiny_hf
+from minilora import from_pretrained
+from minilora.classify import Classifier
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path_factory.mktemp("hf")
+    save_tiny_hf(d, seed=3)
+    ours, _ = from_pretrained(d, dtype="fp32")
+    cfg = transformers.LlamaConfig.from_pretrained(d)
+    cfg.num_labels, cfg.pad_token_id = 3, 0
+    theirs = transformers.LlamaForSequenceClassification.from_pretrained(d, config=cfg).eval()
+    return ours, theirs
+
+
+def batch(pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three right-padded rows of lengths 9, 4 and 1 (token 0 is the pad and never appears in the text)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 101, (3, 9), generator=g)
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    for row, n in enumerate((9, 4, 1)):
+        mask[row, :n] = 1
+    return ids.masked_fill(mask == 0, pad), mask
+
+
+def test_last_token_pooling_matches_llama_for_sequence_classification(models):
+    ours, theirs = models
+    clf = Classifier(ours, 3, pooling="last").eval()
+    with torch.no_grad():
+        clf.head.weight.copy_(theirs.score.weight)
+        ids, mask = batch()
+        expected = theirs(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(clf(ids, mask), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_mean_pooling_is_the_masked_mean_of_the_final_hidden_states(models):
+    ours, theirs = models
+    clf = Classifier(ours, 3, pooling="mean").eval()
+    with torch.no_grad():
+        clf.head.weight.copy_(theirs.score.weight)
+        ids, mask = batch()
+        h = theirs.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        means = torch.stack([h[i, : int(mask[i].sum())].mean(0) for i in range(3)])
+        torch.testing.assert_close(clf(ids, mask), means @ theirs.score.weight.T, rtol=1e-4, atol=1e-5)
+        # padding changes nothing: each row alone, unpadded, gives the same logits
+        for i in range(3):
+            n = int(mask[i].sum())
+            torch.testing.assert_close(clf(ids[i : i + 1, :n], mask[i : i + 1, :n]), clf(ids, mask)[i : i + 1],
+                                       rtol=1e-4, atol=1e-5)
