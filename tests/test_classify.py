@@ -33,27 +33,30 @@ def batch(pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.masked_fill(mask == 0, pad), mask
 
 
+def classifier(ours, theirs, pooling: str) -> Classifier:
+    """Our classifier over ``ours`` with the transformers model's score weights as its head."""
+    clf = Classifier(ours, 3, pooling=pooling).eval()
+    with torch.no_grad():
+        clf.head.weight.copy_(theirs.score.weight)
+    return clf
+
+
+@torch.no_grad()
 def test_last_token_pooling_matches_llama_for_sequence_classification(models):
     ours, theirs = models
-    clf = Classifier(ours, 3, pooling="last").eval()
-    with torch.no_grad():
-        clf.head.weight.copy_(theirs.score.weight)
-        ids, mask = batch()
-        expected = theirs(input_ids=ids, attention_mask=mask).logits
-        torch.testing.assert_close(clf(ids, mask), expected, rtol=1e-4, atol=1e-5)
+    clf, (ids, mask) = classifier(ours, theirs, "last"), batch()
+    expected = theirs(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(clf(ids, mask), expected, rtol=1e-4, atol=1e-5)
 
 
+@torch.no_grad()
 def test_mean_pooling_is_the_masked_mean_of_the_final_hidden_states(models):
     ours, theirs = models
-    clf = Classifier(ours, 3, pooling="mean").eval()
-    with torch.no_grad():
-        clf.head.weight.copy_(theirs.score.weight)
-        ids, mask = batch()
-        h = theirs.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        means = torch.stack([h[i, : int(mask[i].sum())].mean(0) for i in range(3)])
-        torch.testing.assert_close(clf(ids, mask), means @ theirs.score.weight.T, rtol=1e-4, atol=1e-5)
-        # padding changes nothing: each row alone, unpadded, gives the same logits
-        for i in range(3):
-            n = int(mask[i].sum())
-            torch.testing.assert_close(clf(ids[i : i + 1, :n], mask[i : i + 1, :n]), clf(ids, mask)[i : i + 1],
-                                       rtol=1e-4, atol=1e-5)
+    clf, (ids, mask) = classifier(ours, theirs, "mean"), batch()
+    h = theirs.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    means = torch.stack([h[i, : int(mask[i].sum())].mean(0) for i in range(3)])
+    torch.testing.assert_close(clf(ids, mask), means @ theirs.score.weight.T, rtol=1e-4, atol=1e-5)
+    for i in range(3):  # padding changes nothing: each row alone, unpadded, gives the same logits
+        n = int(mask[i].sum())
+        torch.testing.assert_close(clf(ids[i : i + 1, :n], mask[i : i + 1, :n]), clf(ids, mask)[i : i + 1],
+                                   rtol=1e-4, atol=1e-5)
