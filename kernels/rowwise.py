@@ -104,12 +104,18 @@ def _rms_norm_bwd_kernel(X, W, G, RSTD, DX, DW, M, D, stride_x, stride_g, P,
 
 
 @triton.jit
-def _swiglu_fwd_kernel(GATE, UP, H, N, n_blocks, stride_gate, stride_up, BLOCK: tl.constexpr):
-    """H[row, cols] = silu(GATE) * UP for the program's BLOCK columns of one row; H is [rows, N]."""
+def _swiglu_block(N, n_blocks, BLOCK: tl.constexpr):
+    """(row, cols, inside) of this program's BLOCK columns of one row: the SwiGLU kernels' grid layout."""
     pid = tl.program_id(0)
     row = (pid // n_blocks).to(tl.int64)
     cols = (pid % n_blocks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = cols < N
+    return row, cols, cols < N
+
+
+@triton.jit
+def _swiglu_fwd_kernel(GATE, UP, H, N, n_blocks, stride_gate, stride_up, BLOCK: tl.constexpr):
+    """H[row, cols] = silu(GATE) * UP for the program's BLOCK columns of one row; H is [rows, N]."""
+    row, cols, inside = _swiglu_block(N, n_blocks, BLOCK)
     a = tl.load(GATE + row * stride_gate + cols, mask=inside, other=0.0).to(tl.float32)
     b = tl.load(UP + row * stride_up + cols, mask=inside, other=0.0).to(tl.float32)
     h = a * tl.sigmoid(a) * b
@@ -120,10 +126,7 @@ def _swiglu_fwd_kernel(GATE, UP, H, N, n_blocks, stride_gate, stride_up, BLOCK: 
 def _swiglu_bwd_kernel(G, GATE, UP, DGATE, DUP, N, n_blocks, stride_g, stride_gate, stride_up,
                        HAS_DGATE: tl.constexpr, HAS_DUP: tl.constexpr, BLOCK: tl.constexpr):
     """DGATE = G * UP * sig * (1 + GATE * (1 - sig)), DUP = G * silu(GATE); both [rows, N]."""
-    pid = tl.program_id(0)
-    row = (pid // n_blocks).to(tl.int64)
-    cols = (pid % n_blocks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = cols < N
+    row, cols, inside = _swiglu_block(N, n_blocks, BLOCK)
     g = tl.load(G + row * stride_g + cols, mask=inside, other=0.0).to(tl.float32)
     a = tl.load(GATE + row * stride_gate + cols, mask=inside, other=0.0).to(tl.float32)
     sig = tl.sigmoid(a)
