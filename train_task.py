@@ -121,8 +121,12 @@ def load_data(args: argparse.Namespace, out: Path):
     if args.data_dir:
         return load_named_task(args.task, args.data_dir), "mimic"
     demo_dir = out.parent / "demo-data" / "tasks"
-    if is_main() and not (demo_dir / TASKS[args.task].file("train")).is_file():
+    # The files are written once; a stamp of how they were drawn rewrites them when the demo cohort changes.
+    stamp, drawn = demo_dir / f".{args.task}.cohort", f"patients={DEMO_PATIENTS[args.task]} seed={args.seed}\n"
+    fresh = stamp.is_file() and stamp.read_text() == drawn and (demo_dir / TASKS[args.task].file("train")).is_file()
+    if is_main() and not fresh:
         write_task_csvs(demo_dir, args.task, DEMO_PATIENTS[args.task], seed=args.seed)
+        stamp.write_text(drawn)
     barrier()
     return load_named_task(args.task, demo_dir), "demo"
 

@@ -136,6 +136,22 @@ def test_demo_task_defaults_to_mean_pooling(tiny_lm, tmp_path):
     assert (tmp_path / "runs" / "demo-data" / "tasks" / TASKS["pmv"].file("train")).is_file()
 
 
+def test_stale_demo_files_are_redrawn(tiny_lm, tmp_path):
+    """Demo files from an older cohort size (no or another stamp) are rewritten, not silently reused."""
+    sys.path.insert(0, str(ROOT))
+    from train_task import DEMO_PATIENTS
+
+    demo = tmp_path / "runs" / "demo-data" / "tasks"
+    write_task_csvs(demo, "mortality", 120, seed=0)  # an older demo's files
+    run("train_task.py", "--task", "mortality", "--model", str(tiny_lm), "--out", str(tmp_path / "runs" / "mortality"),
+        "--no-domain-adapter", *FAST, "--max-steps", "1")
+    with open(demo / TASKS["mortality"].file("train"), newline="", encoding="utf-8") as fh:
+        rows = sum(1 for _ in csv.DictReader(fh))
+    fresh = write_task_csvs(tmp_path / "fresh", "mortality", DEMO_PATIENTS["mortality"], seed=0)
+    with open(fresh["train"], newline="", encoding="utf-8") as fh:
+        assert rows == sum(1 for _ in csv.DictReader(fh)) > 120
+
+
 @pytest.mark.parametrize("task", ["mortality", "pmv", "los"])
 def test_demo_cohorts_leave_enough_of_every_class_to_select_and_judge(tmp_path, task):
     """Best-epoch selection on validation and the test AUROC need a few dozen of every class, not 3 deaths."""
