@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import cpu as cpu_kernels
+
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 2**24  # logits elements per chunk (64 MB in fp32)
 
@@ -19,6 +21,31 @@ def _compute_dtype(h: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(h.device.type):
         return torch.get_autocast_dtype(h.device.type)
     return h.dtype
+
+
+def _fused_cpu(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, rows: int,
+               need_h: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(summed loss, its gradient w.r.t. h or None) with bf16 logits and kernels/cpu.c's one-pass cross-entropy.
+
+    No fp32 copy of the logits: the kernel reads each bf16 row, computes the loss in fp32 and, for the gradient,
+    overwrites the row with ``softmax - onehot``, which the next GEMM turns into the rows of ``dL/dh``.
+    """
+    V = w.shape[0]
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= V):
+        raise ValueError(f"target token ids must lie in [0, {V}) (the LM head's vocabulary), got "
+                         f"[{int(y.min())}, {int(y.max())}]")
+    n = h.shape[0]
+    buf = torch.empty(rows, V, dtype=w.dtype)
+    total = torch.zeros((), dtype=torch.float64)
+    grad_h = torch.empty(h.shape, dtype=w.dtype) if need_h else None
+    for i in range(0, n, rows):
+        hc = h[i : i + rows].to(w.dtype)
+        logits = buf[: hc.shape[0]]
+        torch.mm(hc, w.T, out=logits)
+        total += cpu_kernels.cross_entropy_rows_(logits, y[i : i + rows], grad=need_h).sum(dtype=torch.float64)
+        if need_h:
+            torch.mm(logits, w, out=grad_h[i : i + rows])
+    return total.float(), grad_h if grad_h is None else grad_h.to(h.dtype)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -30,6 +57,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)
         n, V = h.shape[0], weight.shape[0]
         rows = min(n, max(1, CHUNK_ELEMENTS // V))
+        ctx.weight_dtype = weight.dtype
+        if not need_w and dtype == torch.bfloat16 and cpu_kernels.enabled(w):
+            total, grad_h = _fused_cpu(h, w, y, rows, need_h)
+            ctx.save_for_backward(grad_h, None)
+            return total
         acc = torch.promote_types(dtype, torch.float32)
         # One logits buffer (and its fp32 view of the same values when computing in 16 bits), reused by every
         # chunk: fresh 10-100 MB tensors per chunk cost page faults, and mixed-dtype ops take slow paths on CPU.
@@ -65,7 +97,6 @@ class LinearCrossEntropy(torch.autograd.Function):
             if need_w:
                 grad_w.addmm_(p.mul_(inv).T, hc.to(acc))
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
         return total.float()
 
     @staticmethod

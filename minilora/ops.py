@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels import cpu as cpu_kernels
+
 # Saved probabilities cost B*H*T*T*2 bytes per layer; beyond this length SDPA (which saves none) is used.
 MATMUL_ATTENTION_MAX_T = 512
 
@@ -38,6 +40,11 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        ctx.fused = not ctx.needs_input_grad[1] and cpu_kernels.enabled(x, weight)
+        if ctx.fused:  # one pass each way in kernels/cpu.c (bf16 on CPU, frozen weight)
+            out, rstd = cpu_kernels.rms_norm_fwd(x, weight, eps)
+            ctx.save_for_backward(x, weight, rstd)
+            return out
         acc, D = _acc(x.dtype), x.shape[-1]
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)  # one pass, fp32 accumulation
         rstd = torch.rsqrt(norm.square_().div_(D).add_(eps))
@@ -51,6 +58,8 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         # with xhat = x * rstd and gw = g * weight:  dx = rstd * gw - (rstd^3 / D) * sum(gw * x) * x
         x, weight, rstd = ctx.saved_tensors
+        if ctx.fused:
+            return cpu_kernels.rms_norm_bwd(g, x, weight, rstd) if ctx.needs_input_grad[0] else None, None, None
         acc, D = rstd.dtype, x.shape[-1]
         gw = g * weight
         dw = None
@@ -110,8 +119,14 @@ class _RoPE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, H, D = x.shape
-        c, s = cos[:, None, : D // 2].to(x.dtype), sin[:, None, : D // 2].to(x.dtype)
         out = torch.empty(B, H, T, D, dtype=x.dtype, device=x.device)
+        ctx.fused = x.stride(-1) == 1 and cpu_kernels.enabled(x)
+        if ctx.fused:
+            cos, sin = cos[:T].float().contiguous(), sin[:T].float().contiguous()
+            cpu_kernels.rope_into(out.transpose(1, 2), x, cos, sin, 1.0)
+            ctx.save_for_backward(cos, sin)
+            return out
+        c, s = cos[:, None, : D // 2].to(x.dtype), sin[:, None, : D // 2].to(x.dtype)
         _rotate_into(out.transpose(1, 2), x, c, s, 1.0)
         ctx.save_for_backward(c, s)
         return out
@@ -121,6 +136,10 @@ class _RoPE(torch.autograd.Function):
         c, s = ctx.saved_tensors
         B, H, T, D = g.shape
         dx = torch.empty(B, T, H, D, dtype=g.dtype, device=g.device)
+        if ctx.fused and cpu_kernels.enabled(g) and g.stride(-1) == 1:
+            return cpu_kernels.rope_into(dx, g.transpose(1, 2), c, s, -1.0), None, None
+        if ctx.fused:  # an fp32 gradient into a bf16 forward (rare): the PyTorch rotation with the rounded tables
+            c, s = c[:, None, : D // 2].to(dx.dtype), s[:, None, : D // 2].to(dx.dtype)
         _rotate_into(dx, g.transpose(1, 2), c, s, -1.0)
         return dx, None, None
 
@@ -139,11 +158,16 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
         ctx.save_for_backward(gate, up)
+        if cpu_kernels.enabled(gate, up):
+            return cpu_kernels.swiglu_fwd(gate, up)
         return F.silu(gate).mul_(up)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         gate, up = ctx.saved_tensors
+        if cpu_kernels.enabled(g, gate, up):
+            dgate, dup = cpu_kernels.swiglu_bwd(g, gate, up)
+            return dgate if ctx.needs_input_grad[0] else None, dup if ctx.needs_input_grad[1] else None
         dgate = torch.ops.aten.silu_backward(g * up, gate) if ctx.needs_input_grad[0] else None
         dup = F.silu(gate).mul_(g) if ctx.needs_input_grad[1] else None
         return dgate, dup
@@ -190,14 +214,20 @@ def _probs(q: Tensor, k: Tensor, bias: Tensor) -> Tensor:
 
 
 class _MatmulAttention(torch.autograd.Function):
+    """GEMM attention; ``bias`` None means plain causal, whose softmax then runs fused in kernels/cpu.c (bf16)."""
+
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
         B, H, T, D = q.shape
         Hkv = k.shape[1]
         scale = D**-0.5
-        p = _probs(q.reshape(B, Hkv, (H // Hkv) * T, D) * scale, k, bias)
+        ctx.scale, ctx.fused = scale, bias is None
+        if ctx.fused:  # the scale goes into the softmax kernel (and its backward), no passes over q or k for it
+            s = torch.matmul(q.reshape(B, Hkv, (H // Hkv) * T, D), k.transpose(-1, -2))
+            p = cpu_kernels.causal_softmax_(s, scale)
+        else:
+            p = _probs(q.reshape(B, Hkv, (H // Hkv) * T, D) * scale, k, bias)
         ctx.save_for_backward(q, k, v, p)
-        ctx.scale = scale
         return torch.matmul(p, v).view(B, H, T, D)
 
     @staticmethod
@@ -208,6 +238,11 @@ class _MatmulAttention(torch.autograd.Function):
         gg = g.reshape(B, Hkv, (H // Hkv) * T, D).to(q.dtype)
         dv = torch.matmul(p.transpose(-1, -2), gg)
         dp = torch.matmul(gg, v.transpose(-1, -2))
+        if ctx.fused:  # dS of the unscaled scores, scale included
+            ds = cpu_kernels.causal_softmax_backward_(dp, p, ctx.scale)
+            dq = torch.matmul(ds, k).view(B, H, T, D)
+            dk = torch.matmul(ds.transpose(-1, -2), q.reshape(B, Hkv, (H // Hkv) * T, D))
+            return dq, dk, dv, None
         ds = torch._softmax_backward_data(dp, p, -1, p.dtype)  # p * (dp - rowsum(p * dp)), fused; = dS / scale
         dq = torch.matmul(ds, k * ctx.scale).view(B, H, T, D)
         dk = torch.matmul(ds.transpose(-1, -2), q.reshape(B, Hkv, (H // Hkv) * T, D) * ctx.scale)
@@ -228,6 +263,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor
     ``causal_bias(T, mask)``, which callers compute once for all layers (else it is built here when needed).
     """
     if attention_backend(q) == "matmul":
+        if mask is None and q.shape[2] == k.shape[2] and cpu_kernels.enabled(q, k, v):
+            return _MatmulAttention.apply(q, k, v, None)
         if bias is None:
             bias = causal_bias(q.shape[2], mask, q.device)
         return _MatmulAttention.apply(q, k, v, bias)

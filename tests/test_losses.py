@@ -58,11 +58,13 @@ def test_count_and_ignored_positions():
 
 
 @pytest.mark.parametrize("sharp", [1.0, 25.0])
-def test_bf16_autocast_close_to_reference_on_the_same_bf16_logits(monkeypatch, sharp):
+@pytest.mark.parametrize("cpu_kernels", ["auto", "off"])  # kernels/cpu.c's cross-entropy, or the PyTorch one
+def test_bf16_autocast_close_to_reference_on_the_same_bf16_logits(monkeypatch, sharp, cpu_kernels):
     """Oracle: the bf16 logits (as any bf16 LM head gives them), then fp32 softmax - onehot and an fp32 GEMM.
 
     What is left is the rounding of (p - onehot) and of the product to bf16 (measured 0.3-0.5%), also where the prediction
     is confident and p - onehot nearly cancels (sharp=25)."""
+    monkeypatch.setenv("MINILORA_CPU_KERNELS", cpu_kernels)
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 64 * 50)
     hidden, head, labels = _case(2, sharp=sharp)
     wb = head.weight.detach().to(torch.bfloat16)

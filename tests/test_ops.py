@@ -42,7 +42,9 @@ def test_gradcheck_fp64():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_rms_norm_rope_swiglu_match_reference(dtype, tol):
+@pytest.mark.parametrize("cpu_kernels", ["auto", "off"])  # bf16: kernels/cpu.c, or the PyTorch formulas
+def test_rms_norm_rope_swiglu_match_reference(monkeypatch, dtype, tol, cpu_kernels):
+    monkeypatch.setenv("MINILORA_CPU_KERNELS", cpu_kernels)
     torch.manual_seed(1)
     x = torch.randn(2, 7, 16, dtype=dtype) * 3
     for w_grad in (False, True):
@@ -111,7 +113,9 @@ def test_attention_matches_explicit_softmax(monkeypatch, heads, kv, padded, back
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_attention_bf16_matmul_close_to_sdpa(monkeypatch):
+@pytest.mark.parametrize("cpu_kernels", ["auto", "off"])
+def test_attention_bf16_matmul_close_to_sdpa(monkeypatch, cpu_kernels):
+    monkeypatch.setenv("MINILORA_CPU_KERNELS", cpu_kernels)
     torch.manual_seed(3)
     B, H, Hkv, T, D = 2, 6, 2, 64, 32
     q = torch.randn(B, H, T, D, dtype=torch.bfloat16, requires_grad=True)

@@ -1,0 +1,223 @@
+/* Fused CPU kernels for the memory- and exp-bound work around the GEMMs of a bf16 training step.
+ *
+ * Plain C, written for the compiler's auto-vectoriser (simple inner loops over restrict pointers, no libm calls
+ * inside them) and threaded with OpenMP over rows. kernels/cpu.py builds it on first use with the system C
+ * compiler and calls it through ctypes; the PyTorch formulas these replace are in minilora/ops.py and
+ * minilora/losses.py, and tests/test_cpu_kernels.py checks every kernel against them.
+ *
+ * Numerics: bf16 in and out, every intermediate in fp32, one rounding per output (the PyTorch path rounds after
+ * each op, so results may differ from it by one bf16 ulp). Rounding is to nearest even.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef uint16_t bf16;
+
+static inline float b2f(bf16 v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline bf16 f2b(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+
+/* exp(x), about 2 ulp in fp32, vectorisable: 2^n * p(r) with r = x - n ln2 (Cody-Waite), n = round(x / ln2).
+ * Inputs below -87.3 give 0 (as expf underflows), above 88 are clamped (callers never pass them). */
+static inline float fexp(float x) {
+    float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = xc - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t e = ((int32_t)n + 127) << 23;
+    float s;
+    memcpy(&s, &e, 4);
+    return x < -87.3f ? 0.0f : p * s;
+}
+
+static inline float sigmoid(float x) { return 1.0f / (1.0f + fexp(-x)); }
+
+/* ------------------------------------------------------------------ RMSNorm
+ * out = bf16(bf16(x * rstd) * w) per row (Hugging Face's order: normalise in fp32, round, then the weight);
+ * rstd[i] = 1 / sqrt(mean(x^2) + eps) in fp32, kept for backward. */
+void rms_norm_fwd(const bf16 *restrict x, const bf16 *restrict w, bf16 *restrict out, float *restrict rstd,
+                  int64_t n, int64_t D, float eps, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const bf16 *restrict xr = x + i * D;
+        bf16 *restrict o = out + i * D;
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t j = 0; j < D; j++) {
+            float v = b2f(xr[j]);
+            ss += v * v;
+        }
+        float r = 1.0f / sqrtf(ss / (float)D + eps);
+        rstd[i] = r;
+#pragma omp simd
+        for (int64_t j = 0; j < D; j++) o[j] = f2b(b2f(f2b(b2f(xr[j]) * r)) * b2f(w[j]));
+    }
+}
+
+/* dx = rstd * g * w - (rstd^3 / D) * sum(g * w * x) * x, per row. */
+void rms_norm_bwd(const bf16 *restrict g, const bf16 *restrict x, const bf16 *restrict w,
+                  const float *restrict rstd, bf16 *restrict dx, int64_t n, int64_t D, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const bf16 *restrict gr = g + i * D, *restrict xr = x + i * D;
+        bf16 *restrict o = dx + i * D;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t j = 0; j < D; j++) dot += b2f(gr[j]) * b2f(w[j]) * b2f(xr[j]);
+        float r = rstd[i];
+        float beta = -r * r * r * dot / (float)D;
+#pragma omp simd
+        for (int64_t j = 0; j < D; j++) o[j] = f2b(r * b2f(gr[j]) * b2f(w[j]) + beta * b2f(xr[j]));
+    }
+}
+
+/* ------------------------------------------------------------------ SwiGLU: out = silu(gate) * up */
+#define BLOCK 4096
+
+void swiglu_fwd(const bf16 *restrict gate, const bf16 *restrict up, bf16 *restrict out, int64_t n, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t b = 0; b < n; b += BLOCK) {
+        int64_t e = b + BLOCK < n ? b + BLOCK : n;
+#pragma omp simd
+        for (int64_t i = b; i < e; i++) {
+            float a = b2f(gate[i]);
+            out[i] = f2b(a * sigmoid(a) * b2f(up[i]));
+        }
+    }
+}
+
+/* dup = g * silu(gate); dgate = g * up * s * (1 + gate * (1 - s)) with s = sigmoid(gate). */
+void swiglu_bwd(const bf16 *restrict g, const bf16 *restrict gate, const bf16 *restrict up, bf16 *restrict dgate,
+                bf16 *restrict dup, int64_t n, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t b = 0; b < n; b += BLOCK) {
+        int64_t e = b + BLOCK < n ? b + BLOCK : n;
+#pragma omp simd
+        for (int64_t i = b; i < e; i++) {
+            float a = b2f(gate[i]), y = b2f(g[i]);
+            float s = sigmoid(a);
+            dup[i] = f2b(y * a * s);
+            dgate[i] = f2b(y * b2f(up[i]) * s * (1.0f + a * (1.0f - s)));
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ RoPE (rotate-half)
+ * For each (b, t, h) row of D values: out = x * c + sign * rotate_half(x) * s, with c, s the bf16-rounded first
+ * halves of the cos / sin tables [T, D] (fp32). sign = +1 forward, -1 backward (the inverse rotation). Input and
+ * output rows are addressed by element strides, so forward reads [B, T, H, D] and writes [B, H, T, D] directly. */
+void rope(const bf16 *restrict x, bf16 *restrict out, const float *restrict cos_t, const float *restrict sin_t,
+          int64_t B, int64_t T, int64_t H, int64_t D, int64_t xb, int64_t xt, int64_t xh, int64_t ob, int64_t ot,
+          int64_t oh, float sign, int nt) {
+    int64_t half = D / 2;
+#pragma omp parallel for num_threads(nt) schedule(static) collapse(2)
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t t = 0; t < T; t++) {
+            const float *restrict ct = cos_t + t * D, *restrict st = sin_t + t * D;
+            for (int64_t h = 0; h < H; h++) {
+                const bf16 *restrict xr = x + b * xb + t * xt + h * xh;
+                bf16 *restrict o = out + b * ob + t * ot + h * oh;
+#pragma omp simd
+                for (int64_t j = 0; j < half; j++) {
+                    float c = b2f(f2b(ct[j])), s = b2f(f2b(st[j]));
+                    float x1 = b2f(xr[j]), x2 = b2f(xr[j + half]);
+                    o[j] = f2b(x1 * c - sign * x2 * s);
+                    o[j + half] = f2b(x2 * c + sign * x1 * s);
+                }
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ causal softmax
+ * s: R rows of T scores; row i is query position t = i % T and sees keys 0..t. In place:
+ * p = softmax(scale * s) over the visible keys, 0 elsewhere. */
+void causal_softmax_fwd(bf16 *restrict s, int64_t R, int64_t T, float scale, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < R; i++) {
+        bf16 *restrict row = s + i * T;
+        int64_t len = i % T + 1;
+        float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < len; j++) {
+            float v = b2f(row[j]);
+            m = v > m ? v : m;
+        }
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < len; j++) sum += fexp(scale * (b2f(row[j]) - m));
+        float inv = 1.0f / sum;
+#pragma omp simd
+        for (int64_t j = 0; j < len; j++) row[j] = f2b(fexp(scale * (b2f(row[j]) - m)) * inv);
+        for (int64_t j = len; j < T; j++) row[j] = 0;
+    }
+}
+
+/* In place on dp: ds = scale * p * (dp - sum_k p_k dp_k), the gradient of the scores before scaling. */
+void causal_softmax_bwd(const bf16 *restrict p, bf16 *restrict dp, int64_t R, int64_t T, float scale, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < R; i++) {
+        const bf16 *restrict pr = p + i * T;
+        bf16 *restrict d = dp + i * T;
+        int64_t len = i % T + 1;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t j = 0; j < len; j++) dot += b2f(pr[j]) * b2f(d[j]);
+#pragma omp simd
+        for (int64_t j = 0; j < len; j++) d[j] = f2b(scale * b2f(pr[j]) * (b2f(d[j]) - dot));
+        for (int64_t j = len; j < T; j++) d[j] = 0;
+    }
+}
+
+/* ------------------------------------------------------------------ cross-entropy over logits rows
+ * logits [R, V] bf16, targets y [R]. loss[i] = logsumexp(row) - row[y] in fp32. With grad != 0 the row is
+ * overwritten in place by softmax(row) - onehot(y), the gradient of loss[i] with respect to the row.
+ * Confident rows (p[y] near 1) would cancel in both 1 - p[y] and log(sum): the sum over the other classes is
+ * kept apart, so that p[y] - 1 = -others / sum and loss = log1p(others / e[y]) keep their relative precision. */
+void cross_entropy_rows(bf16 *restrict logits, const int64_t *restrict y, float *restrict loss, int64_t R,
+                        int64_t V, int grad, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < R; i++) {
+        bf16 *restrict row = logits + i * V;
+        const int64_t t = y[i];
+        float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < V; j++) {
+            float v = b2f(row[j]);
+            m = v > m ? v : m;
+        }
+        float others = 0.0f;
+#pragma omp simd reduction(+ : others)
+        for (int64_t j = 0; j < V; j++) {
+            float e = fexp(b2f(row[j]) - m);
+            others += j == t ? 0.0f : e;
+        }
+        const float xt = b2f(row[t]);
+        const float et = expf(xt - m);
+        const float sum = et + others;
+        loss[i] = xt - m > -60.0f ? log1pf(others / et) : (m - xt) + logf(sum);
+        if (grad) {
+            const float inv = 1.0f / sum;
+#pragma omp simd
+            for (int64_t j = 0; j < V; j++) row[j] = f2b(fexp(b2f(row[j]) - m) * inv);
+            row[t] = f2b(-others * inv);
+        }
+    }
+}

@@ -1,0 +1,225 @@
+"""Fused bf16 CPU kernels (``kernels/cpu.c``), built on first use with the system C compiler, called via ctypes.
+
+They replace the chains of PyTorch elementwise ops around the GEMMs of a bf16 training step on CPU (RMSNorm,
+SwiGLU, RoPE, the causal softmax of the GEMM attention, the LM-head cross-entropy), each of which is one pass
+over memory with fp32 math and one rounding, where PyTorch makes several passes with a rounding after each.
+``minilora.ops`` and ``minilora.losses`` call them for contiguous bf16 CPU tensors and keep their PyTorch path
+for everything else (fp32, fp64, CUDA, or no compiler).
+
+``MINILORA_CPU_KERNELS``: ``auto`` (default: use them when they build, else warn once and use PyTorch), ``on``
+(fail when they cannot be built), ``off`` (PyTorch only). The shared library is cached in
+``$MINILORA_CACHE_DIR`` (default ``~/.cache/minilora``), keyed by the source, the compiler and the CPU's flags,
+so it is rebuilt after any change and never reused on a different CPU. ``$CC`` picks the compiler (default cc).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("cpu.c")
+MODES = ("auto", "on", "off")
+_FLAG_SETS = (  # tried in order; the first that compiles wins
+    ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"],
+    ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"],
+    ["-O3", "-fno-math-errno", "-fno-trapping-math"],  # no OpenMP (e.g. Apple clang): single-threaded
+)
+
+_P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {
+    "rms_norm_fwd": [_P, _P, _P, _P, _I64, _I64, _F, _I],
+    "rms_norm_bwd": [_P, _P, _P, _P, _P, _I64, _I64, _I],
+    "swiglu_fwd": [_P, _P, _P, _I64, _I],
+    "swiglu_bwd": [_P, _P, _P, _P, _P, _I64, _I],
+    "rope": [_P, _P, _P, _P] + [_I64] * 10 + [_F, _I],
+    "causal_softmax_fwd": [_P, _I64, _I64, _F, _I],
+    "causal_softmax_bwd": [_P, _P, _I64, _I64, _F, _I],
+    "cross_entropy_rows": [_P, _P, _P, _I64, _I64, _I, _I],
+}
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib" (CDLL or None), "error" (str), "path"
+
+
+def mode() -> str:
+    m = os.environ.get("MINILORA_CPU_KERNELS", "auto")
+    if m not in MODES:
+        raise ValueError(f"MINILORA_CPU_KERNELS={m!r}: expected one of {MODES}")
+    return m
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("MINILORA_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "minilora"
+
+
+def _cpu_fingerprint() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC", "cc")
+    return shutil.which(cc) or None
+
+
+def _build() -> Path:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')!r} not found on PATH)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    src = SOURCE.read_bytes()
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), version.encode(),
+                                         _cpu_fingerprint().encode()])).hexdigest()[:16]
+        out = cache_dir() / f"minilora_cpu_{key}.so"
+        if out.exists():
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        try:
+            r = subprocess.run([cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp], capture_output=True,
+                               text=True)
+            if r.returncode == 0:
+                os.replace(tmp, out)  # atomic: concurrent builders (torchrun ranks) each rename a whole file
+                return out
+            errors.append(f"{' '.join(flags)}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError("compiling kernels/cpu.c failed: " + "; ".join(errors))
+
+
+def library():
+    """The loaded kernel library, or None (PyTorch path) when MINILORA_CPU_KERNELS=off or the build failed."""
+    m = mode()
+    if m == "off":
+        return None
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                try:
+                    path = _build()
+                    lib = ctypes.CDLL(str(path))
+                    for name, argtypes in _SIGNATURES.items():
+                        fn = getattr(lib, name)
+                        fn.argtypes, fn.restype = argtypes, None
+                    _state.update(lib=lib, path=path, error=None)
+                except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                    _state.update(lib=None, path=None, error=str(e))
+                    if m == "auto":
+                        warnings.warn(f"minilora: fused CPU kernels unavailable ({e}); using the slower PyTorch "
+                                      "path (MINILORA_CPU_KERNELS=off silences this)", RuntimeWarning, stacklevel=3)
+    if _state["lib"] is None and m == "on":
+        raise RuntimeError(f"MINILORA_CPU_KERNELS=on, but the CPU kernels are unavailable: {_state['error']}")
+    return _state["lib"]
+
+
+def enabled(*tensors: Tensor) -> bool:
+    """True when the kernels should run on these tensors: all bf16 on the CPU, and the library is available."""
+    if not all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors):
+        return False
+    return library() is not None
+
+
+def _nt() -> int:
+    return torch.get_num_threads()
+
+
+def _c(t: Tensor) -> Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+# ---------------------------------------------------------------- wrappers (bf16 CPU tensors; see cpu.c)
+def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(out, rstd [rows] fp32) for x [..., D] and weight [D], both bf16."""
+    x, weight = _c(x), _c(weight)
+    D = x.shape[-1]
+    out = torch.empty_like(x)
+    rstd = torch.empty(x.numel() // D, dtype=torch.float32)
+    library().rms_norm_fwd(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rstd.data_ptr(), rstd.numel(), D,
+                           eps, _nt())
+    return out, rstd
+
+
+def rms_norm_bwd(g: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> Tensor:
+    g, x = _c(g), _c(x)
+    dx = torch.empty_like(x)
+    library().rms_norm_bwd(g.data_ptr(), x.data_ptr(), _c(weight).data_ptr(), rstd.data_ptr(), dx.data_ptr(),
+                           rstd.numel(), x.shape[-1], _nt())
+    return dx
+
+
+def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
+    gate, up = _c(gate), _c(up)
+    out = torch.empty_like(gate)
+    library().swiglu_fwd(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), _nt())
+    return out
+
+
+def swiglu_bwd(g: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    g, gate, up = _c(g), _c(gate), _c(up)
+    dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+    library().swiglu_bwd(g.data_ptr(), gate.data_ptr(), up.data_ptr(), dgate.data_ptr(), dup.data_ptr(),
+                         gate.numel(), _nt())
+    return dgate, dup
+
+
+def rope_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, sign: float) -> Tensor:
+    """``out = x * c + sign * rotate_half(x) * s`` for x, out viewed as [B, T, H, D] (any strides, last dim 1).
+
+    ``cos``/``sin`` [T, D] in fp32 (rounded to bf16 inside, as the PyTorch path does).
+    """
+    B, T, H, D = x.shape
+    assert x.stride(-1) == 1 and out.stride(-1) == 1 and out.shape == x.shape
+    cos, sin = _c(cos.float()), _c(sin.float())
+    library().rope(x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), B, T, H, D,
+                   x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2), sign, _nt())
+    return out
+
+
+def causal_softmax_(s: Tensor, scale: float) -> Tensor:
+    """In place: ``softmax(scale * s)`` over keys 0..t for each row of s [..., T, T] (query t), zeros above."""
+    assert s.is_contiguous()
+    T = s.shape[-1]
+    library().causal_softmax_fwd(s.data_ptr(), s.numel() // T, T, scale, _nt())
+    return s
+
+
+def causal_softmax_backward_(dp: Tensor, p: Tensor, scale: float) -> Tensor:
+    """In place on dp: the gradient of the unscaled scores, ``scale * p * (dp - rowsum(p * dp))``."""
+    assert dp.is_contiguous() and p.is_contiguous() and dp.shape == p.shape
+    T = p.shape[-1]
+    library().causal_softmax_bwd(p.data_ptr(), dp.data_ptr(), p.numel() // T, T, scale, _nt())
+    return dp
+
+
+def cross_entropy_rows_(logits: Tensor, y: Tensor, grad: bool) -> Tensor:
+    """Per-row fp32 loss of logits [R, V] against y [R]; with ``grad`` the rows become ``softmax - onehot``."""
+    assert logits.is_contiguous() and logits.dim() == 2
+    y = _c(y.to(torch.int64))
+    loss = torch.empty(logits.shape[0], dtype=torch.float32)
+    library().cross_entropy_rows(logits.data_ptr(), y.data_ptr(), loss.data_ptr(), logits.shape[0],
+                                 logits.shape[1], int(grad), _nt())
+    return loss

@@ -1,0 +1,233 @@
+"""kernels/cpu.c (fused bf16 CPU kernels) against fp64 formulas, through minilora.ops / losses and directly.
+
+Every kernel computes in fp32 and rounds once to bf16, so the oracle is the fp64 formula on the same bf16 inputs,
+rounded to bf16: outputs must agree to about one bf16 ulp (2**-8 relative), gradients to a small relative norm.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import cpu
+from minilora import losses, ops
+
+BF = torch.bfloat16
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    monkeypatch.setenv("MINILORA_CPU_KERNELS", "auto")
+    if cpu.library() is None:
+        pytest.skip(f"fused CPU kernels unavailable here: {cpu._state.get('error')}")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _ulps(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest |a - ref| in units of ref's bf16 spacing (2**-7 relative at worst)."""
+    spacing = torch.ldexp(torch.ones_like(ref.double()), torch.frexp(ref.double().abs().clamp_min(1e-30))[1] - 8)
+    return ((a.double() - ref.double()).abs() / spacing).max().item()
+
+
+def _grads(fn, inputs, g):
+    xs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    out = fn(*xs)
+    out.backward(g)
+    return out.detach(), [x.grad for x in xs]
+
+
+@pytest.mark.parametrize("D", [576, 40, 7])  # vector width multiples and a scalar tail
+def test_rms_norm(fused, D):
+    torch.manual_seed(0)
+    x = (torch.randn(3, 5, D) * 4).to(BF)
+    w = (torch.rand(D) + 0.5).to(BF)
+    g = torch.randn(3, 5, D).to(BF)
+    out, (dx,) = _grads(lambda x: ops.rms_norm(x, w, 1e-5), [x], g)
+    # HF's order: normalise in fp32, round to bf16, multiply by the bf16 weight, round
+    xd = x.double().requires_grad_(True)
+    n = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)
+    ref = (n.to(BF).double() * w.double()).to(BF)
+    assert out.dtype == BF and _ulps(out, ref) <= 1.0
+    (n * w.double()).backward(g.double())
+    assert _rel(dx, xd.grad) < 4e-3
+
+
+def test_rms_norm_trainable_weight_uses_the_pytorch_path(fused):
+    x = torch.randn(4, 16).to(BF).requires_grad_(True)
+    w = torch.ones(16, dtype=BF, requires_grad=True)
+    ops.rms_norm(x, w, 1e-5).sum().backward()
+    assert w.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("n", [2048 * 3 + 5, 33])
+def test_swiglu(fused, n):
+    torch.manual_seed(1)
+    gate, up, g = ((torch.randn(n) * 3).to(BF) for _ in range(3))
+    out, (dgate, dup) = _grads(ops.swiglu, [gate, up], g)
+    gd, ud = gate.double().requires_grad_(True), up.double().requires_grad_(True)
+    ref = F.silu(gd) * ud
+    ref.backward(g.double())
+    assert _ulps(out, ref.detach().to(BF)) <= 1.0
+    assert _rel(dgate, gd.grad) < 4e-3 and _rel(dup, ud.grad) < 4e-3
+
+
+def test_rope(fused):
+    torch.manual_seed(2)
+    B, T, H, D = 2, 9, 3, 64
+    inv = 1.0 / (500.0 ** (torch.arange(0, D, 2).float() / D))
+    emb = torch.outer(torch.arange(T).float(), inv).repeat(1, 2)
+    cos, sin = emb.cos(), emb.sin()
+    x = torch.randn(B, T, H, D).to(BF)
+    g = torch.randn(B, H, T, D).to(BF)
+    out, (dx,) = _grads(lambda x: ops.rope(x, cos, sin), [x], g)
+    assert out.shape == (B, H, T, D) and out.is_contiguous()
+    xd = x.double().requires_grad_(True)
+    ref = ops.rope_ref(xd, cos.to(BF).double(), sin.to(BF).double())  # the tables rounded to bf16, as HF
+    ref.backward(g.double())
+    assert _ulps(out, ref.detach().to(BF)) <= 1.0
+    assert _rel(dx, xd.grad) < 4e-3
+
+
+@pytest.mark.parametrize("T,heads,kv", [(37, 6, 2), (1, 2, 2), (64, 4, 1)])
+def test_causal_attention(fused, monkeypatch, T, heads, kv):
+    """bf16 scores, probabilities and products round at several places either way: the fused softmax must be
+    as close to the fp64 oracle as the PyTorch path (bias add + softmax) is."""
+    monkeypatch.setenv("MINILORA_ATTENTION", "matmul")
+    torch.manual_seed(3)
+    B, D = 2, 32
+    q = (torch.randn(B, heads, T, D) * 2).to(BF)
+    k, v = ((torch.randn(B, kv, T, D) * 2).to(BF) for _ in range(2))
+    g = torch.randn(B, heads, T, D).to(BF)
+    ref, rgrads = _grads(lambda q, k, v: ops.attention_ref(q, k, v, None), [t.double() for t in (q, k, v)],
+                         g.double())
+    errors = {}
+    for m in ("auto", "off"):
+        monkeypatch.setenv("MINILORA_CPU_KERNELS", m)
+        out, grads = _grads(lambda q, k, v: ops.attention(q, k, v, None), [q, k, v], g)
+        assert out.dtype == BF and all(t.dtype == BF for t in grads)
+        errors[m] = [_rel(out, ref)] + [_rel(a, b) for a, b in zip(grads, rgrads)]
+    for fused_err, torch_err in zip(errors["auto"], errors["off"]):
+        assert fused_err < 1.25 * torch_err + 1e-3 and fused_err < 2e-2
+
+
+def test_causal_softmax_rows_direct(fused):
+    """Sharp rows (scores spread over +-80 after scaling): no overflow, zeros above the diagonal, rows sum to 1."""
+    torch.manual_seed(4)
+    T = 50
+    s = (torch.randn(3, T, T) * 300).to(BF)
+    p = cpu.causal_softmax_(s.clone(), 0.25)
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    ref = torch.softmax((s.double() * 0.25).masked_fill(~mask, float("-inf")), -1)
+    assert torch.isfinite(p.float()).all()
+    assert (p.float()[:, ~mask] == 0).all()
+    assert (p.double() - ref).abs().max() < 2**-8
+
+
+@pytest.mark.parametrize("sharp", [1.0, 25.0])
+def test_cross_entropy(fused, sharp):
+    torch.manual_seed(5)
+    D, V, n = 24, 300, 70
+    w = (torch.randn(V, D) * 0.3).to(BF)
+    y = torch.randint(0, V, (n,))
+    h = torch.randn(n, D)
+    h += sharp * w.float()[y]
+    h = h.to(BF)
+    head = torch.nn.Linear(D, V, bias=False).to(BF).requires_grad_(False)
+    head.weight.data.copy_(w)
+    labels = torch.cat([torch.zeros(1, dtype=torch.long), y])[None]  # position t predicts labels[t + 1]
+    hidden = torch.cat([h, torch.zeros(1, D, dtype=BF)])[None].requires_grad_(True)
+    loss, count = losses.lm_loss_sum(hidden, head, labels)
+    loss.backward()
+    logits = h.double() @ w.double().T  # oracle: the same bf16 logits (as any bf16 LM head), fp64 softmax
+    logits = logits.to(BF).double().requires_grad_(True)
+    ref = F.cross_entropy(logits, y, reduction="sum")
+    ref.backward()
+    assert count.item() == n and loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-4)
+    assert _rel(hidden.grad[0, :n], logits.grad @ w.double()) < 1e-2
+
+
+def test_cross_entropy_rejects_out_of_range_targets(fused):
+    head = torch.nn.Linear(4, 10, bias=False).to(BF).requires_grad_(False)
+    with pytest.raises(ValueError, match=r"target token ids must lie in \[0, 10\)"):
+        losses.lm_loss_sum(torch.zeros(1, 3, 4, dtype=BF), head, torch.tensor([[0, 3, 10]]))
+
+
+def test_off_and_fp32_use_pytorch(monkeypatch):
+    monkeypatch.setenv("MINILORA_CPU_KERNELS", "off")
+    assert cpu.library() is None and not cpu.enabled(torch.zeros(2, dtype=BF))
+    monkeypatch.setenv("MINILORA_CPU_KERNELS", "auto")
+    assert not cpu.enabled(torch.zeros(2))  # fp32: never
+    monkeypatch.setenv("MINILORA_CPU_KERNELS", "sometimes")
+    with pytest.raises(ValueError, match="MINILORA_CPU_KERNELS='sometimes'"):
+        cpu.mode()
+
+
+def test_build_failure_warns_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu, "_state", {})
+    monkeypatch.setenv("MINILORA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("MINILORA_CPU_KERNELS", "auto")
+    with pytest.warns(RuntimeWarning, match="fused CPU kernels unavailable .*no C compiler"):
+        assert cpu.library() is None
+    x = torch.randn(4, 8).to(BF)
+    w = torch.ones(8, dtype=BF)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), ops.rms_norm_ref(x, w, 1e-5))
+    monkeypatch.setenv("MINILORA_CPU_KERNELS", "on")
+    with pytest.raises(RuntimeError, match="MINILORA_CPU_KERNELS=on, but the CPU kernels are unavailable"):
+        cpu.library()
+
+
+def test_build_is_cached_per_source(monkeypatch, tmp_path):
+    """A fresh cache directory gets one library; a second process reuses it without compiling."""
+    if cpu._compiler() is None:
+        pytest.skip("no C compiler")
+    code = ("import warnings; warnings.simplefilter('error'); from kernels import cpu; "
+            "assert cpu.library() is not None; print(cpu._state['path'])")
+    env = {**os.environ, "MINILORA_CACHE_DIR": str(tmp_path), "MINILORA_CPU_KERNELS": "on"}
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    built = sorted(tmp_path.glob("*.so"))
+    assert len(built) == 1 and first.stdout.strip() == str(built[0])
+    mtime = built[0].stat().st_mtime_ns
+    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert second.stdout.strip() == str(built[0]) and built[0].stat().st_mtime_ns == mtime
+    assert not [p for p in tmp_path.iterdir() if p.suffix != ".so"]  # no temp files left behind
+
+
+def test_training_step_matches_pytorch_path(monkeypatch):
+    """A whole bf16-autocast LoRA step (loss and adapter gradients) with the fused kernels and without."""
+    from minilora.lora import add_adapter
+    from minilora.model import LlamaConfig, Transformer
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(6)
+    model = Transformer(cfg).to(BF)
+    add_adapter(model, "task", r=4, alpha=8, targets="all-linear")
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    model.train()
+    ids = torch.randint(0, 96, (2, 33))
+    out = {}
+    for m in ("off", "auto"):
+        monkeypatch.setenv("MINILORA_CPU_KERNELS", m)
+        monkeypatch.setenv("MINILORA_ATTENTION", "matmul")
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=BF):
+            total, count = losses.lm_loss_sum(model.hidden_states(ids), model.lm_head, ids)
+        (total / count).backward()
+        out[m] = ((total / count).item(), [p.grad.clone() for p in model.parameters() if p.requires_grad])
+    if cpu.library() is None:
+        pytest.skip("fused CPU kernels unavailable: only the PyTorch path ran")
+    assert out["auto"][0] == pytest.approx(out["off"][0], rel=2e-3)
+    for a, b in zip(out["auto"][1], out["off"][1]):
+        assert _rel(a, b) < 3e-2
