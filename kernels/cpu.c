@@ -10,6 +10,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef uint16_t bf16;
@@ -148,26 +149,41 @@ void rope(const bf16 *restrict x, bf16 *restrict out, const float *restrict cos_
 
 /* ------------------------------------------------------------------ causal softmax
  * s: R rows of T scores; row i is query position t = i % T and sees keys 0..t. In place:
- * p = softmax(scale * s) over the visible keys, 0 elsewhere. */
-void causal_softmax_fwd(bf16 *restrict s, int64_t R, int64_t T, float scale, int nt) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t i = 0; i < R; i++) {
-        bf16 *restrict row = s + i * T;
-        int64_t len = i % T + 1;
-        float m = -INFINITY;
+ * p = softmax(scale * s) over the visible keys, 0 elsewhere. Each thread keeps the row's exponentials in an fp32
+ * buffer, so every score costs one exp. Returns nonzero if the buffer could not be allocated. */
+int causal_softmax_fwd(bf16 *restrict s, int64_t R, int64_t T, float scale, int nt) {
+    int failed = 0;
+#pragma omp parallel num_threads(nt) reduction(| : failed)
+    {
+        float *restrict buf = (float *)malloc((size_t)T * sizeof(float));
+        failed = buf == NULL;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < R; i++) {
+            if (buf == NULL) continue;
+            bf16 *restrict row = s + i * T;
+            int64_t len = i % T + 1;
+            float m = -INFINITY;
 #pragma omp simd reduction(max : m)
-        for (int64_t j = 0; j < len; j++) {
-            float v = b2f(row[j]);
-            m = v > m ? v : m;
-        }
-        float sum = 0.0f;
+            for (int64_t j = 0; j < len; j++) {
+                float v = b2f(row[j]);
+                buf[j] = v;
+                m = v > m ? v : m;
+            }
+            float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < len; j++) sum += fexp(scale * (b2f(row[j]) - m));
-        float inv = 1.0f / sum;
+            for (int64_t j = 0; j < len; j++) {
+                float e = fexp(scale * (buf[j] - m));
+                buf[j] = e;
+                sum += e;
+            }
+            float inv = 1.0f / sum;
 #pragma omp simd
-        for (int64_t j = 0; j < len; j++) row[j] = f2b(fexp(scale * (b2f(row[j]) - m)) * inv);
-        for (int64_t j = len; j < T; j++) row[j] = 0;
+            for (int64_t j = 0; j < len; j++) row[j] = f2b(buf[j] * inv);
+            for (int64_t j = len; j < T; j++) row[j] = 0;
+        }
+        free(buf);
     }
+    return failed;
 }
 
 /* In place on dp: ds = scale * p * (dp - sum_k p_k dp_k), the gradient of the scores before scaling. */
@@ -191,33 +207,43 @@ void causal_softmax_bwd(const bf16 *restrict p, bf16 *restrict dp, int64_t R, in
  * overwritten in place by softmax(row) - onehot(y), the gradient of loss[i] with respect to the row.
  * Confident rows (p[y] near 1) would cancel in both 1 - p[y] and log(sum): the sum over the other classes is
  * kept apart, so that p[y] - 1 = -others / sum and loss = log1p(others / e[y]) keep their relative precision. */
-void cross_entropy_rows(bf16 *restrict logits, const int64_t *restrict y, float *restrict loss, int64_t R,
-                        int64_t V, int grad, int nt) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t i = 0; i < R; i++) {
-        bf16 *restrict row = logits + i * V;
-        const int64_t t = y[i];
-        float m = -INFINITY;
+int cross_entropy_rows(bf16 *restrict logits, const int64_t *restrict y, float *restrict loss, int64_t R,
+                       int64_t V, int grad, int nt) {
+    int failed = 0;
+#pragma omp parallel num_threads(nt) reduction(| : failed)
+    {
+        float *restrict buf = (float *)malloc((size_t)V * sizeof(float));  /* the row's exponentials */
+        failed = buf == NULL;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < R; i++) {
+            if (buf == NULL) continue;
+            bf16 *restrict row = logits + i * V;
+            const int64_t t = y[i];
+            float m = -INFINITY;
 #pragma omp simd reduction(max : m)
-        for (int64_t j = 0; j < V; j++) {
-            float v = b2f(row[j]);
-            m = v > m ? v : m;
-        }
-        float others = 0.0f;
+            for (int64_t j = 0; j < V; j++) {
+                float v = b2f(row[j]);
+                m = v > m ? v : m;
+            }
+            float others = 0.0f;
 #pragma omp simd reduction(+ : others)
-        for (int64_t j = 0; j < V; j++) {
-            float e = fexp(b2f(row[j]) - m);
-            others += j == t ? 0.0f : e;
-        }
-        const float xt = b2f(row[t]);
-        const float et = expf(xt - m);
-        const float sum = et + others;
-        loss[i] = xt - m > -60.0f ? log1pf(others / et) : (m - xt) + logf(sum);
-        if (grad) {
-            const float inv = 1.0f / sum;
+            for (int64_t j = 0; j < V; j++) {
+                float e = fexp(b2f(row[j]) - m);
+                buf[j] = e;
+                others += j == t ? 0.0f : e;
+            }
+            const float xt = b2f(row[t]);
+            const float et = expf(xt - m);
+            const float sum = et + others;
+            loss[i] = xt - m > -60.0f ? log1pf(others / et) : (m - xt) + logf(sum);
+            if (grad) {
+                const float inv = 1.0f / sum;
 #pragma omp simd
-            for (int64_t j = 0; j < V; j++) row[j] = f2b(fexp(b2f(row[j]) - m) * inv);
-            row[t] = f2b(-others * inv);
+                for (int64_t j = 0; j < V; j++) row[j] = f2b(buf[j] * inv);
+                row[t] = f2b(-others * inv);
+            }
         }
+        free(buf);
     }
+    return failed;
 }

@@ -48,6 +48,8 @@ _SIGNATURES = {
     "cross_entropy_rows": [_P, _P, _P, _I64, _I64, _I, _I],
 }
 
+_RETURNS = {"causal_softmax_fwd": _I, "cross_entropy_rows": _I}  # nonzero: a row buffer's malloc failed
+
 _lock = threading.Lock()
 _state: dict = {}  # "lib" (CDLL or None), "error" (str), "path"
 
@@ -124,7 +126,7 @@ def library():
                     lib = ctypes.CDLL(str(path))
                     for name, argtypes in _SIGNATURES.items():
                         fn = getattr(lib, name)
-                        fn.argtypes, fn.restype = argtypes, None
+                        fn.argtypes, fn.restype = argtypes, _RETURNS.get(name)
                     _state.update(lib=lib, path=path, error=None)
                 except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                     _state.update(lib=None, path=None, error=str(e))
@@ -203,7 +205,8 @@ def causal_softmax_(s: Tensor, scale: float) -> Tensor:
     """In place: ``softmax(scale * s)`` over keys 0..t for each row of s [..., T, T] (query t), zeros above."""
     assert s.is_contiguous()
     T = s.shape[-1]
-    library().causal_softmax_fwd(s.data_ptr(), s.numel() // T, T, scale, _nt())
+    if library().causal_softmax_fwd(s.data_ptr(), s.numel() // T, T, scale, _nt()):
+        raise MemoryError(f"kernels/cpu.c causal_softmax_fwd: no memory for a {T}-float row buffer")
     return s
 
 
@@ -220,6 +223,7 @@ def cross_entropy_rows_(logits: Tensor, y: Tensor, grad: bool) -> Tensor:
     assert logits.is_contiguous() and logits.dim() == 2
     y = _c(y.to(torch.int64))
     loss = torch.empty(logits.shape[0], dtype=torch.float32)
-    library().cross_entropy_rows(logits.data_ptr(), y.data_ptr(), loss.data_ptr(), logits.shape[0],
-                                 logits.shape[1], int(grad), _nt())
+    if library().cross_entropy_rows(logits.data_ptr(), y.data_ptr(), loss.data_ptr(), logits.shape[0],
+                                    logits.shape[1], int(grad), _nt()):
+        raise MemoryError(f"kernels/cpu.c cross_entropy_rows: no memory for a {logits.shape[1]}-float row buffer")
     return loss
