@@ -14,6 +14,10 @@ passes over memory, which is what limits these ops on a CPU:
   flash-attention backward is several times slower at these sizes. Elsewhere (GPU, long sequences, inference)
   it calls SDPA.
 
+For bf16 tensors on the CPU the elementwise parts run in ``kernels/cpu.c`` instead (one pass each way, fp32 math,
+one rounding; ``MINILORA_CPU_KERNELS=off`` keeps the PyTorch code below): RMSNorm with a frozen weight, RoPE,
+SwiGLU and the causal softmax of the GEMM attention. On CUDA, RMSNorm and SwiGLU use ``kernels.rowwise`` (Triton).
+
 ``MINILORA_ATTENTION=sdpa|matmul|auto`` (default ``auto``) forces the attention implementation.
 """
 
@@ -214,20 +218,14 @@ def _probs(q: Tensor, k: Tensor, bias: Tensor) -> Tensor:
 
 
 class _MatmulAttention(torch.autograd.Function):
-    """GEMM attention; ``bias`` None means plain causal, whose softmax then runs fused in kernels/cpu.c (bf16)."""
-
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
         B, H, T, D = q.shape
         Hkv = k.shape[1]
         scale = D**-0.5
-        ctx.scale, ctx.fused = scale, bias is None
-        if ctx.fused:  # the scale goes into the softmax kernel (and its backward), no passes over q or k for it
-            s = torch.matmul(q.reshape(B, Hkv, (H // Hkv) * T, D), k.transpose(-1, -2))
-            p = cpu_kernels.causal_softmax_(s, scale)
-        else:
-            p = _probs(q.reshape(B, Hkv, (H // Hkv) * T, D) * scale, k, bias)
+        p = _probs(q.reshape(B, Hkv, (H // Hkv) * T, D) * scale, k, bias)
         ctx.save_for_backward(q, k, v, p)
+        ctx.scale = scale
         return torch.matmul(p, v).view(B, H, T, D)
 
     @staticmethod
@@ -238,15 +236,41 @@ class _MatmulAttention(torch.autograd.Function):
         gg = g.reshape(B, Hkv, (H // Hkv) * T, D).to(q.dtype)
         dv = torch.matmul(p.transpose(-1, -2), gg)
         dp = torch.matmul(gg, v.transpose(-1, -2))
-        if ctx.fused:  # dS of the unscaled scores, scale included
-            ds = cpu_kernels.causal_softmax_backward_(dp, p, ctx.scale)
-            dq = torch.matmul(ds, k).view(B, H, T, D)
-            dk = torch.matmul(ds.transpose(-1, -2), q.reshape(B, Hkv, (H // Hkv) * T, D))
-            return dq, dk, dv, None
         ds = torch._softmax_backward_data(dp, p, -1, p.dtype)  # p * (dp - rowsum(p * dp)), fused; = dS / scale
         dq = torch.matmul(ds, k * ctx.scale).view(B, H, T, D)
         dk = torch.matmul(ds.transpose(-1, -2), q.reshape(B, Hkv, (H // Hkv) * T, D) * ctx.scale)
         return dq, dk, dv, None
+
+
+class _FusedCausalAttention(torch.autograd.Function):
+    """Causal GQA attention as GEMMs around kernels/cpu.c's causal softmax (bf16 CPU training, no padding mask).
+
+    The 1/sqrt(D) scale lives in the softmax kernel and its backward: no passes over q or k for it. (Looping over
+    a few sequences at a time, to keep the score tiles in cache, measured slower: 2.01 s against 1.83 s a step.)
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        B, H, T, D = q.shape
+        Hkv = k.shape[1]
+        scale = D**-0.5
+        p = cpu_kernels.causal_softmax_(torch.matmul(q.reshape(B, Hkv, (H // Hkv) * T, D), k.transpose(-1, -2)),
+                                        scale)
+        ctx.save_for_backward(q, k, v, p)
+        ctx.scale = scale
+        return torch.matmul(p, v).view(B, H, T, D)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        q, k, v, p = ctx.saved_tensors
+        B, H, T, D = q.shape
+        Hkv = k.shape[1]
+        gg = g.reshape(B, Hkv, (H // Hkv) * T, D).to(q.dtype)
+        dv = torch.matmul(p.transpose(-1, -2), gg)
+        ds = cpu_kernels.causal_softmax_backward_(torch.matmul(gg, v.transpose(-1, -2)), p, ctx.scale)
+        dq = torch.matmul(ds, k).view(B, H, T, D)
+        dk = torch.matmul(ds.transpose(-1, -2), q.reshape(B, Hkv, (H // Hkv) * T, D))
+        return dq, dk, dv
 
 
 def causal_bias(T: int, mask: Tensor | None, device: torch.device) -> Tensor:
@@ -264,7 +288,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor
     """
     if attention_backend(q) == "matmul":
         if mask is None and q.shape[2] == k.shape[2] and cpu_kernels.enabled(q, k, v):
-            return _MatmulAttention.apply(q, k, v, None)
+            return _FusedCausalAttention.apply(q, k, v)
         if bias is None:
             bias = causal_bias(q.shape[2], mask, q.device)
         return _MatmulAttention.apply(q, k, v, bias)

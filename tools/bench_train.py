@@ -356,6 +356,12 @@ def _setup_train(spec: dict, torch):
         info = {"setup": RECIPE_TEXT[f"minilora/{mode}"],
                 "attention": {"matmul": "minilora GEMM attention (training), SDPA (inference)",
                               "sdpa": "torch SDPA"}[ops.attention_backend(probe)]}
+        if device == "cpu" and mode == "bf16":
+            from kernels import cpu as cpu_kernels
+
+            lib = cpu_kernels.library()
+            info["cpu_kernels"] = ("fused (kernels/cpu.c)" if lib is not None else
+                                   f"PyTorch ({cpu_kernels._state.get('error') or 'MINILORA_CPU_KERNELS=off'})")
     else:
         import peft
         import transformers
