@@ -231,3 +231,19 @@ def test_training_step_matches_pytorch_path(monkeypatch):
     assert out["auto"][0] == pytest.approx(out["off"][0], rel=2e-3)
     for a, b in zip(out["auto"][1], out["off"][1]):
         assert _rel(a, b) < 3e-2
+
+
+@pytest.mark.parametrize("flags", [2, 3])  # the fallbacks for compilers without an OpenMP runtime
+def test_builds_and_agrees_without_openmp(monkeypatch, tmp_path, flags):
+    if cpu._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(cpu, "_state", {})
+    monkeypatch.setattr(cpu, "_FLAG_SETS", cpu._FLAG_SETS[flags:flags + 1])
+    monkeypatch.setenv("MINILORA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MINILORA_CPU_KERNELS", "on")
+    assert "-fopenmp" not in cpu._FLAG_SETS[0]
+    torch.manual_seed(7)
+    gate, up = ((torch.randn(1000) * 3).to(BF) for _ in range(2))
+    ref = (F.silu(gate.double()) * up.double()).to(BF)
+    assert _ulps(ops.swiglu(gate, up), ref) <= 1.0
+    assert len(list(tmp_path.glob("*.so"))) == 1
