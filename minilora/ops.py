@@ -218,59 +218,41 @@ def _probs(q: Tensor, k: Tensor, bias: Tensor) -> Tensor:
 
 
 class _MatmulAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-        B, H, T, D = q.shape
-        Hkv = k.shape[1]
-        scale = D**-0.5
-        p = _probs(q.reshape(B, Hkv, (H // Hkv) * T, D) * scale, k, bias)
-        ctx.save_for_backward(q, k, v, p)
-        ctx.scale = scale
-        return torch.matmul(p, v).view(B, H, T, D)
+    """GQA attention as GEMMs. ``bias`` None: plain causal in bf16 on the CPU, whose softmax (and its backward)
+    then runs in kernels/cpu.c with the 1/sqrt(D) scale inside, so no pass over q or k applies it.
 
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        q, k, v, p = ctx.saved_tensors
-        B, H, T, D = q.shape
-        Hkv = k.shape[1]
-        gg = g.reshape(B, Hkv, (H // Hkv) * T, D).to(q.dtype)
-        dv = torch.matmul(p.transpose(-1, -2), gg)
-        dp = torch.matmul(gg, v.transpose(-1, -2))
-        ds = torch._softmax_backward_data(dp, p, -1, p.dtype)  # p * (dp - rowsum(p * dp)), fused; = dS / scale
-        dq = torch.matmul(ds, k * ctx.scale).view(B, H, T, D)
-        dk = torch.matmul(ds.transpose(-1, -2), q.reshape(B, Hkv, (H // Hkv) * T, D) * ctx.scale)
-        return dq, dk, dv, None
-
-
-class _FusedCausalAttention(torch.autograd.Function):
-    """Causal GQA attention as GEMMs around kernels/cpu.c's causal softmax (bf16 CPU training, no padding mask).
-
-    The 1/sqrt(D) scale lives in the softmax kernel and its backward: no passes over q or k for it. (Looping over
-    a few sequences at a time, to keep the score tiles in cache, measured slower: 2.01 s against 1.83 s a step.)
+    (Looping over a few sequences at a time, to keep the score tiles in cache, measured slower: 2.01 s against
+    1.83 s a step.)
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
         B, H, T, D = q.shape
-        Hkv = k.shape[1]
-        scale = D**-0.5
-        p = cpu_kernels.causal_softmax_(torch.matmul(q.reshape(B, Hkv, (H // Hkv) * T, D), k.transpose(-1, -2)),
-                                        scale)
+        qg = q.reshape(B, k.shape[1], (H // k.shape[1]) * T, D)
+        ctx.scale, ctx.fused = D**-0.5, bias is None
+        if ctx.fused:
+            p = cpu_kernels.causal_softmax_(torch.matmul(qg, k.transpose(-1, -2)), ctx.scale)
+        else:
+            p = _probs(qg * ctx.scale, k, bias)
         ctx.save_for_backward(q, k, v, p)
-        ctx.scale = scale
         return torch.matmul(p, v).view(B, H, T, D)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         q, k, v, p = ctx.saved_tensors
         B, H, T, D = q.shape
-        Hkv = k.shape[1]
-        gg = g.reshape(B, Hkv, (H // Hkv) * T, D).to(q.dtype)
+        qg = q.reshape(B, k.shape[1], (H // k.shape[1]) * T, D)
+        gg = g.reshape(qg.shape).to(q.dtype)
         dv = torch.matmul(p.transpose(-1, -2), gg)
-        ds = cpu_kernels.causal_softmax_backward_(torch.matmul(gg, v.transpose(-1, -2)), p, ctx.scale)
+        dp = torch.matmul(gg, v.transpose(-1, -2))
+        if ctx.fused:  # the gradient of the unscaled scores
+            ds = cpu_kernels.causal_softmax_backward_(dp, p, ctx.scale)
+        else:  # p * (dp - rowsum(p * dp)), fused; = dS / scale
+            ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
+            k, qg = k * ctx.scale, qg * ctx.scale
         dq = torch.matmul(ds, k).view(B, H, T, D)
-        dk = torch.matmul(ds.transpose(-1, -2), q.reshape(B, Hkv, (H // Hkv) * T, D))
-        return dq, dk, dv
+        dk = torch.matmul(ds.transpose(-1, -2), qg)
+        return dq, dk, dv, None
 
 
 def causal_bias(T: int, mask: Tensor | None, device: torch.device) -> Tensor:
@@ -288,7 +270,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor
     """
     if attention_backend(q) == "matmul":
         if mask is None and q.shape[2] == k.shape[2] and cpu_kernels.enabled(q, k, v):
-            return _FusedCausalAttention.apply(q, k, v)
+            return _MatmulAttention.apply(q, k, v, None)
         if bias is None:
             bias = causal_bias(q.shape[2], mask, q.device)
         return _MatmulAttention.apply(q, k, v, bias)
