@@ -7,6 +7,7 @@ rounded to bf16: outputs must agree to about one bf16 ulp (2**-8 relative), grad
 from __future__ import annotations
 
 import subprocess
+import json
 import os
 import sys
 
@@ -247,3 +248,22 @@ def test_builds_and_agrees_without_openmp(monkeypatch, tmp_path, flags):
     ref = (F.silu(gate.double()) * up.double()).to(BF)
     assert _ulps(ops.swiglu(gate, up), ref) <= 1.0
     assert len(list(tmp_path.glob("*.so"))) == 1
+
+
+@pytest.mark.bench
+def test_bench_cpu_kernels_tool_small(fused, tmp_path):
+    """tools/bench_cpu_kernels.py end to end at tiny shapes (no timing assertion): both paths ran and agree."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_cpu_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_cpu_kernels", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "b.json"
+    result = tool.main(["--rounds", "1", "--reps", "1", "--dims", "64", "16", "32", "48", "4", "2", "100",
+                        "--no-step", "--json", str(out)])
+    assert [r["op"] for r in result["ops"]] == list(tool.op_cases(64, 16, 32, 48, 4, 2, 100))
+    for r in result["ops"]:
+        assert r["fused_ms"] > 0 and r["torch_ms"] > 0 and r["rel_diff"] < 2e-2
+    assert json.loads(out.read_text())["table_markdown"] == result["table_markdown"]
