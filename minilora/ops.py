@@ -44,7 +44,8 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        ctx.fused = not ctx.needs_input_grad[1] and cpu_kernels.enabled(x, weight)
+        ctx.fused = (not ctx.needs_input_grad[1] and weight.shape == x.shape[-1:]
+                     and cpu_kernels.enabled(x, weight))
         if ctx.fused:  # one pass each way in kernels/cpu.c (bf16 on CPU, frozen weight)
             out, rstd = cpu_kernels.rms_norm_fwd(x, weight, eps)
             ctx.save_for_backward(x, weight, rstd)
@@ -124,9 +125,9 @@ class _RoPE(torch.autograd.Function):
     def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, H, D = x.shape
         out = torch.empty(B, H, T, D, dtype=x.dtype, device=x.device)
-        ctx.fused = x.stride(-1) == 1 and cpu_kernels.enabled(x)
+        ctx.fused = x.stride(-1) == 1 and cos.shape == sin.shape == (T, D) and cpu_kernels.enabled(x)
         if ctx.fused:
-            cos, sin = cos[:T].float().contiguous(), sin[:T].float().contiguous()
+            cos, sin = cos.float().contiguous(), sin.float().contiguous()
             cpu_kernels.rope_into(out.transpose(1, 2), x, cos, sin, 1.0)
             ctx.save_for_backward(cos, sin)
             return out
@@ -162,7 +163,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
         ctx.save_for_backward(gate, up)
-        if cpu_kernels.enabled(gate, up):
+        if gate.shape == up.shape and cpu_kernels.enabled(gate, up):
             return cpu_kernels.swiglu_fwd(gate, up)
         return F.silu(gate).mul_(up)
 
