@@ -127,7 +127,6 @@ class _RoPE(torch.autograd.Function):
         out = torch.empty(B, H, T, D, dtype=x.dtype, device=x.device)
         ctx.fused = x.stride(-1) == 1 and cos.shape == sin.shape == (T, D) and cpu_kernels.enabled(x)
         if ctx.fused:
-            cos, sin = cos.float().contiguous(), sin.float().contiguous()
             cpu_kernels.rope_into(out.transpose(1, 2), x, cos, sin, 1.0)
             ctx.save_for_backward(cos, sin)
             return out
@@ -141,10 +140,9 @@ class _RoPE(torch.autograd.Function):
         c, s = ctx.saved_tensors
         B, H, T, D = g.shape
         dx = torch.empty(B, T, H, D, dtype=g.dtype, device=g.device)
-        if ctx.fused and cpu_kernels.enabled(g) and g.stride(-1) == 1:
+        if ctx.fused:  # c, s: the fp32 tables; the kernel rounds them as the forward did
+            g = g if g.stride(-1) == 1 else g.contiguous()
             return cpu_kernels.rope_into(dx, g.transpose(1, 2), c, s, -1.0), None, None
-        if ctx.fused:  # an fp32 gradient into a bf16 forward (rare): the PyTorch rotation with the rounded tables
-            c, s = c[:, None, : D // 2].to(dx.dtype), s[:, None, : D // 2].to(dx.dtype)
         _rotate_into(dx, g.transpose(1, 2), c, s, -1.0)
         return dx, None, None
 
@@ -163,14 +161,15 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
         ctx.save_for_backward(gate, up)
-        if gate.shape == up.shape and cpu_kernels.enabled(gate, up):
+        ctx.fused = gate.shape == up.shape and cpu_kernels.enabled(gate, up)
+        if ctx.fused:
             return cpu_kernels.swiglu_fwd(gate, up)
         return F.silu(gate).mul_(up)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         gate, up = ctx.saved_tensors
-        if cpu_kernels.enabled(g, gate, up):
+        if ctx.fused:
             dgate, dup = cpu_kernels.swiglu_bwd(g, gate, up)
             return dgate if ctx.needs_input_grad[0] else None, dup if ctx.needs_input_grad[1] else None
         dgate = torch.ops.aten.silu_backward(g * up, gate) if ctx.needs_input_grad[0] else None

@@ -11,7 +11,9 @@ GPU targets (checked on every shape): fused fwd <= 1.08x bare, >= 1.25x faster t
 ``--rowwise`` (opt-in; ``--rowwise-only`` skips the LoRA layers) also times RMSNorm (weight frozen as in LoRA
 training, and trained: ``rms_norm+dw``) and SwiGLU, forward and forward+backward, at ``--rowwise-dims`` (default
 LLaMA-7B: 8*512 tokens, hidden 4096, intermediate 11008): ``triton`` (kernels.rowwise, CUDA only) against
-``torch`` (minilora.ops' PyTorch autograd functions) and ``ref`` (the plain compositions ops.*_ref). On CUDA
+``torch`` (minilora.ops' autograd functions as they run: on a bf16 CPU tensor that is kernels/cpu.c, unless
+MINILORA_CPU_KERNELS=off; tools/bench_cpu_kernels.py compares those two) and ``ref`` (the plain compositions
+ops.*_ref). On CUDA
 these times are GPU time per call (events around each call, L2 flushed before it, calls queued behind a sleep
 kernel so that launch overhead does not count) and GB/s counts the minimum traffic (each input read once, each
 output written once).
