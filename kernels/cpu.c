@@ -89,33 +89,37 @@ void rms_norm_bwd(const bf16 *restrict g, const bf16 *restrict x, const bf16 *re
     }
 }
 
-/* ------------------------------------------------------------------ SwiGLU: out = silu(gate) * up */
-#define BLOCK 4096
-
-void swiglu_fwd(const bf16 *restrict gate, const bf16 *restrict up, bf16 *restrict out, int64_t n, int nt) {
+/* ------------------------------------------------------------------ SwiGLU: out = silu(gate) * up
+ * Over rows of F values; gate and up rows start ld elements apart (ld = F for separate tensors, 2F when gate and
+ * up are the two halves of one packed [rows, 2F] projection output). out is a contiguous [rows, F]. */
+void swiglu_fwd(const bf16 *restrict gate, const bf16 *restrict up, bf16 *restrict out, int64_t rows, int64_t F,
+                int64_t ld, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t b = 0; b < n; b += BLOCK) {
-        int64_t e = b + BLOCK < n ? b + BLOCK : n;
+    for (int64_t i = 0; i < rows; i++) {
+        const bf16 *restrict gr = gate + i * ld, *restrict ur = up + i * ld;
+        bf16 *restrict o = out + i * F;
 #pragma omp simd
-        for (int64_t i = b; i < e; i++) {
-            float a = b2f(gate[i]);
-            out[i] = f2b(a * sigmoid(a) * b2f(up[i]));
+        for (int64_t j = 0; j < F; j++) {
+            float a = b2f(gr[j]);
+            o[j] = f2b(a * sigmoid(a) * b2f(ur[j]));
         }
     }
 }
 
-/* dup = g * silu(gate); dgate = g * up * s * (1 + gate * (1 - s)) with s = sigmoid(gate). */
+/* dup = g * silu(gate); dgate = g * up * s * (1 + gate * (1 - s)) with s = sigmoid(gate). g is a contiguous
+ * [rows, F]; gate/up rows are ld_in apart and dgate/dup rows ld_out apart (2F: the halves of one packed gradient). */
 void swiglu_bwd(const bf16 *restrict g, const bf16 *restrict gate, const bf16 *restrict up, bf16 *restrict dgate,
-                bf16 *restrict dup, int64_t n, int nt) {
+                bf16 *restrict dup, int64_t rows, int64_t F, int64_t ld_in, int64_t ld_out, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t b = 0; b < n; b += BLOCK) {
-        int64_t e = b + BLOCK < n ? b + BLOCK : n;
+    for (int64_t i = 0; i < rows; i++) {
+        const bf16 *restrict gr = g + i * F, *restrict ar = gate + i * ld_in, *restrict ur = up + i * ld_in;
+        bf16 *restrict dg = dgate + i * ld_out, *restrict du = dup + i * ld_out;
 #pragma omp simd
-        for (int64_t i = b; i < e; i++) {
-            float a = b2f(gate[i]), y = b2f(g[i]);
+        for (int64_t j = 0; j < F; j++) {
+            float a = b2f(ar[j]), y = b2f(gr[j]);
             float s = sigmoid(a);
-            dup[i] = f2b(y * a * s);
-            dgate[i] = f2b(y * b2f(up[i]) * s * (1.0f + a * (1.0f - s)));
+            du[j] = f2b(y * a * s);
+            dg[j] = f2b(y * b2f(ur[j]) * s * (1.0f + a * (1.0f - s)));
         }
     }
 }

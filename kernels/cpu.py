@@ -42,8 +42,8 @@ _P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "rms_norm_fwd": [_P, _P, _P, _P, _I64, _I64, _F, _I],
     "rms_norm_bwd": [_P, _P, _P, _P, _P, _I64, _I64, _I],
-    "swiglu_fwd": [_P, _P, _P, _I64, _I],
-    "swiglu_bwd": [_P, _P, _P, _P, _P, _I64, _I],
+    "swiglu_fwd": [_P, _P, _P, _I64, _I64, _I64, _I],
+    "swiglu_bwd": [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I],
     "rope": [_P, _P, _P, _P] + [_I64] * 10 + [_F, _I],
     "causal_softmax_fwd": [_P, _I64, _I64, _F, _I],
     "causal_softmax_bwd": [_P, _P, _I64, _I64, _F, _I],
@@ -175,19 +175,36 @@ def rms_norm_bwd(g: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> Tensor:
     return dx
 
 
+def _row_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, int]:
+    """a, b [..., F] as [rows, F] views with a unit last stride and one common row stride (copies if not)."""
+    F = a.shape[-1]
+    a2, b2 = a.reshape(-1, F), b.reshape(-1, F)
+    if not (a2.stride(-1) == 1 and b2.stride(-1) == 1 and a2.stride(0) == b2.stride(0)):
+        a2, b2 = a2.contiguous(), b2.contiguous()
+    return a2, b2, a2.stride(0) if a2.shape[0] > 1 else F
+
+
 def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
-    gate, up = _c(gate), _c(up)
-    out = torch.empty_like(gate)
-    library().swiglu_fwd(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), _nt())
+    """silu(gate) * up, contiguous, for gate and up [..., F]: separate tensors or the halves of one packed tensor."""
+    g2, u2, ld = _row_pair(gate, up)
+    out = torch.empty(gate.shape, dtype=gate.dtype)
+    library().swiglu_fwd(g2.data_ptr(), u2.data_ptr(), out.data_ptr(), g2.shape[0], g2.shape[1], ld, _nt())
     return out
 
 
-def swiglu_bwd(g: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    g, gate, up = _c(g), _c(gate), _c(up)
-    dgate, dup = torch.empty_like(gate), torch.empty_like(up)
-    library().swiglu_bwd(g.data_ptr(), gate.data_ptr(), up.data_ptr(), dgate.data_ptr(), dup.data_ptr(),
-                         gate.numel(), _nt())
-    return dgate, dup
+def swiglu_bwd(g: Tensor, gate: Tensor, up: Tensor, packed: bool = False) -> tuple[Tensor, Tensor] | Tensor:
+    """(dgate, dup) as new contiguous tensors; with ``packed`` one [..., 2F] tensor holding dgate then dup."""
+    g2 = _c(g).reshape(-1, g.shape[-1])
+    a2, u2, ld_in = _row_pair(gate, up)
+    rows, F = a2.shape
+    if packed:
+        d = torch.empty(*gate.shape[:-1], 2 * F, dtype=gate.dtype)
+        dg, du, ld_out = d[..., :F], d[..., F:], 2 * F
+    else:
+        dg, du, ld_out = torch.empty(gate.shape, dtype=gate.dtype), torch.empty(up.shape, dtype=up.dtype), F
+    library().swiglu_bwd(g2.data_ptr(), a2.data_ptr(), u2.data_ptr(), dg.data_ptr(), du.data_ptr(), rows, F, ld_in,
+                         ld_out, _nt())
+    return d if packed else (dg, du)
 
 
 def rope_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, sign: float) -> Tensor:

@@ -55,10 +55,13 @@ def run_cli(main: Callable[[], int | None]) -> None:
     """Run a recipe's ``main``: bad input (missing files, invalid values) prints one line and exits with code 2.
 
     Under torchrun the process group is torn down before exit on every path: a rank that leaves with a live gloo
-    group can abort in its destructor ("terminate called without an active exception") and fail the launch."""
+    group can abort in its destructor ("terminate called without an active exception") and fail the launch.
+    glibc's allocator is tuned first (``minilora.runtime.tune_malloc``; MINILORA_MALLOC=default leaves it)."""
+    from minilora.runtime import tune_malloc
     from minilora.train import NonFiniteLoss, shutdown_distributed
 
     try:
+        tune_malloc()
         code = main()
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)

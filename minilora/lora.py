@@ -11,11 +11,12 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import kernels
@@ -88,6 +89,70 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         ads = ", ".join(f"{n}(r={s.r}, alpha={s.alpha}{', merged' if s.merged else ''})" for n, s in self.specs.items())
         return f"in={self.in_features}, out={self.out_features}, adapters=[{ads}]"
+
+
+# ---------------------------------------------------------------- packed projections
+# Linears that read the same input (q/k/v, gate/up) keep their own modules, names and adapters, but their frozen
+# weights can live as row blocks of one tensor; ``linear_group`` then runs them as one wider GEMM (and one GEMM in
+# backward, where separate layers need one per layer plus the sum of their input gradients).
+
+def packed_weight(weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The ``[sum N_i, K]`` view whose row blocks are ``weights``, if they lie back to back in one storage."""
+    w0 = weights[0]
+    if w0.dim() != 2:
+        return None
+    K, ptr, offset = w0.shape[1], w0.untyped_storage().data_ptr(), w0.storage_offset()
+    for w in weights:
+        if (w.dim() != 2 or w.shape[1] != K or not w.is_contiguous() or w.dtype != w0.dtype
+                or w.device != w0.device or w.untyped_storage().data_ptr() != ptr or w.storage_offset() != offset):
+            return None
+        offset += w.numel()
+    return w0.detach().as_strided((sum(w.shape[0] for w in weights), K), (K, 1))
+
+
+@torch.no_grad()
+def pack_linears(modules: Sequence[nn.Module]) -> None:
+    """Move the weights of ``modules`` (nn.Linear or LoRALinear) into row blocks of one new tensor, in place of
+    their ``.data`` (the Parameter objects, values and flags stay), unless they are packed already."""
+    weights = [m.weight for m in modules]
+    if packed_weight(weights) is not None:
+        return
+    if len({(w.shape[1], w.dtype, w.device) for w in weights}) != 1:
+        return
+    packed = torch.cat([w.detach() for w in weights])
+    offset = 0
+    for w in weights:
+        w.data = packed[offset:offset + w.shape[0]]
+        offset += w.shape[0]
+
+
+def linear_group(x: torch.Tensor, modules: Sequence[nn.Module]) -> torch.Tensor | None:
+    """``cat([m(x) for m in modules], -1)`` as one fused LoRA linear over the packed weight, or None when the
+    modules do not allow it (weights not packed or trainable, biases, other module types, or LoRA dropout while
+    training: separate layers draw separate masks). Each adapter's B is zero-padded to the packed rows, so the
+    stacked-LoRA product gives every module exactly its own adapters' terms."""
+    weights = [m.weight for m in modules]
+    if any(w.requires_grad for w in weights):
+        return None
+    weight = packed_weight(weights)
+    if weight is None:
+        return None
+    lora_a, lora_b, scaling = [], [], []
+    offset, n_total = 0, weight.shape[0]
+    for m, w in zip(modules, weights):
+        n = w.shape[0]
+        if isinstance(m, LoRALinear):
+            for name in m.active():
+                spec = m.specs[name]
+                if m.training and spec.dropout > 0:
+                    return None
+                lora_a.append(m.lora_A[name])
+                lora_b.append(F.pad(m.lora_B[name], (0, 0, offset, n_total - offset - n)))
+                scaling.append(spec.scaling)
+        elif type(m) is not nn.Linear or m.bias is not None:
+            return None
+        offset += n
+    return kernels.lora_linear(x, weight, lora_a, lora_b, scaling)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from minilora import ops
+from minilora.lora import linear_group, pack_linears
 
 _REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _LLAMA_ARCHS = {"LlamaForCausalLM", "LlamaModel", "LLaMAForCausalLM"}
@@ -145,9 +146,15 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = ops.rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)  # [B, H, T, D]
-        k = ops.rope(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), cos, sin)  # [B, Hkv, T, D]
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        qkv = linear_group(x, (self.q_proj, self.k_proj, self.v_proj))  # one GEMM when the weights are packed
+        if qkv is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = qkv.split((self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                                 self.n_kv * self.head_dim), dim=-1)
+        q = ops.rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin)  # [B, H, T, D]
+        k = ops.rope(k.view(B, T, self.n_kv, self.head_dim), cos, sin)  # [B, Hkv, T, D]
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         out = ops.attention(q, k, v, mask, bias)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -162,7 +169,10 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+        gate_up = linear_group(x, (self.gate_proj, self.up_proj))  # one GEMM when the weights are packed
+        if gate_up is None:
+            return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(ops.swiglu_packed(gate_up))
 
 
 class TransformerBlock(nn.Module):
@@ -209,6 +219,21 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.pack_projections()
+
+    def pack_projections(self) -> None:
+        """Store each block's q/k/v and gate/up weights as row blocks of one tensor (``lora.pack_linears``), so
+        that they run as one GEMM each. Done at construction and again after every ``.to()`` / ``to_empty()``
+        (which re-allocate each parameter on its own); names, values and adapters are unaffected."""
+        for block in self.model.layers:
+            attn, mlp = block.self_attn, block.mlp
+            pack_linears((attn.q_proj, attn.k_proj, attn.v_proj))
+            pack_linears((mlp.gate_proj, mlp.up_proj))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.pack_projections()
+        return self
 
     def rope(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin tables [T, head_dim] in fp32 for positions 0..T-1 (cached per length and device)."""

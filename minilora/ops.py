@@ -158,10 +158,16 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------- SwiGLU
 class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up``; ``up`` None: ``gate`` is one packed ``[..., 2F]`` tensor (gate half, then up half),
+    the output of a packed gate/up projection, whose gradient then comes back as one tensor too (no ``cat``)."""
+
     @staticmethod
-    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
+    def forward(ctx, gate: Tensor, up: Tensor | None) -> Tensor:
+        ctx.packed = up is None
+        if ctx.packed:
+            gate, up = gate.chunk(2, dim=-1)
         ctx.save_for_backward(gate, up)
-        ctx.fused = gate.shape == up.shape and cpu_kernels.enabled(gate, up)
+        ctx.fused = gate.shape == up.shape and gate.shape[-1] > 0 and cpu_kernels.enabled(gate, up)
         if ctx.fused:
             return cpu_kernels.swiglu_fwd(gate, up)
         return F.silu(gate).mul_(up)
@@ -169,12 +175,17 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         gate, up = ctx.saved_tensors
+        if ctx.fused and ctx.packed:
+            return cpu_kernels.swiglu_bwd(g, gate, up, packed=True), None
+        need_gate, need_up = (True, True) if ctx.packed else ctx.needs_input_grad
         if ctx.fused:
             dgate, dup = cpu_kernels.swiglu_bwd(g, gate, up)
-            return dgate if ctx.needs_input_grad[0] else None, dup if ctx.needs_input_grad[1] else None
-        dgate = torch.ops.aten.silu_backward(g * up, gate) if ctx.needs_input_grad[0] else None
-        dup = F.silu(gate).mul_(g) if ctx.needs_input_grad[1] else None
-        return dgate, dup
+        else:
+            dgate = torch.ops.aten.silu_backward(g * up, gate) if need_gate else None
+            dup = F.silu(gate).mul_(g) if need_up else None
+        if ctx.packed:
+            return torch.cat((dgate, dup), dim=-1), None
+        return dgate if need_gate else None, dup if need_up else None
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
@@ -183,6 +194,14 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     if triton_ops is not None and triton_ops.swiglu_supported(gate, up):
         return triton_ops.swiglu(gate, up)
     return _SwiGLU.apply(gate, up)
+
+
+def swiglu_packed(gate_up: Tensor) -> Tensor:
+    """``silu(gate) * up`` for ``gate_up = cat(gate, up)`` along the last dim (a packed gate/up projection)."""
+    triton_ops = _triton_rowwise(gate_up)
+    if triton_ops is not None:  # the Triton kernels take the two halves as strided views
+        return swiglu(*gate_up.chunk(2, dim=-1))
+    return _SwiGLU.apply(gate_up, None)
 
 
 # ---------------------------------------------------------------- attention

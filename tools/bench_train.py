@@ -165,6 +165,15 @@ def median(xs: list[float]) -> float | None:
 def _import_torch(spec: dict):
     import torch
 
+    import importlib.util
+
+    # every worker, either side: a machine setting, like the thread count. Loaded by path, so that the HF side's
+    # memory holds no minilora package.
+    os.environ["MINILORA_MALLOC"] = spec.get("malloc", "tuned")
+    mod = importlib.util.spec_from_file_location("_minilora_runtime", ROOT / "minilora" / "runtime.py")
+    runtime = importlib.util.module_from_spec(mod)
+    mod.loader.exec_module(runtime)
+    spec["malloc_state"] = runtime.tune_malloc()
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     return torch
@@ -507,7 +516,7 @@ def worker_train(spec: dict) -> dict:
     tokens = ids.numel()
     out = {**info, "tokens_per_step": tokens, "step_s": run["step_s"], "tok_s": [tokens / s for s in run["step_s"]],
            "losses": run["results"], "load": run["load"], "steps_all": run["steps_all"], "waited_s": run["waited_s"],
-           "memory": mem}
+           "memory": mem, "malloc": spec["malloc_state"]}
     if spec.get("profile"):
         if float(spec["wait_quiet"]) > 0:
             wait_quiet(float(spec["wait_quiet"]), float(spec["max_others"]))
@@ -572,7 +581,7 @@ def worker_cls(spec: dict) -> dict:
     tokens = ids.numel()
     return {**info, "params": total, "tokens_per_step": tokens, "step_s": run["step_s"],
             "tok_s": [tokens / s for s in run["step_s"]], "load": run["load"], "steps_all": run["steps_all"],
-            "waited_s": run["waited_s"], "memory": mem}
+            "waited_s": run["waited_s"], "memory": mem, "malloc": spec["malloc_state"]}
 
 
 WORKERS = {"prep": worker_prep, "gemm": worker_gemm, "train": worker_train, "cls": worker_cls}
@@ -672,6 +681,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=2, help="layers of the llama7b shape (default 2)")
     p.add_argument("--gemm-size", type=int, help="n of the n^3 GEMM rate probe (default 2048 CPU, 8192 CUDA)")
     p.add_argument("--threads", type=int, help="torch CPU threads in the workers (default: torch's choice)")
+    p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                   help="glibc allocator in every worker, both sides: tuned = minilora.runtime.tune_malloc, as the "
+                        "recipes run (freed memory stays in the heap; no page faults on each step's new tensors), "
+                        "default = glibc's own thresholds (default tuned)")
     p.add_argument("--quick", action="store_true", help="tiny smoke settings (batch 2 x 32, 1 warm-up + 1 step, 1 round)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write every number, the machine, versions and the command")
     p.add_argument("--profile", type=Path, metavar="DIR", help="also profile one extra step per side and "
@@ -851,7 +864,8 @@ def render(summary: dict, gemm: dict, meta: dict) -> str:
         f"transformers {meta['versions'].get('transformers')}, peft {meta['versions'].get('peft')}; "
         f"minilora {meta['versions'].get('minilora_git')}",
         f"Model: {meta.get('model_note')}; data: {meta.get('data')}; batch {s['batch']} x {s['seq']} tokens; LoRA r={s['rank']} "
-        f"alpha={s['alpha']:g} dropout 0; {s['rounds']} round(s) x {s['steps']} timed step(s) after {s['warmup']} warm-up",
+        f"alpha={s['alpha']:g} dropout 0; {s['rounds']} round(s) x {s['steps']} timed step(s) after {s['warmup']} warm-up; "
+        f"glibc malloc {s.get('malloc', 'default')} in both sides' workers",
         f"GEMM {gemm.get('n')}^3: bf16 {_f(gemm.get('bf16_gflops'), '.0f')} GFLOP/s, fp32 "
         f"{_f(gemm.get('fp32_gflops'), '.0f')} GFLOP/s (median over rounds: "
         f"{', '.join(_f(x, '.0f') for x in gemm.get('bf16_per_round', []))} bf16)",
@@ -930,7 +944,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -
         model = str(smollm2_file())
     else:
         model = str(tmp / f"llama7b-shape-{args.layers}l")
-    base = {"device": args.device, "shape": args.shape, "model": model, "threads": args.threads,
+    base = {"device": args.device, "shape": args.shape, "model": model, "threads": args.threads, "malloc": args.malloc,
             "data_file": str(tmp / "ids.pt"), "max_others": args.max_others_load, "wait_quiet": args.wait_quiet,
             "retries": args.retries}
     if args.profile:
