@@ -7,6 +7,8 @@ memory is one chunk of logits instead of ``[B*T, V]`` fp32 logits (SmolLM2: 49,1
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +23,25 @@ def _compute_dtype(h: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(h.device.type):
         return torch.get_autocast_dtype(h.device.type)
     return h.dtype
+
+
+# A frozen weight's contiguous transpose, per weight tensor (dropped with it), remade when the weight changes:
+# id(weight) -> (weak reference to it, (address, version), transpose). Tensors cannot be weak dict keys (their
+# == is elementwise).
+_TRANSPOSED: dict[int, tuple] = {}
+
+
+def _transposed(w: torch.Tensor) -> torch.Tensor:
+    """``w.T`` as a contiguous [D, V] copy, cached: oneDNN runs the [rows, D] x [D, V] logits GEMM much faster
+    from it than from the transposed view of the [V, D] weight (SmolLM2's head, 341-row chunks, 2 cores: 56 against
+    93 ms a step; the whole bf16 training step 3% faster)."""
+    key = (w.data_ptr(), w._version)
+    hit = _TRANSPOSED.get(id(w))
+    if hit is None or hit[0]() is not w or hit[1] != key:
+        ident = id(w)
+        ref = weakref.ref(w, lambda _: _TRANSPOSED.pop(ident, None))
+        hit = _TRANSPOSED[ident] = (ref, key, w.detach().t().contiguous())
+    return hit[2]
 
 
 def _fused_cpu(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, rows: int,
@@ -38,10 +59,11 @@ def _fused_cpu(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, rows: int,
     buf = torch.empty(rows, V, dtype=w.dtype)
     total = torch.zeros((), dtype=torch.float64)
     grad_h = torch.empty(h.shape, dtype=w.dtype) if need_h else None
+    wt = _transposed(w)
     for i in range(0, n, rows):
         hc = h[i : i + rows].to(w.dtype)
         logits = buf[: hc.shape[0]]
-        torch.mm(hc, w.T, out=logits)
+        torch.mm(hc, wt, out=logits)
         total += cpu_kernels.cross_entropy_rows_(logits, y[i : i + rows], grad=need_h).sum(dtype=torch.float64)
         if need_h:
             torch.mm(logits, w, out=grad_h[i : i + rows])

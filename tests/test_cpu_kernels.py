@@ -175,6 +175,30 @@ def test_cross_entropy(fused, sharp):
     assert _rel(hidden.grad[0, :n], logits.grad @ w.double()) < 1e-2
 
 
+def test_lm_head_transpose_cache_follows_the_weight(fused):
+    """The cached contiguous W^T is remade when the weight changes in place, and is per weight tensor."""
+    torch.manual_seed(6)
+    D, V = 16, 50
+    hidden = torch.randn(1, 9, D).to(BF)
+    labels = torch.randint(0, V, (1, 9))
+
+    def check(head):
+        loss, _ = losses.lm_loss_sum(hidden, head, labels)
+        logits = hidden[0, :-1].double() @ head.weight.double().T
+        ref = F.cross_entropy(logits, labels[0, 1:], reduction="sum")
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-2)
+        return loss.item()
+
+    head = torch.nn.Linear(D, V, bias=False).to(BF).requires_grad_(False)
+    first = check(head)
+    with torch.no_grad():
+        head.weight.mul_(-2.0)  # in place: same tensor and address, new version
+    assert check(head) != first
+    other = torch.nn.Linear(D, V, bias=False).to(BF).requires_grad_(False)
+    check(other)
+    check(head)
+
+
 def test_cross_entropy_rejects_out_of_range_targets(fused):
     head = torch.nn.Linear(4, 10, bias=False).to(BF).requires_grad_(False)
     with pytest.raises(ValueError, match=r"target token ids must lie in \[0, 10\)"):
