@@ -72,9 +72,33 @@ void rms_norm_fwd(const bf16 *restrict x, const bf16 *restrict w, bf16 *restrict
     }
 }
 
-/* dx = rstd * g * w - (rstd^3 / D) * sum(g * w * x) * x, per row. */
+/* The residual add fused in front: h = bf16(x + a) (the residual stream, written out), then out = rms_norm(h) as
+ * above, from the rounded h. */
+void add_rms_norm_fwd(const bf16 *restrict x, const bf16 *restrict a, const bf16 *restrict w, bf16 *restrict h,
+                      bf16 *restrict out, float *restrict rstd, int64_t n, int64_t D, float eps, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const bf16 *restrict xr = x + i * D, *restrict ar = a + i * D;
+        bf16 *restrict hr = h + i * D, *restrict o = out + i * D;
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t j = 0; j < D; j++) {
+            bf16 v = f2b(b2f(xr[j]) + b2f(ar[j]));
+            hr[j] = v;
+            ss += b2f(v) * b2f(v);
+        }
+        float r = 1.0f / sqrtf(ss / (float)D + eps);
+        rstd[i] = r;
+#pragma omp simd
+        for (int64_t j = 0; j < D; j++) o[j] = f2b(b2f(f2b(b2f(hr[j]) * r)) * b2f(w[j]));
+    }
+}
+
+/* dx = rstd * g * w - (rstd^3 / D) * sum(g * w * x) * x (+ gres, the gradient that reaches x along the residual
+ * stream, when not NULL: one rounding for the sum), per row. */
 void rms_norm_bwd(const bf16 *restrict g, const bf16 *restrict x, const bf16 *restrict w,
-                  const float *restrict rstd, bf16 *restrict dx, int64_t n, int64_t D, int nt) {
+                  const float *restrict rstd, const bf16 *restrict gres, bf16 *restrict dx, int64_t n, int64_t D,
+                  int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t i = 0; i < n; i++) {
         const bf16 *restrict gr = g + i * D, *restrict xr = x + i * D;
@@ -84,8 +108,14 @@ void rms_norm_bwd(const bf16 *restrict g, const bf16 *restrict x, const bf16 *re
         for (int64_t j = 0; j < D; j++) dot += b2f(gr[j]) * b2f(w[j]) * b2f(xr[j]);
         float r = rstd[i];
         float beta = -r * r * r * dot / (float)D;
+        if (gres) {
+            const bf16 *restrict rr = gres + i * D;
 #pragma omp simd
-        for (int64_t j = 0; j < D; j++) o[j] = f2b(r * b2f(gr[j]) * b2f(w[j]) + beta * b2f(xr[j]));
+            for (int64_t j = 0; j < D; j++) o[j] = f2b(r * b2f(gr[j]) * b2f(w[j]) + beta * b2f(xr[j]) + b2f(rr[j]));
+        } else {
+#pragma omp simd
+            for (int64_t j = 0; j < D; j++) o[j] = f2b(r * b2f(gr[j]) * b2f(w[j]) + beta * b2f(xr[j]));
+        }
     }
 }
 

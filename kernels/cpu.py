@@ -41,7 +41,8 @@ _FLAG_SETS = (  # tried in order; the first that compiles wins
 _P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "rms_norm_fwd": [_P, _P, _P, _P, _I64, _I64, _F, _I],
-    "rms_norm_bwd": [_P, _P, _P, _P, _P, _I64, _I64, _I],
+    "add_rms_norm_fwd": [_P, _P, _P, _P, _P, _P, _I64, _I64, _F, _I],
+    "rms_norm_bwd": [_P, _P, _P, _P, _P, _P, _I64, _I64, _I],
     "swiglu_fwd": [_P, _P, _P, _I64, _I64, _I64, _I],
     "swiglu_bwd": [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I],
     "rope": [_P, _P, _P, _P] + [_I64] * 10 + [_F, _I],
@@ -167,11 +168,25 @@ def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]
     return out, rstd
 
 
-def rms_norm_bwd(g: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> Tensor:
+def add_rms_norm_fwd(x: Tensor, a: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(h = x + a, rms_norm(h), rstd [rows] fp32) for x, a [..., D] and weight [D], all bf16."""
+    x, a = _c(x), _c(a)
+    h, out = torch.empty_like(x), torch.empty_like(x)
+    D = x.shape[-1]
+    rstd = torch.empty(x.numel() // D, dtype=torch.float32)
+    library().add_rms_norm_fwd(x.data_ptr(), a.data_ptr(), _c(weight).data_ptr(), h.data_ptr(), out.data_ptr(),
+                               rstd.data_ptr(), rstd.numel(), D, eps, _nt())
+    return h, out, rstd
+
+
+def rms_norm_bwd(g: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, residual: Tensor | None = None) -> Tensor:
+    """dL/dx of rms_norm(x) for its output's gradient g, plus ``residual`` (a gradient reaching x directly)."""
     g, x = _c(g), _c(x)
+    residual = None if residual is None else _c(residual)
     dx = torch.empty_like(x)
-    library().rms_norm_bwd(g.data_ptr(), x.data_ptr(), _c(weight).data_ptr(), rstd.data_ptr(), dx.data_ptr(),
-                           rstd.numel(), x.shape[-1], _nt())
+    library().rms_norm_bwd(g.data_ptr(), x.data_ptr(), _c(weight).data_ptr(), rstd.data_ptr(),
+                           None if residual is None else residual.data_ptr(), dx.data_ptr(), rstd.numel(),
+                           x.shape[-1], _nt())
     return dx
 
 

@@ -112,6 +112,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps)
 
+    def add_forward(self, x: torch.Tensor, a: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x + a, norm(x + a))``, the residual add fused in (``ops.add_rms_norm``); ``a`` None: ``(x, norm(x))``."""
+        return ops.add_rms_norm(x, a, self.weight, self.eps)
+
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     """RoPE inverse frequencies [head_dim/2] in fp32, with LLaMA-3 frequency-dependent scaling if configured."""
@@ -176,7 +180,11 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm decoder block; ``checkpoint=True`` recomputes its activations in backward."""
+    """Pre-norm decoder block; ``checkpoint=True`` recomputes its activations in backward.
+
+    It takes and returns the residual stream as a pair ``(x, pending)`` whose sum is the stream: the MLP output is
+    not added here but by the next block's (or the final) norm, which fuses that add with its own pass.
+    """
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -186,16 +194,19 @@ class TransformerBlock(nn.Module):
         self.mlp = FeedForward(cfg)
         self.checkpoint = False
 
-    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                 bias: torch.Tensor | None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, bias)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def _forward(self, x: torch.Tensor, pending: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                 mask: torch.Tensor | None, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        h, n = self.input_layernorm.add_forward(x, pending)
+        h, n = self.post_attention_layernorm.add_forward(h, self.self_attn(n, cos, sin, mask, bias))
+        return h, self.mlp(n)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, pending: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, m)`` with ``h + m`` the block's output, for the input stream ``x + pending``."""
         if self.checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, cos, sin, mask, bias, use_reentrant=False)
-        return self._forward(x, cos, sin, mask, bias)
+            return checkpoint(self._forward, x, pending, cos, sin, mask, bias, use_reentrant=False)
+        return self._forward(x, pending, cos, sin, mask, bias)
 
 
 class Decoder(nn.Module):
@@ -262,9 +273,10 @@ class Transformer(nn.Module):
             # A fully padded query row would give NaN; let it see itself (its output is ignored).
             mask = mask | torch.eye(T, dtype=torch.bool, device=input_ids.device)
         bias = ops.layer_bias(T, mask, x.device)
+        pending = None
         for block in self.model.layers:
-            x = block(x, cos, sin, mask, bias)
-        return self.model.norm(x)
+            x, pending = block(x, cos, sin, mask, bias, pending)
+        return self.model.norm.add_forward(x, pending)[1]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.lm_head(self.hidden_states(input_ids, attention_mask))

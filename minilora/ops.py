@@ -108,6 +108,37 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return _RMSNorm.apply(x, weight, eps)
 
 
+class _AddRMSNorm(torch.autograd.Function):
+    """(h = x + a, rms_norm(h)) in one pass of kernels/cpu.c; backward adds the gradient that reaches h along the
+    residual stream inside the RMSNorm backward pass, instead of in a separate add."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, a: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        h, out, rstd = cpu_kernels.add_rms_norm_fwd(x, a, weight, eps)
+        ctx.save_for_backward(h, weight, rstd)
+        return h, out
+
+    @staticmethod
+    def backward(ctx, gh: Tensor | None, gout: Tensor | None):
+        h, weight, rstd = ctx.saved_tensors
+        if gout is None:
+            return gh, gh, None, None
+        dh = cpu_kernels.rms_norm_bwd(gout, h, weight, rstd, residual=gh)
+        return dh, dh, None, None
+
+
+def add_rms_norm(x: Tensor, a: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``(h, rms_norm(h, weight, eps))`` with ``h = x + a`` (``x`` when ``a`` is None): a pre-norm block's residual
+    add and the norm after it, fused on the CPU for bf16 with a frozen weight (else the two ops)."""
+    if a is None:
+        return x, rms_norm(x, weight, eps)
+    if (not weight.requires_grad and x.shape == a.shape and weight.shape == x.shape[-1:]
+            and cpu_kernels.enabled(x, a, weight)):
+        return _AddRMSNorm.apply(x, a, weight, eps)
+    h = x + a
+    return h, rms_norm(h, weight, eps)
+
+
 # ---------------------------------------------------------------- RoPE
 def _rotate_into(out: Tensor, x: Tensor, c: Tensor, s: Tensor, sign: float) -> Tensor:
     """``out = x * c + sign * rotate_half(x) * s`` with c, s the first halves of the (duplicated) tables."""

@@ -61,6 +61,27 @@ def test_rms_norm(fused, D):
     assert _rel(dx, xd.grad) < 4e-3
 
 
+@pytest.mark.parametrize("D", [576, 7])
+def test_add_rms_norm(fused, D):
+    """h = x + a rounded once, rms_norm(h) from the rounded h; both inputs get gh + d rms_norm / dh."""
+    torch.manual_seed(7)
+    x, a = (torch.randn(4, 3, D) * 2).to(BF), torch.randn(4, 3, D).to(BF)
+    w = (torch.rand(D) + 0.5).to(BF)
+    gh, gout = torch.randn(4, 3, D).to(BF), torch.randn(4, 3, D).to(BF)
+    xs, as_ = x.clone().requires_grad_(True), a.clone().requires_grad_(True)
+    h, out = ops.add_rms_norm(xs, as_, w, 1e-5)
+    torch.autograd.backward([h, out], [gh, gout])
+    assert torch.equal(h, (x.double() + a.double()).to(BF))
+    hd = h.detach().double().requires_grad_(True)
+    n = hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + 1e-5)
+    assert _ulps(out, (n.to(BF).double() * w.double()).to(BF)) <= 1.0
+    (n * w.double()).backward(gout.double())
+    ref = hd.grad + gh.double()
+    assert torch.equal(xs.grad, as_.grad) and _rel(xs.grad, ref) < 4e-3
+    h2, out2 = ops.add_rms_norm(x, None, w, 1e-5)
+    assert h2 is x and torch.equal(out2, ops.rms_norm(x, w, 1e-5))
+
+
 def test_rms_norm_trainable_weight_uses_the_pytorch_path(fused):
     x = torch.randn(4, 16).to(BF).requires_grad_(True)
     w = torch.ones(16, dtype=BF, requires_grad=True)
