@@ -152,13 +152,11 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         qkv = linear_group(x, (self.q_proj, self.k_proj, self.v_proj))  # one GEMM when the weights are packed
         if qkv is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q = ops.rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)  # [B, H, T, D]
+            k = ops.rope(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), cos, sin)  # [B, Hkv, T, D]
+            v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         else:
-            q, k, v = qkv.split((self.n_heads * self.head_dim, self.n_kv * self.head_dim,
-                                 self.n_kv * self.head_dim), dim=-1)
-        q = ops.rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin)  # [B, H, T, D]
-        k = ops.rope(k.view(B, T, self.n_kv, self.head_dim), cos, sin)  # [B, Hkv, T, D]
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+            q, k, v = ops.qkv_rope(qkv, cos, sin, self.n_heads, self.n_kv)
         out = ops.attention(q, k, v, mask, bias)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 

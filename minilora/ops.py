@@ -178,6 +178,56 @@ class _RoPE(torch.autograd.Function):
         return dx, None, None
 
 
+class _QKVRoPE(torch.autograd.Function):
+    """A packed q|k|v projection [B, T, (H + 2 Hkv) D] into attention's layouts in one go: q and k rotated into
+    ``[B, H, T, D]`` / ``[B, Hkv, T, D]``, v copied into a contiguous ``[B, Hkv, T, D]`` (a strided v would be copied
+    by each of the two GEMMs that read it). Backward writes the three gradients into one packed gradient, which the
+    packed projection's backward takes as it is (separate outputs would be concatenated)."""
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, _ = qkv.shape
+        D = qkv.shape[-1] // (H + 2 * Hkv)
+        ctx.dims = (H, Hkv, D)
+        q, k = (torch.empty(B, n, T, D, dtype=qkv.dtype) for n in (H, Hkv))
+        cpu_kernels.rope_into(q.transpose(1, 2), qkv[..., : H * D].view(B, T, H, D), cos, sin, 1.0)
+        cpu_kernels.rope_into(k.transpose(1, 2), qkv[..., H * D : (H + Hkv) * D].view(B, T, Hkv, D), cos, sin, 1.0)
+        v = qkv[..., (H + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2).contiguous()
+        ctx.save_for_backward(cos, sin)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, gq: Tensor | None, gk: Tensor | None, gv: Tensor | None):
+        cos, sin = ctx.saved_tensors
+        H, Hkv, D = ctx.dims
+        g = next(t for t in (gq, gk, gv) if t is not None)
+        B, T = g.shape[0], g.shape[2]
+        d = torch.empty(B, T, (H + 2 * Hkv) * D, dtype=g.dtype)
+        parts = d.split((H * D, Hkv * D, Hkv * D), dim=-1)
+        for grad, part, n, rotate in ((gq, parts[0], H, True), (gk, parts[1], Hkv, True), (gv, parts[2], Hkv, False)):
+            out = part.view(B, T, n, D)
+            if grad is None:
+                out.zero_()
+            elif rotate:  # the inverse rotation
+                grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+                cpu_kernels.rope_into(out, grad.transpose(1, 2), cos, sin, -1.0)
+            else:
+                out.copy_(grad.transpose(1, 2))
+        return d, None, None, None, None
+
+
+def qkv_rope(qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(rope(q) [B, H, T, D], rope(k) [B, Hkv, T, D], v [B, Hkv, T, D]) from a packed q|k|v projection
+    [B, T, (H + 2 Hkv) D]: ``_QKVRoPE`` for bf16 on the CPU, else a split and ``rope``."""
+    B, T, N = qkv.shape
+    D = N // (H + 2 * Hkv)
+    if qkv.stride(-1) == 1 and cos.shape == sin.shape == (T, D) and cpu_kernels.enabled(qkv):
+        return _QKVRoPE.apply(qkv, cos, sin, H, Hkv)
+    q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
+    return (rope(q.view(B, T, H, D), cos, sin), rope(k.view(B, T, Hkv, D), cos, sin),
+            v.view(B, T, Hkv, D).transpose(1, 2))
+
+
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotary embedding of ``x`` [B, T, H, D] (HF rotate-half) returned as a contiguous ``[B, H, T, D]``.
 

@@ -120,6 +120,30 @@ def test_swiglu_packed(monkeypatch, kernels_mode, F_):
     assert torch.equal(out, out2) and torch.equal(dgu, torch.cat((dgate, dup), dim=-1))
 
 
+def test_qkv_rope_matches_split_and_rope(fused):
+    """The packed q|k|v split + RoPE equals split + ops.rope (values and the packed gradient), v contiguous."""
+    torch.manual_seed(8)
+    B, T, H, Hkv, D = 2, 7, 6, 2, 16
+    inv = 1.0 / (500.0 ** (torch.arange(0, D, 2).float() / D))
+    emb = torch.outer(torch.arange(T).float(), inv).repeat(1, 2)
+    cos, sin = emb.cos(), emb.sin()
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D).to(BF)
+    grads = [torch.randn(B, n, T, D).to(BF) for n in (H, Hkv, Hkv)]
+    x1, x2 = qkv.clone().requires_grad_(True), qkv.clone().requires_grad_(True)
+    fused_out = ops.qkv_rope(x1, cos, sin, H, Hkv)
+    q, k, v = x2.split((H * D, Hkv * D, Hkv * D), dim=-1)
+    ref = (ops.rope(q.view(B, T, H, D), cos, sin), ops.rope(k.view(B, T, Hkv, D), cos, sin),
+           v.view(B, T, Hkv, D).transpose(1, 2))
+    for a, b in zip(fused_out, ref):
+        assert torch.equal(a, b) and a.is_contiguous()
+    torch.autograd.backward(fused_out, grads)
+    torch.autograd.backward(ref, grads)
+    assert torch.equal(x1.grad, x2.grad)
+    x3 = qkv.clone().requires_grad_(True)  # a q|k|v output of which only q is used
+    ops.qkv_rope(x3, cos, sin, H, Hkv)[0].backward(grads[0])
+    assert torch.equal(x3.grad[..., : H * D], x1.grad[..., : H * D]) and not x3.grad[..., H * D :].any()
+
+
 def test_rope(fused):
     torch.manual_seed(2)
     B, T, H, D = 2, 9, 3, 64
