@@ -2,7 +2,8 @@
 
 In one process, alternating ``MINILORA_CPU_KERNELS=auto`` (the C kernels) and ``off`` (minilora's PyTorch code)
 round by round, so both sides see the same machine state:
-  ops    forward+backward of RMSNorm (frozen weight), RoPE, SwiGLU, the causal GEMM attention and the LM head +
+  ops    forward+backward of RMSNorm (frozen weight; alone and with the residual add in front), RoPE (alone and
+         the packed q|k|v split), SwiGLU (separate and packed gate|up), the causal GEMM attention and the LM head +
          cross-entropy, at the shapes of the training benchmark (SmolLM2-135M, batch 8 x 256 tokens)
   step   one bf16-autocast LoRA training step (r=16 on q_proj, v_proj, AdamW) of SmolLM2-135M: the real GGUF
          weights when installed, else random weights of its shape
@@ -26,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import cpu as cpu_kernels  # noqa: E402
 from minilora import losses, ops  # noqa: E402
+from minilora.runtime import tune_malloc  # noqa: E402
 
 BF = torch.bfloat16
 PATHS = {"fused": "auto", "torch": "off"}  # label -> MINILORA_CPU_KERNELS
@@ -53,8 +55,13 @@ def op_cases(tokens: int, seq: int, hidden: int, inter: int, heads: int, kv: int
     labels = torch.randint(0, vocab, (B, seq), generator=g)
     return {
         "rms_norm": (lambda x: ops.rms_norm(x, w, 1e-5), [rand(tokens, hidden)], rand(tokens, hidden)),
+        "residual add + rms_norm": (lambda x, a: ops.add_rms_norm(x, a, w, 1e-5)[1],
+                                    [rand(tokens, hidden), rand(tokens, hidden)], rand(tokens, hidden)),
         "rope (q)": (lambda x: ops.rope(x, cos, sin), [rand(B, seq, heads, D)], rand(B, heads, seq, D)),
+        "q/k/v split + rope (packed)": (lambda x: sum(t.float().sum() for t in ops.qkv_rope(x, cos, sin, heads, kv)),
+                               [rand(B, seq, (heads + 2 * kv) * D)], None),
         "swiglu": (ops.swiglu, [rand(tokens, inter, scale=2), rand(tokens, inter)], rand(tokens, inter)),
+        "swiglu (packed gate/up)": (ops.swiglu_packed, [rand(tokens, 2 * inter, scale=2)], rand(tokens, inter)),
         "attention": (lambda q, k, v: ops.attention(q, k, v, None),
                       [rand(B, heads, seq, D), rand(B, kv, seq, D), rand(B, kv, seq, D)], rand(B, heads, seq, D)),
         "lm_head + cross-entropy": (lambda h: losses.lm_loss_sum(h, head, labels)[0],
@@ -160,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         cpu_kernels.library()  # fail here, with the compiler's reason, rather than time PyTorch twice
         result: dict = {"command": " ".join([sys.executable] + sys.argv), "torch": torch.__version__,
                         "threads": torch.get_num_threads(), "dims": args.dims,
+                        "malloc": tune_malloc(),  # as the recipes run; both paths alike
                         "ops": bench_ops(op_cases(*args.dims), args.rounds, args.reps)}
         if not args.no_step:
             tokens, seq = args.dims[:2]
