@@ -6,10 +6,12 @@ for the forward pass of a packed model loaded from a checkpoint.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from conftest import save_tiny_hf
+from conftest import run_interpreter_child, save_tiny_hf
 from minilora import from_pretrained
 from minilora.lora import add_adapter, linear_group, merge_adapter, packed_weight
 
@@ -130,3 +132,9 @@ def test_merge_into_packed_weight_touches_only_its_block(tiny):
     assert torch.equal(attn.q_proj.weight, q) and torch.equal(attn.k_proj.weight, k)
     assert not torch.equal(attn.v_proj.weight, v)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_under_the_triton_kernels() -> None:
+    """The same tests with ``kernels.lora_linear`` in Triton (the GPU path), under the interpreter."""
+    pytest.importorskip("triton")
+    run_interpreter_child(Path(__file__), "not triton")
