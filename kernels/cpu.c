@@ -13,7 +13,20 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* SwiGLU, the largest of these ops, also has an AVX-512 BF16 version (hardware fp32 -> bf16 rounding, exp through
+ * scalef), used when the compiler targets such a CPU (-march=native on one); the plain C below is the reference
+ * and the version everywhere else. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define HAVE_AVX512BF16 1
+#else
+#define HAVE_AVX512BF16 0
+#endif
+
 typedef uint16_t bf16;
+
+/* 1 when the AVX-512 BF16 versions were compiled in (reported by the benchmarks). */
+int simd_avx512bf16(void) { return HAVE_AVX512BF16; }
 
 static inline float b2f(bf16 v) {
     uint32_t u = (uint32_t)v << 16;
@@ -122,6 +135,70 @@ void rms_norm_bwd(const bf16 *restrict g, const bf16 *restrict x, const bf16 *re
 /* ------------------------------------------------------------------ SwiGLU: out = silu(gate) * up
  * Over rows of F values; gate and up rows start ld elements apart (ld = F for separate tensors, 2F when gate and
  * up are the two halves of one packed [rows, 2F] projection output). out is a contiguous [rows, F]. */
+#if HAVE_AVX512BF16
+static inline __m512 v_load(const bf16 *p, __mmask16 m) { /* bf16 -> fp32 is a 16-bit shift */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+static inline void v_store(bf16 *p, __m512 x, __mmask16 m) { /* round to nearest even */
+    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+static inline __mmask16 v_mask(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
+
+/* fexp's polynomial; scalef applies 2^n (and underflows to 0 below the clamp). */
+static inline __m512 v_exp(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 v_sigmoid(__m512 a) {
+    __m512 one = _mm512_set1_ps(1.0f);
+    return _mm512_div_ps(one, _mm512_add_ps(one, v_exp(_mm512_sub_ps(_mm512_setzero_ps(), a))));
+}
+
+void swiglu_fwd(const bf16 *restrict gate, const bf16 *restrict up, bf16 *restrict out, int64_t rows, int64_t F,
+                int64_t ld, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < rows; i++) {
+        const bf16 *gr = gate + i * ld, *ur = up + i * ld;
+        bf16 *o = out + i * F;
+        for (int64_t j = 0; j < F; j += 16) {
+            __mmask16 m = v_mask(F - j);
+            __m512 a = v_load(gr + j, m);
+            v_store(o + j, _mm512_mul_ps(_mm512_mul_ps(a, v_sigmoid(a)), v_load(ur + j, m)), m);
+        }
+    }
+}
+
+void swiglu_bwd(const bf16 *restrict g, const bf16 *restrict gate, const bf16 *restrict up, bf16 *restrict dgate,
+                bf16 *restrict dup, int64_t rows, int64_t F, int64_t ld_in, int64_t ld_out, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < rows; i++) {
+        const bf16 *gr = g + i * F, *ar = gate + i * ld_in, *ur = up + i * ld_in;
+        bf16 *dg = dgate + i * ld_out, *du = dup + i * ld_out;
+        const __m512 one = _mm512_set1_ps(1.0f);
+        for (int64_t j = 0; j < F; j += 16) {
+            __mmask16 m = v_mask(F - j);
+            __m512 a = v_load(ar + j, m), s = v_sigmoid(a), ys = _mm512_mul_ps(v_load(gr + j, m), s);
+            v_store(du + j, _mm512_mul_ps(ys, a), m);
+            __m512 t = _mm512_fmadd_ps(a, _mm512_sub_ps(one, s), one);
+            v_store(dg + j, _mm512_mul_ps(_mm512_mul_ps(ys, v_load(ur + j, m)), t), m);
+        }
+    }
+}
+#else
 void swiglu_fwd(const bf16 *restrict gate, const bf16 *restrict up, bf16 *restrict out, int64_t rows, int64_t F,
                 int64_t ld, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
@@ -153,6 +230,7 @@ void swiglu_bwd(const bf16 *restrict g, const bf16 *restrict gate, const bf16 *r
         }
     }
 }
+#endif
 
 /* ------------------------------------------------------------------ RoPE (rotate-half)
  * For each (b, t, h) row of D values: out = x * c + sign * rotate_half(x) * s, with c, s the bf16-rounded first

@@ -51,7 +51,8 @@ _SIGNATURES = {
     "cross_entropy_rows": [_P, _P, _P, _I64, _I64, _I, _I],
 }
 
-_RETURNS = {"causal_softmax_fwd": _I, "cross_entropy_rows": _I}  # nonzero: a row buffer's malloc failed
+_SIGNATURES["simd_avx512bf16"] = []
+_RETURNS = {"causal_softmax_fwd": _I, "cross_entropy_rows": _I, "simd_avx512bf16": _I}  # nonzero: a row buffer's malloc failed
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib" (CDLL or None), "error" (str), "path"
