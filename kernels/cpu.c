@@ -63,6 +63,44 @@ static inline float fexp(float x) {
 
 static inline float sigmoid(float x) { return 1.0f / (1.0f + fexp(-x)); }
 
+/* ------------------------------------------------------------------ AVX-512 BF16 helpers (16 lanes; masks for
+ * row tails, so no scalar epilogues) */
+#if HAVE_AVX512BF16
+static inline __m512 v_load(const bf16 *p, __mmask16 m) { /* bf16 -> fp32 is a 16-bit shift */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+static inline void v_store(bf16 *p, __m512 x, __mmask16 m) { /* round to nearest even */
+    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+static inline __mmask16 v_mask(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
+
+/* fexp's polynomial; scalef applies 2^n (and underflows to 0 below the clamp). */
+static inline __m512 v_exp(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 v_sigmoid(__m512 a) {
+    __m512 one = _mm512_set1_ps(1.0f);
+    return _mm512_div_ps(one, _mm512_add_ps(one, v_exp(_mm512_sub_ps(_mm512_setzero_ps(), a))));
+}
+
+#endif
+
+
 /* ------------------------------------------------------------------ RMSNorm
  * out = bf16(bf16(x * rstd) * w) per row (Hugging Face's order: normalise in fp32, round, then the weight);
  * rstd[i] = 1 / sqrt(mean(x^2) + eps) in fp32, kept for backward. */
@@ -136,38 +174,6 @@ void rms_norm_bwd(const bf16 *restrict g, const bf16 *restrict x, const bf16 *re
  * Over rows of F values; gate and up rows start ld elements apart (ld = F for separate tensors, 2F when gate and
  * up are the two halves of one packed [rows, 2F] projection output). out is a contiguous [rows, F]. */
 #if HAVE_AVX512BF16
-static inline __m512 v_load(const bf16 *p, __mmask16 m) { /* bf16 -> fp32 is a 16-bit shift */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-
-static inline void v_store(bf16 *p, __m512 x, __mmask16 m) { /* round to nearest even */
-    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(x));
-}
-
-static inline __mmask16 v_mask(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
-
-/* fexp's polynomial; scalef applies 2^n (and underflows to 0 below the clamp). */
-static inline __m512 v_exp(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
-static inline __m512 v_sigmoid(__m512 a) {
-    __m512 one = _mm512_set1_ps(1.0f);
-    return _mm512_div_ps(one, _mm512_add_ps(one, v_exp(_mm512_sub_ps(_mm512_setzero_ps(), a))));
-}
-
 void swiglu_fwd(const bf16 *restrict gate, const bf16 *restrict up, bf16 *restrict out, int64_t rows, int64_t F,
                 int64_t ld, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
@@ -263,6 +269,63 @@ void rope(const bf16 *restrict x, bf16 *restrict out, const float *restrict cos_
  * s: R rows of T scores; row i is query position t = i % T and sees keys 0..t. In place:
  * p = softmax(scale * s) over the visible keys, 0 elsewhere. Each thread keeps the row's exponentials in an fp32
  * buffer, so every score costs one exp. Returns nonzero if the buffer could not be allocated. */
+#if HAVE_AVX512BF16
+int causal_softmax_fwd(bf16 *restrict s, int64_t R, int64_t T, float scale, int nt) {
+    int failed = 0;
+#pragma omp parallel num_threads(nt) reduction(| : failed)
+    {
+        float *restrict buf = (float *)malloc((size_t)(T + 16) * sizeof(float));
+        failed = buf == NULL;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < R; i++) {
+            if (buf == NULL) continue;
+            bf16 *restrict row = s + i * T;
+            const int64_t len = i % T + 1;
+            __m512 vm = _mm512_set1_ps(-INFINITY);
+            for (int64_t j = 0; j < len; j += 16) {
+                __mmask16 m = v_mask(len - j);
+                vm = _mm512_mask_max_ps(vm, m, vm, v_load(row + j, m));
+            }
+            const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vm)), sc = _mm512_set1_ps(scale);
+            __m512 vs = _mm512_setzero_ps();
+            for (int64_t j = 0; j < len; j += 16) {
+                __mmask16 m = v_mask(len - j);
+                __m512 e = _mm512_maskz_mov_ps(m, v_exp(_mm512_mul_ps(sc, _mm512_sub_ps(v_load(row + j, m), mx))));
+                _mm512_storeu_ps(buf + j, e);
+                vs = _mm512_add_ps(vs, e);
+            }
+            const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vs));
+            for (int64_t j = 0; j < T; j += 16) {  /* lanes past len: 0 (the buffer's tail block holds zeros) */
+                __mmask16 m = v_mask(T - j);
+                v_store(row + j, j < len ? _mm512_mul_ps(_mm512_loadu_ps(buf + j), inv) : _mm512_setzero_ps(), m);
+            }
+        }
+        free(buf);
+    }
+    return failed;
+}
+
+void causal_softmax_bwd(const bf16 *restrict p, bf16 *restrict dp, int64_t R, int64_t T, float scale, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < R; i++) {
+        const bf16 *restrict pr = p + i * T;
+        bf16 *restrict d = dp + i * T;
+        const int64_t len = i % T + 1;
+        __m512 vd = _mm512_setzero_ps();
+        for (int64_t j = 0; j < len; j += 16) {
+            __mmask16 m = v_mask(len - j);
+            vd = _mm512_fmadd_ps(v_load(pr + j, m), v_load(d + j, m), vd);
+        }
+        const __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(vd)), sc = _mm512_set1_ps(scale);
+        for (int64_t j = 0; j < T; j += 16) {
+            __mmask16 m = v_mask(T - j), in = j < len ? v_mask(len - j) : 0;
+            __m512 x = _mm512_maskz_mul_ps(in, _mm512_mul_ps(sc, v_load(pr + j, in)),
+                                           _mm512_sub_ps(v_load(d + j, in), dot));
+            v_store(d + j, x, m);
+        }
+    }
+}
+#else
 int causal_softmax_fwd(bf16 *restrict s, int64_t R, int64_t T, float scale, int nt) {
     int failed = 0;
 #pragma omp parallel num_threads(nt) reduction(| : failed)
@@ -313,12 +376,59 @@ void causal_softmax_bwd(const bf16 *restrict p, bf16 *restrict dp, int64_t R, in
         for (int64_t j = len; j < T; j++) d[j] = 0;
     }
 }
+#endif
 
 /* ------------------------------------------------------------------ cross-entropy over logits rows
  * logits [R, V] bf16, targets y [R]. loss[i] = logsumexp(row) - row[y] in fp32. With grad != 0 the row is
  * overwritten in place by softmax(row) - onehot(y), the gradient of loss[i] with respect to the row.
  * Confident rows (p[y] near 1) would cancel in both 1 - p[y] and log(sum): the sum over the other classes is
  * kept apart, so that p[y] - 1 = -others / sum and loss = log1p(others / e[y]) keep their relative precision. */
+#if HAVE_AVX512BF16
+int cross_entropy_rows(bf16 *restrict logits, const int64_t *restrict y, float *restrict loss, int64_t R,
+                       int64_t V, int grad, int nt) {
+    int failed = 0;
+#pragma omp parallel num_threads(nt) reduction(| : failed)
+    {
+        float *restrict buf = (float *)malloc((size_t)(V + 16) * sizeof(float));  /* the row's exponentials */
+        failed = buf == NULL;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < R; i++) {
+            if (buf == NULL) continue;
+            bf16 *restrict row = logits + i * V;
+            const int64_t t = y[i];
+            __m512 vm = _mm512_set1_ps(-INFINITY);
+            for (int64_t j = 0; j < V; j += 16) {
+                __mmask16 m = v_mask(V - j);
+                vm = _mm512_mask_max_ps(vm, m, vm, v_load(row + j, m));
+            }
+            const float m = _mm512_reduce_max_ps(vm);
+            const __m512 mx = _mm512_set1_ps(m);
+            __m512 vo = _mm512_setzero_ps();  /* the sum over the classes other than t */
+            for (int64_t j = 0; j < V; j += 16) {
+                __mmask16 k = v_mask(V - j);
+                __m512 e = _mm512_maskz_mov_ps(k, v_exp(_mm512_sub_ps(v_load(row + j, k), mx)));
+                _mm512_storeu_ps(buf + j, e);
+                if (t >= j && t < j + 16) k &= (__mmask16)~(1u << (t - j));
+                vo = _mm512_mask_add_ps(vo, k, vo, e);
+            }
+            const float others = _mm512_reduce_add_ps(vo);
+            const float xt = b2f(row[t]);
+            const float et = expf(xt - m);
+            const float sum = et + others;
+            loss[i] = xt - m > -60.0f ? log1pf(others / et) : (m - xt) + logf(sum);
+            if (grad) {
+                const float inv = 1.0f / sum;
+                const __m512 vinv = _mm512_set1_ps(inv);
+                for (int64_t j = 0; j < V; j += 16)
+                    v_store(row + j, _mm512_mul_ps(_mm512_loadu_ps(buf + j), vinv), v_mask(V - j));
+                row[t] = f2b(-others * inv);
+            }
+        }
+        free(buf);
+    }
+    return failed;
+}
+#else
 int cross_entropy_rows(bf16 *restrict logits, const int64_t *restrict y, float *restrict loss, int64_t R,
                        int64_t V, int grad, int nt) {
     int failed = 0;
@@ -359,3 +469,4 @@ int cross_entropy_rows(bf16 *restrict logits, const int64_t *restrict y, float *
     }
     return failed;
 }
+#endif
