@@ -1,9 +1,13 @@
 /* Fused CPU kernels for the memory- and exp-bound work around the GEMMs of a bf16 training step.
  *
- * Plain C, written for the compiler's auto-vectoriser (simple inner loops over restrict pointers, no libm calls
- * inside them) and threaded with OpenMP over rows. kernels/cpu.py builds it on first use with the system C
- * compiler and calls it through ctypes; the PyTorch formulas these replace are in minilora/ops.py and
- * minilora/losses.py, and tests/test_cpu_kernels.py checks every kernel against them.
+ * Every kernel exists twice: in plain C, written for the compiler's auto-vectoriser (simple inner loops over
+ * restrict pointers, no libm calls inside them), and in AVX-512 BF16 intrinsics, compiled instead when the build
+ * targets such a CPU (-march=native on one: Sapphire Rapids and later, Zen 4 and later). The intrinsics round to
+ * bf16 in hardware, compute exp through scalef and handle row tails with masks instead of scalar epilogues: about
+ * 7% of a SmolLM2 bf16 training step on 2 cores. Both are threaded with OpenMP over rows. kernels/cpu.py builds the
+ * file on first use with the system C compiler and calls it through ctypes; the PyTorch formulas these replace are
+ * in minilora/ops.py and minilora/losses.py, and tests/test_cpu_kernels.py checks every kernel against them (and
+ * builds the plain C version too).
  *
  * Numerics: bf16 in and out, every intermediate in fp32, one rounding per output (the PyTorch path rounds after
  * each op, so results may differ from it by one bf16 ulp). Rounding is to nearest even.
@@ -13,9 +17,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* SwiGLU, the largest of these ops, also has an AVX-512 BF16 version (hardware fp32 -> bf16 rounding, exp through
- * scalef), used when the compiler targets such a CPU (-march=native on one); the plain C below is the reference
- * and the version everywhere else. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define HAVE_AVX512BF16 1
@@ -74,6 +75,10 @@ static inline void v_store(bf16 *p, __m512 x, __mmask16 m) { /* round to nearest
     _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(x));
 }
 
+static inline __m512 v_round(__m512 x) { /* to bf16 and back: the value a bf16 store would keep */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
+}
+
 static inline __mmask16 v_mask(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
 
 /* fexp's polynomial; scalef applies 2^n (and underflows to 0 below the clamp). */
@@ -104,6 +109,75 @@ static inline __m512 v_sigmoid(__m512 a) {
 /* ------------------------------------------------------------------ RMSNorm
  * out = bf16(bf16(x * rstd) * w) per row (Hugging Face's order: normalise in fp32, round, then the weight);
  * rstd[i] = 1 / sqrt(mean(x^2) + eps) in fp32, kept for backward. */
+#if HAVE_AVX512BF16
+void rms_norm_fwd(const bf16 *restrict x, const bf16 *restrict w, bf16 *restrict out, float *restrict rstd,
+                  int64_t n, int64_t D, float eps, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const bf16 *restrict xr = x + i * D;
+        bf16 *restrict o = out + i * D;
+        __m512 vs = _mm512_setzero_ps();
+        for (int64_t j = 0; j < D; j += 16) {
+            __m512 v = v_load(xr + j, v_mask(D - j));
+            vs = _mm512_fmadd_ps(v, v, vs);
+        }
+        const float r = 1.0f / sqrtf(_mm512_reduce_add_ps(vs) / (float)D + eps);
+        rstd[i] = r;
+        const __m512 vr = _mm512_set1_ps(r);
+        for (int64_t j = 0; j < D; j += 16) {
+            __mmask16 m = v_mask(D - j);
+            v_store(o + j, _mm512_mul_ps(v_round(_mm512_mul_ps(v_load(xr + j, m), vr)), v_load(w + j, m)), m);
+        }
+    }
+}
+
+void add_rms_norm_fwd(const bf16 *restrict x, const bf16 *restrict a, const bf16 *restrict w, bf16 *restrict h,
+                      bf16 *restrict out, float *restrict rstd, int64_t n, int64_t D, float eps, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const bf16 *restrict xr = x + i * D, *restrict ar = a + i * D;
+        bf16 *restrict hr = h + i * D, *restrict o = out + i * D;
+        __m512 vs = _mm512_setzero_ps();
+        for (int64_t j = 0; j < D; j += 16) {
+            __mmask16 m = v_mask(D - j);
+            __m512 v = v_round(_mm512_add_ps(v_load(xr + j, m), v_load(ar + j, m)));
+            v_store(hr + j, v, m);
+            vs = _mm512_fmadd_ps(v, v, vs);
+        }
+        const float r = 1.0f / sqrtf(_mm512_reduce_add_ps(vs) / (float)D + eps);
+        rstd[i] = r;
+        const __m512 vr = _mm512_set1_ps(r);
+        for (int64_t j = 0; j < D; j += 16) {
+            __mmask16 m = v_mask(D - j);
+            v_store(o + j, _mm512_mul_ps(v_round(_mm512_mul_ps(v_load(hr + j, m), vr)), v_load(w + j, m)), m);
+        }
+    }
+}
+
+void rms_norm_bwd(const bf16 *restrict g, const bf16 *restrict x, const bf16 *restrict w,
+                  const float *restrict rstd, const bf16 *restrict gres, bf16 *restrict dx, int64_t n, int64_t D,
+                  int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const bf16 *restrict gr = g + i * D, *restrict xr = x + i * D;
+        bf16 *restrict o = dx + i * D;
+        __m512 vd = _mm512_setzero_ps();
+        for (int64_t j = 0; j < D; j += 16) {
+            __mmask16 m = v_mask(D - j);
+            vd = _mm512_fmadd_ps(_mm512_mul_ps(v_load(gr + j, m), v_load(w + j, m)), v_load(xr + j, m), vd);
+        }
+        const float r = rstd[i];
+        const __m512 vr = _mm512_set1_ps(r), beta = _mm512_set1_ps(-r * r * r * _mm512_reduce_add_ps(vd) / (float)D);
+        for (int64_t j = 0; j < D; j += 16) {
+            __mmask16 m = v_mask(D - j);
+            __m512 v = _mm512_fmadd_ps(beta, v_load(xr + j, m),
+                                       _mm512_mul_ps(_mm512_mul_ps(vr, v_load(gr + j, m)), v_load(w + j, m)));
+            if (gres) v = _mm512_add_ps(v, v_load(gres + i * D + j, m));
+            v_store(o + j, v, m);
+        }
+    }
+}
+#else
 void rms_norm_fwd(const bf16 *restrict x, const bf16 *restrict w, bf16 *restrict out, float *restrict rstd,
                   int64_t n, int64_t D, float eps, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
@@ -169,6 +243,7 @@ void rms_norm_bwd(const bf16 *restrict g, const bf16 *restrict x, const bf16 *re
         }
     }
 }
+#endif
 
 /* ------------------------------------------------------------------ SwiGLU: out = silu(gate) * up
  * Over rows of F values; gate and up rows start ld elements apart (ld = F for separate tensors, 2F when gate and
@@ -242,6 +317,32 @@ void swiglu_bwd(const bf16 *restrict g, const bf16 *restrict gate, const bf16 *r
  * For each (b, t, h) row of D values: out = x * c + sign * rotate_half(x) * s, with c, s the bf16-rounded first
  * halves of the cos / sin tables [T, D] (fp32). sign = +1 forward, -1 backward (the inverse rotation). Input and
  * output rows are addressed by element strides, so forward reads [B, T, H, D] and writes [B, H, T, D] directly. */
+#if HAVE_AVX512BF16
+void rope(const bf16 *restrict x, bf16 *restrict out, const float *restrict cos_t, const float *restrict sin_t,
+          int64_t B, int64_t T, int64_t H, int64_t D, int64_t xb, int64_t xt, int64_t xh, int64_t ob, int64_t ot,
+          int64_t oh, float sign, int nt) {
+    const int64_t half = D / 2;
+    const __m512 sg = _mm512_set1_ps(sign);
+#pragma omp parallel for num_threads(nt) schedule(static) collapse(2)
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t t = 0; t < T; t++) {
+            const float *restrict ct = cos_t + t * D, *restrict st = sin_t + t * D;
+            for (int64_t j = 0; j < half; j += 16) {
+                __mmask16 m = v_mask(half - j);
+                const __m512 c = v_round(_mm512_maskz_loadu_ps(m, ct + j));
+                const __m512 s = _mm512_mul_ps(sg, v_round(_mm512_maskz_loadu_ps(m, st + j)));
+                for (int64_t h = 0; h < H; h++) {
+                    const bf16 *restrict xr = x + b * xb + t * xt + h * xh;
+                    bf16 *restrict o = out + b * ob + t * ot + h * oh;
+                    __m512 x1 = v_load(xr + j, m), x2 = v_load(xr + j + half, m);
+                    v_store(o + j, _mm512_fnmadd_ps(x2, s, _mm512_mul_ps(x1, c)), m);
+                    v_store(o + j + half, _mm512_fmadd_ps(x1, s, _mm512_mul_ps(x2, c)), m);
+                }
+            }
+        }
+    }
+}
+#else
 void rope(const bf16 *restrict x, bf16 *restrict out, const float *restrict cos_t, const float *restrict sin_t,
           int64_t B, int64_t T, int64_t H, int64_t D, int64_t xb, int64_t xt, int64_t xh, int64_t ob, int64_t ot,
           int64_t oh, float sign, int nt) {
@@ -264,6 +365,7 @@ void rope(const bf16 *restrict x, bf16 *restrict out, const float *restrict cos_
         }
     }
 }
+#endif
 
 /* ------------------------------------------------------------------ causal softmax
  * s: R rows of T scores; row i is query position t = i % T and sees keys 0..t. In place:
