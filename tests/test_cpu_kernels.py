@@ -21,11 +21,20 @@ from minilora import losses, ops
 BF = torch.bfloat16
 
 
-@pytest.fixture
-def fused(monkeypatch):
+@pytest.fixture(params=["default", "plain-c"])
+def fused(request, monkeypatch):
+    """The kernels as built here; and, where that build is the AVX-512 BF16 one, the plain C version of the same
+    file (built without AVX-512 BF16), so that both versions pass every test."""
     monkeypatch.setenv("MINILORA_CPU_KERNELS", "auto")
+    if request.param == "plain-c":
+        if "avx512_bf16" not in cpu._cpu_fingerprint().split():
+            pytest.skip("the default build is the plain C one here")
+        monkeypatch.setattr(cpu, "_state", {})
+        monkeypatch.setattr(cpu, "_FLAG_SETS", [cpu._FLAG_SETS[0] + ["-mno-avx512bf16"]])
     if cpu.library() is None:
         pytest.skip(f"fused CPU kernels unavailable here: {cpu._state.get('error')}")
+    if request.param == "plain-c":
+        assert cpu.library().simd_avx512bf16() == 0
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
