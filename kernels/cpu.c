@@ -191,16 +191,12 @@ static inline void rms_norm_bwd_row(const bf16 *restrict gr, const bf16 *restric
 }
 #endif
 
-void rms_norm_fwd(const bf16 *restrict x, const bf16 *restrict w, bf16 *restrict out, float *restrict rstd,
-                  int64_t n, int64_t D, float eps, int nt) {
+/* a, h: the residual add's other input and its output, or both NULL (plain RMSNorm of x). */
+void rms_norm_fwd(const bf16 *restrict x, const bf16 *restrict a, const bf16 *restrict w, bf16 *restrict h,
+                  bf16 *restrict out, float *restrict rstd, int64_t n, int64_t D, float eps, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t i = 0; i < n; i++) rstd[i] = rms_norm_row(x + i * D, NULL, w, NULL, out + i * D, D, eps);
-}
-
-void add_rms_norm_fwd(const bf16 *restrict x, const bf16 *restrict a, const bf16 *restrict w, bf16 *restrict h,
-                      bf16 *restrict out, float *restrict rstd, int64_t n, int64_t D, float eps, int nt) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t i = 0; i < n; i++) rstd[i] = rms_norm_row(x + i * D, a + i * D, w, h + i * D, out + i * D, D, eps);
+    for (int64_t i = 0; i < n; i++)
+        rstd[i] = rms_norm_row(x + i * D, a ? a + i * D : NULL, w, h ? h + i * D : NULL, out + i * D, D, eps);
 }
 
 /* gres: the gradient that reaches x along the residual stream, added in the same pass (one rounding), or NULL. */

@@ -40,8 +40,7 @@ _FLAG_SETS = (  # tried in order; the first that compiles wins
 
 _P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
-    "rms_norm_fwd": [_P, _P, _P, _P, _I64, _I64, _F, _I],
-    "add_rms_norm_fwd": [_P, _P, _P, _P, _P, _P, _I64, _I64, _F, _I],
+    "rms_norm_fwd": [_P, _P, _P, _P, _P, _P, _I64, _I64, _F, _I],
     "rms_norm_bwd": [_P, _P, _P, _P, _P, _P, _I64, _I64, _I],
     "swiglu_fwd": [_P, _P, _P, _I64, _I64, _I64, _I],
     "swiglu_bwd": [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I],
@@ -49,10 +48,10 @@ _SIGNATURES = {
     "causal_softmax_fwd": [_P, _I64, _I64, _F, _I],
     "causal_softmax_bwd": [_P, _P, _I64, _I64, _F, _I],
     "cross_entropy_rows": [_P, _P, _P, _I64, _I64, _I, _I],
+    "simd_avx512bf16": [],
 }
-
-_SIGNATURES["simd_avx512bf16"] = []
-_RETURNS = {"causal_softmax_fwd": _I, "cross_entropy_rows": _I, "simd_avx512bf16": _I}  # nonzero: a row buffer's malloc failed
+# softmax / cross-entropy: nonzero when a row buffer's malloc failed; simd_avx512bf16: 1 for the intrinsics build
+_RETURNS = {"causal_softmax_fwd": _I, "cross_entropy_rows": _I, "simd_avx512bf16": _I}
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib" (CDLL or None), "error" (str), "path"
@@ -158,25 +157,19 @@ def _c(t: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------- wrappers (bf16 CPU tensors; see cpu.c)
-def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(out, rstd [rows] fp32) for x [..., D] and weight [D], both bf16."""
+def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """(h, rms_norm(h), rstd [rows] fp32) with h = x + residual (x itself when residual is None), all bf16 [..., D],
+    weight [D]."""
     x, weight = _c(x), _c(weight)
-    D = x.shape[-1]
+    residual = None if residual is None else _c(residual)
+    h = x if residual is None else torch.empty_like(x)
     out = torch.empty_like(x)
-    rstd = torch.empty(x.numel() // D, dtype=torch.float32)
-    library().rms_norm_fwd(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rstd.data_ptr(), rstd.numel(), D,
-                           eps, _nt())
-    return out, rstd
-
-
-def add_rms_norm_fwd(x: Tensor, a: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(h = x + a, rms_norm(h), rstd [rows] fp32) for x, a [..., D] and weight [D], all bf16."""
-    x, a = _c(x), _c(a)
-    h, out = torch.empty_like(x), torch.empty_like(x)
     D = x.shape[-1]
     rstd = torch.empty(x.numel() // D, dtype=torch.float32)
-    library().add_rms_norm_fwd(x.data_ptr(), a.data_ptr(), _c(weight).data_ptr(), h.data_ptr(), out.data_ptr(),
-                               rstd.data_ptr(), rstd.numel(), D, eps, _nt())
+    library().rms_norm_fwd(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
+                           None if residual is None else h.data_ptr(), out.data_ptr(), rstd.data_ptr(),
+                           rstd.numel(), D, eps, _nt())
     return h, out, rstd
 
 
