@@ -11,6 +11,9 @@
  *
  * Numerics: bf16 in and out, every intermediate in fp32, one rounding per output (the PyTorch path rounds after
  * each op, so results may differ from it by one bf16 ulp). Rounding is to nearest even.
+ *
+ * The causal attention at the end is the exception: it exists only for CPUs with AMX tiles (Sapphire Rapids and
+ * later) and the callers use the GEMM attention with the softmax kernels above everywhere else.
  */
 #include <math.h>
 #include <stdint.h>
@@ -488,4 +491,428 @@ int cross_entropy_rows(bf16 *restrict logits, const int64_t *restrict y, float *
         free(buf);
     }
     return failed;
+}
+
+/* ------------------------------------------------------------------ causal attention on AMX tiles
+ * Forward and backward of causal grouped-query attention, one (sequence, K/V head) at a time per thread, with
+ * every product on the AMX bf16 tile unit (16x16 fp32 accumulators, 16x32 bf16 operands) and the softmax in
+ * AVX-512. Nothing of size [T, T] leaves the thread's cache: the forward keeps only the output and each row's
+ * log-sum-exp, and the backward recomputes the probabilities from them (as FlashAttention does); products over
+ * key blocks above the diagonal are skipped.
+ *
+ * Layouts: q, o, dout, dq are [B, H, T, D] with any (batch, head, position) strides and unit stride over D; k, v,
+ * dk, dv contiguous [B, Hkv, T, D]; lse [B, H, T] fp32. Needs T % 32 == 0 and D % 64 == 0 (else callers use the
+ * GEMM attention). AMX wants operands in two shapes: "A" tiles are 16 rows x 32 bf16 of a row-major matrix, "B"
+ * tiles 16 rows of 16 bf16 pairs, the pair being two consecutive entries of the reduced dimension. So K^T and V^T
+ * are stored as [D/2][T] pairs ("transposed pairs", one 32-bit transpose), V and K for the products over keys as
+ * [T/2][D] pairs ("row pairs", two rows interleaved), and the probabilities and score gradients as row pairs over
+ * the queries, written straight from the softmax registers. The products over queries (dK, dV) take Q^T and
+ * dO^T as A tiles and produce dK^T, dV^T, transposed once at the end. */
+#if HAVE_AVX512BF16 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#define HAVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define HAVE_AMX 0
+#endif
+
+#if HAVE_AMX
+/* Linux gives a process the AMX register state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
+ * XFEATURE_XTILEDATA); oneDNN asks too, and asking twice is harmless. */
+static int amx_permitted(void) {
+    static int state = -1;
+    if (state < 0)
+        state = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return state;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) amx_cfg;
+
+static void amx_config(void) { /* all 8 tiles 16 rows x 64 bytes */
+    amx_cfg c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        c.rows[i] = 16;
+        c.colsb[i] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* d[c][r] = s[r][c] for a 16 x 16 block of 32-bit values (row strides in elements) */
+static inline void tr16(const uint32_t *s, int64_t ss, __m512i out[16]) {
+    __m512i r[16], t[16];
+    for (int i = 0; i < 16; i++)
+        r[i] = _mm512_loadu_si512(s + i * ss);
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) { /* r[4i + c], lane L: column 4L + c of rows 4i..4i+3 */
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        __m512i v0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88), v1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xdd);
+        __m512i w0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88), w1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xdd);
+        out[c] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+        out[4 + c] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+        out[8 + c] = _mm512_shuffle_i32x4(v0, w0, 0xdd);
+        out[12 + c] = _mm512_shuffle_i32x4(v1, w1, 0xdd);
+    }
+}
+
+/* transposed pairs: out[dd][n] = (x[n][2dd], x[n][2dd+1]) for x [T][D] bf16 rows (stride ld), out [D/2][T] */
+static void pack_tpairs(const bf16 *x, int64_t ld, uint32_t *out, int64_t T, int64_t D) {
+    __m512i o[16];
+    for (int64_t n = 0; n < T; n += 16)
+        for (int64_t dd = 0; dd < D / 2; dd += 16) {
+            tr16((const uint32_t *)(x + n * ld) + dd, ld / 2, o);
+            for (int j = 0; j < 16; j++)
+                _mm512_storeu_si512(out + (dd + j) * T + n, o[j]);
+        }
+}
+
+/* the transpose of x [R][D] bf16 rows (stride ld) into out [D][ldo] bf16 (columns from 0) */
+static void transpose_bf16(const bf16 *x, int64_t ld, bf16 *out, int64_t ldo, int64_t R, int64_t D) {
+    __m512i o[16];
+    for (int64_t r = 0; r < R; r += 16)
+        for (int64_t dd = 0; dd < D / 2; dd += 16) {
+            tr16((const uint32_t *)(x + r * ld) + dd, ld / 2, o);
+            for (int j = 0; j < 16; j++) {
+                _mm256_storeu_si256((__m256i *)(out + (2 * (dd + j)) * ldo + r), _mm512_cvtepi32_epi16(o[j]));
+                _mm256_storeu_si256((__m256i *)(out + (2 * (dd + j) + 1) * ldo + r),
+                                    _mm512_cvtepi32_epi16(_mm512_srli_epi32(o[j], 16)));
+            }
+        }
+}
+
+/* row pairs: out[nn][d] = (x[2nn][d], x[2nn+1][d]) for x [T][D] contiguous bf16, out [T/2][D] */
+static void pack_rpairs(const bf16 *x, uint32_t *out, int64_t T, int64_t D) {
+    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                        37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    for (int64_t n = 0; n < T; n += 2)
+        for (int64_t d = 0; d < D; d += 32) {
+            __m512i a = _mm512_loadu_si512(x + n * D + d), b = _mm512_loadu_si512(x + (n + 1) * D + d);
+            _mm512_storeu_si512(out + (n / 2) * D + d, _mm512_permutex2var_epi16(a, lo, b));
+            _mm512_storeu_si512(out + (n / 2) * D + d + 16, _mm512_permutex2var_epi16(a, hi, b));
+        }
+}
+
+/* two fp32 rows of 16 -> 16 bf16 pairs (a[i], b[i]) */
+static inline __m512i pair_rows(__m512 a, __m512 b) {
+    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    return _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+}
+
+/* S[16][ldS] fp32 = rows x (A tiles from bf16 rows, stride ld) times keys [0, nk) given as transposed pairs kp
+ * [D/2][T]; nk a multiple of 32 */
+static inline void tile_scores(const bf16 *x, int64_t ld, const uint32_t *kp, int64_t T, int64_t D, int64_t nk,
+                               float *S) {
+    for (int64_t n = 0; n < nk; n += 32) {
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int64_t c = 0; c < D / 32; c++) {
+            _tile_loadd(4, x + 32 * c, ld * 2);
+            _tile_loadd(6, kp + 16 * c * T + n, T * 4);
+            _tile_loadd(7, kp + 16 * c * T + n + 16, T * 4);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+        }
+        _tile_stored(0, S + n, T * 4);
+        _tile_stored(1, S + n + 16, T * 4);
+    }
+}
+
+/* out[16][D] fp32 (stride D) = a [16][nk] bf16 (stride T) times row pairs rp [T/2][D]; D % 64 == 0 */
+static inline void tile_times_rpairs(const bf16 *a, const uint32_t *rp, int64_t T, int64_t D, int64_t nk,
+                                     float *out) {
+    for (int64_t d = 0; d < D; d += 64) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t n = 0; n < nk; n += 32) {
+            const uint32_t *b = rp + (n / 2) * D + d;
+            _tile_loadd(4, a + n, T * 2);
+            _tile_loadd(6, b, D * 4);
+            _tile_loadd(7, b + 16, D * 4);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_loadd(6, b + 32, D * 4);
+            _tile_loadd(7, b + 48, D * 4);
+            _tile_dpbf16ps(2, 4, 6);
+            _tile_dpbf16ps(3, 4, 7);
+        }
+        _tile_stored(0, out + d, D * 4);
+        _tile_stored(1, out + d + 16, D * 4);
+        _tile_stored(2, out + d + 32, D * 4);
+        _tile_stored(3, out + d + 48, D * 4);
+    }
+}
+
+static inline void store_rows(const float *acc, int64_t D, float scale, bf16 *dst, int64_t ld) {
+    const __m512 vs = _mm512_set1_ps(scale);
+    for (int r = 0; r < 16; r++)
+        for (int64_t d = 0; d < D; d += 16)
+            v_store(dst + r * ld + d, _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + d), vs), 0xFFFF);
+}
+
+/* Per-thread scratch that outlives the call (OpenMP's pool threads persist): grown when too small, so calls in a
+ * training loop neither allocate nor touch fresh pages. carve() hands out 64-byte aligned pieces of it. */
+static __thread char *arena_buf;
+static __thread size_t arena_cap;
+
+static size_t round64(size_t bytes) { return (bytes + 63) / 64 * 64; }
+
+static char *arena(size_t bytes) {
+    if (bytes > arena_cap) {
+        free(arena_buf);
+        arena_buf = aligned_alloc(64, round64(bytes));
+        arena_cap = arena_buf ? bytes : 0;
+    }
+    return arena_buf;
+}
+
+static void *carve(char **p, size_t bytes) {
+    void *r = *p;
+    *p += round64(bytes);
+    return r;
+}
+
+/* One (sequence, K/V head): its G query heads at q (head stride qh, position stride qt), o likewise. */
+static void attn_fwd_item(const bf16 *q, int64_t qh, int64_t qt, const bf16 *k, const bf16 *v, bf16 *o, int64_t oh,
+                          int64_t ot, float *lse, int64_t G, int64_t T, int64_t D, float scale, uint32_t *kp,
+                          uint32_t *vp, float *S, bf16 *P, float *acc) {
+    pack_tpairs(k, D, kp, T, D);
+    pack_rpairs(v, vp, T, D);
+    const __m512 vscale = _mm512_set1_ps(scale);
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t i = 0; i < T; i += 16) {
+            const int64_t nk = (i + 16 + 31) / 32 * 32; /* keys 0..i+15, in whole 32-key steps */
+            tile_scores(q + g * qh + i * qt, qt, kp, T, D, nk, S);
+            for (int r = 0; r < 16; r++) {
+                const int64_t t = i + r;
+                float *s = S + r * T;
+                __m512 vm = _mm512_set1_ps(-INFINITY);
+                for (int64_t n = 0; n <= t; n += 16) {
+                    __mmask16 m = v_mask(t + 1 - n);
+                    vm = _mm512_mask_max_ps(vm, m, vm, _mm512_mul_ps(_mm512_loadu_ps(s + n), vscale));
+                }
+                const float mx = _mm512_reduce_max_ps(vm);
+                const __m512 vmx = _mm512_set1_ps(mx);
+                __m512 vsum = _mm512_setzero_ps();
+                for (int64_t n = 0; n < nk; n += 16) {
+                    __mmask16 m = _mm512_cmple_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32((int)n)),
+                                                          _mm512_set1_epi32((int)t));
+                    __m512 e = _mm512_maskz_mov_ps(m, v_exp(_mm512_fmsub_ps(_mm512_loadu_ps(s + n), vscale, vmx)));
+                    vsum = _mm512_add_ps(vsum, e);
+                    _mm512_storeu_ps(s + n, e);
+                }
+                const float sum = _mm512_reduce_add_ps(vsum);
+                const __m512 vinv = _mm512_set1_ps(1.0f / sum);
+                for (int64_t n = 0; n < nk; n += 16)
+                    v_store(P + r * T + n, _mm512_mul_ps(_mm512_loadu_ps(s + n), vinv), 0xFFFF);
+                lse[g * T + t] = mx + logf(sum);
+            }
+            tile_times_rpairs(P, vp, T, D, nk, acc);
+            store_rows(acc, D, 1.0f, o + g * oh + i * ot, ot);
+        }
+}
+
+/* The backward of one (sequence, K/V head). Per 16-query block: the scores and dP = dO V^T again, then
+ * P = exp(scale S - lse), dS = P (dP - rowsum(dO o)) (the gradient of the scaled scores), dQ = scale dS K; P and dS
+ * also go, as row pairs over queries, to buffers from which dK^T = scale Q^T dS and dV^T = dO^T P are taken once
+ * all query blocks are done. */
+typedef struct {
+    uint32_t *kp, *vt, *kv, *pv, *dsv;
+    bf16 *qT, *doT, *dsr;
+    float *S, *dP, *acc, *dkT, *dvT;
+} attn_bwd_buf;
+
+static void attn_bwd_item(const bf16 *q, int64_t qh, int64_t qt, const bf16 *k, const bf16 *v, const bf16 *o,
+                          int64_t oh, int64_t ot, const bf16 *go, int64_t gh, int64_t gt, const float *lse, bf16 *dq,
+                          int64_t dqh, int64_t dqt, bf16 *dk, bf16 *dv, int64_t G, int64_t T, int64_t D, float scale,
+                          const attn_bwd_buf *w) {
+    const int64_t R = G * T;
+    pack_tpairs(k, D, w->kp, T, D);
+    pack_tpairs(v, D, w->vt, T, D);
+    pack_rpairs(k, w->kv, T, D);
+    for (int64_t g = 0; g < G; g++) {
+        transpose_bf16(q + g * qh, qt, w->qT + g * T, R, T, D);
+        transpose_bf16(go + g * gh, gt, w->doT + g * T, R, T, D);
+    }
+    const __m512 vscale = _mm512_set1_ps(scale);
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t i = 0; i < T; i += 16) {
+            const int64_t nk = (i + 16 + 31) / 32 * 32;
+            tile_scores(q + g * qh + i * qt, qt, w->kp, T, D, nk, w->S);
+            tile_scores(go + g * gh + i * gt, gt, w->vt, T, D, nk, w->dP);
+            for (int r = 0; r < 16; r += 2) {
+                const int64_t t = i + r;
+                const bf16 *g0 = go + g * gh + t * gt, *o0 = o + g * oh + t * ot;
+                __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps();
+                for (int64_t d = 0; d < D; d += 16) {
+                    d0 = _mm512_fmadd_ps(v_load(g0 + d, 0xFFFF), v_load(o0 + d, 0xFFFF), d0);
+                    d1 = _mm512_fmadd_ps(v_load(g0 + gt + d, 0xFFFF), v_load(o0 + ot + d, 0xFFFF), d1);
+                }
+                const __m512 delta0 = _mm512_set1_ps(_mm512_reduce_add_ps(d0));
+                const __m512 delta1 = _mm512_set1_ps(_mm512_reduce_add_ps(d1));
+                const __m512 l0 = _mm512_set1_ps(lse[g * T + t]), l1 = _mm512_set1_ps(lse[g * T + t + 1]);
+                const float *s0 = w->S + r * T, *s1 = s0 + T, *p0 = w->dP + r * T, *p1 = p0 + T;
+                uint32_t *pv = w->pv + ((g * T + t) / 2) * T, *dsv = w->dsv + ((g * T + t) / 2) * T;
+                bf16 *dsr = w->dsr + r * T;
+                for (int64_t n = 0; n < nk; n += 16) {
+                    const __m512i key = _mm512_add_epi32(lane, _mm512_set1_epi32((int)n));
+                    const __mmask16 m0 = _mm512_cmple_epi32_mask(key, _mm512_set1_epi32((int)t));
+                    const __mmask16 m1 = _mm512_cmple_epi32_mask(key, _mm512_set1_epi32((int)t + 1));
+                    __m512 e0 = _mm512_maskz_mov_ps(m0, v_exp(_mm512_fmsub_ps(_mm512_loadu_ps(s0 + n), vscale, l0)));
+                    __m512 e1 = _mm512_maskz_mov_ps(m1, v_exp(_mm512_fmsub_ps(_mm512_loadu_ps(s1 + n), vscale, l1)));
+                    __m512 ds0 = _mm512_mul_ps(e0, _mm512_sub_ps(_mm512_loadu_ps(p0 + n), delta0));
+                    __m512 ds1 = _mm512_mul_ps(e1, _mm512_sub_ps(_mm512_loadu_ps(p1 + n), delta1));
+                    _mm512_storeu_si512(pv + n, pair_rows(e0, e1));
+                    _mm512_storeu_si512(dsv + n, pair_rows(ds0, ds1));
+                    v_store(dsr + n, ds0, 0xFFFF);
+                    v_store(dsr + T + n, ds1, 0xFFFF);
+                }
+            }
+            tile_times_rpairs(w->dsr, w->kv, T, D, nk, w->acc);
+            store_rows(w->acc, D, scale, dq + g * dqh + i * dqt, dqt);
+        }
+    for (int64_t d = 0; d < D; d += 16)
+        for (int64_t n = 0; n < T; n += 32) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t g = 0; g < G; g++)
+                for (int64_t r = g * T + n; r < (g + 1) * T; r += 32) { /* queries at or after these keys */
+                    _tile_loadd(4, w->qT + d * R + r, R * 2);
+                    _tile_loadd(5, w->doT + d * R + r, R * 2);
+                    _tile_loadd(6, w->dsv + (r / 2) * T + n, T * 4);
+                    _tile_loadd(7, w->dsv + (r / 2) * T + n + 16, T * 4);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_loadd(6, w->pv + (r / 2) * T + n, T * 4);
+                    _tile_loadd(7, w->pv + (r / 2) * T + n + 16, T * 4);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+            _tile_stored(0, w->dkT + d * T + n, T * 4);
+            _tile_stored(1, w->dkT + d * T + n + 16, T * 4);
+            _tile_stored(2, w->dvT + d * T + n, T * 4);
+            _tile_stored(3, w->dvT + d * T + n + 16, T * 4);
+        }
+    __m512i tr[16];
+    for (int64_t d = 0; d < D; d += 16)
+        for (int64_t n = 0; n < T; n += 16) {
+            tr16((const uint32_t *)w->dkT + d * T + n, T, tr);
+            for (int j = 0; j < 16; j++)
+                v_store(dk + (n + j) * D + d, _mm512_mul_ps(_mm512_castsi512_ps(tr[j]), vscale), 0xFFFF);
+            tr16((const uint32_t *)w->dvT + d * T + n, T, tr);
+            for (int j = 0; j < 16; j++)
+                v_store(dv + (n + j) * D + d, _mm512_castsi512_ps(tr[j]), 0xFFFF);
+        }
+}
+#endif
+
+int attn_amx_bwd(const bf16 *q, int64_t qb, int64_t qh, int64_t qt, const bf16 *k, const bf16 *v, const bf16 *o,
+                 int64_t ob, int64_t oh, int64_t ot, const bf16 *go, int64_t gb, int64_t gh, int64_t gt,
+                 const float *lse, bf16 *dq, int64_t dqb, int64_t dqh, int64_t dqt, bf16 *dk, bf16 *dv, int64_t B,
+                 int64_t H, int64_t Hkv, int64_t T, int64_t D, float scale, int nt) {
+#if HAVE_AMX
+    if (!amx_permitted())
+        return 1;
+    const int64_t G = H / Hkv, R = G * T;
+    int failed = 0;
+#pragma omp parallel num_threads(nt) reduction(| : failed)
+    {
+        const size_t td = round64(T * D * 2), rt = round64(R * T * 2), rd = round64(R * D * 2);
+        char *p = arena(3 * td + 2 * rt + 2 * rd + round64(16 * T * 2) + 2 * round64(16 * T * 4) +
+                        round64(16 * D * 4) + 2 * round64(D * T * 4));
+        const int ok = p != NULL;
+        attn_bwd_buf w;
+        if (ok) {
+            w.kp = carve(&p, td), w.vt = carve(&p, td), w.kv = carve(&p, td), w.pv = carve(&p, rt);
+            w.dsv = carve(&p, rt), w.qT = carve(&p, rd), w.doT = carve(&p, rd), w.dsr = carve(&p, 16 * T * 2);
+            w.S = carve(&p, 16 * T * 4), w.dP = carve(&p, 16 * T * 4), w.acc = carve(&p, 16 * D * 4);
+            w.dkT = carve(&p, D * T * 4), w.dvT = carve(&p, D * T * 4);
+        }
+        failed = ok ? 0 : 2;
+        if (ok)
+            amx_config();
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < B * Hkv; it++) {
+            const int64_t b = it / Hkv, h = (it % Hkv) * G;
+            if (ok)
+                attn_bwd_item(q + b * qb + h * qh, qh, qt, k + it * T * D, v + it * T * D, o + b * ob + h * oh, oh,
+                              ot, go + b * gb + h * gh, gh, gt, lse + (b * H + h) * T, dq + b * dqb + h * dqh, dqh,
+                              dqt, dk + it * T * D, dv + it * T * D, G, T, D, scale, &w);
+        }
+        if (ok)
+            _tile_release();
+    }
+    return failed;
+#else
+    (void)q, (void)qb, (void)qh, (void)qt, (void)k, (void)v, (void)o, (void)ob, (void)oh, (void)ot, (void)go;
+    (void)gb, (void)gh, (void)gt, (void)lse, (void)dq, (void)dqb, (void)dqh, (void)dqt, (void)dk, (void)dv, (void)B;
+    (void)H, (void)Hkv, (void)T, (void)D, (void)scale, (void)nt;
+    return 1;
+#endif
+}
+
+int attn_amx_fwd(const bf16 *q, int64_t qb, int64_t qh, int64_t qt, const bf16 *k, const bf16 *v, bf16 *o,
+                 int64_t ob, int64_t oh, int64_t ot, float *lse, int64_t B, int64_t H, int64_t Hkv, int64_t T,
+                 int64_t D, float scale, int nt) {
+#if HAVE_AMX
+    if (!amx_permitted())
+        return 1;
+    const int64_t G = H / Hkv;
+    int failed = 0;
+#pragma omp parallel num_threads(nt) reduction(| : failed)
+    {
+        const size_t td = round64(T * D * 2);
+        char *p = arena(2 * td + round64(16 * T * 4) + round64(16 * D * 4) + round64(16 * T * 2));
+        const int ok = p != NULL;
+        uint32_t *kp = ok ? carve(&p, td) : NULL, *vp = ok ? carve(&p, td) : NULL;
+        float *S = ok ? carve(&p, 16 * T * 4) : NULL, *acc = ok ? carve(&p, 16 * D * 4) : NULL;
+        bf16 *P = ok ? carve(&p, 16 * T * 2) : NULL;
+        failed = ok ? 0 : 2;
+        if (ok)
+            amx_config();
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < B * Hkv; it++) {
+            const int64_t b = it / Hkv, h = (it % Hkv) * G;
+            if (ok)
+                attn_fwd_item(q + b * qb + h * qh, qh, qt, k + it * T * D, v + it * T * D, o + b * ob + h * oh, oh,
+                              ot, lse + (b * H + h) * T, G, T, D, scale, kp, vp, S, P, acc);
+        }
+        if (ok)
+            _tile_release();
+    }
+    return failed;
+#else
+    (void)q, (void)qb, (void)qh, (void)qt, (void)k, (void)v, (void)o, (void)ob, (void)oh, (void)ot, (void)lse;
+    (void)B, (void)H, (void)Hkv, (void)T, (void)D, (void)scale, (void)nt;
+    return 1;
+#endif
+}
+
+/* 1 when attn_amx_fwd / attn_amx_bwd can run: compiled for AMX and the OS grants the tile state. */
+int amx_available(void) {
+#if HAVE_AMX
+    return amx_permitted();
+#else
+    return 0;
+#endif
 }

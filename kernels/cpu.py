@@ -2,7 +2,8 @@
 
 They replace the chains of PyTorch elementwise ops around the GEMMs of a bf16 training step on CPU (RMSNorm,
 SwiGLU, RoPE, the causal softmax of the GEMM attention, the LM-head cross-entropy), each of which is one pass
-over memory with fp32 math and one rounding, where PyTorch makes several passes with a rounding after each.
+over memory with fp32 math and one rounding, where PyTorch makes several passes with a rounding after each; and,
+on CPUs with AMX, the whole causal attention forward and backward (``attention_fwd``, ``attention_bwd``).
 ``minilora.ops`` and ``minilora.losses`` call them for contiguous bf16 CPU tensors and keep their PyTorch path
 for everything else (fp32, fp64, CUDA, or no compiler).
 
@@ -48,10 +49,16 @@ _SIGNATURES = {
     "causal_softmax_fwd": [_P, _I64, _I64, _F, _I],
     "causal_softmax_bwd": [_P, _P, _I64, _I64, _F, _I],
     "cross_entropy_rows": [_P, _P, _P, _I64, _I64, _I, _I],
+    "attn_amx_fwd": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P] + [_I64] * 5 + [_F, _I],
+    "attn_amx_bwd": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _I64, _I64,
+                     _I64, _P, _P] + [_I64] * 5 + [_F, _I],
     "simd_avx512bf16": [],
+    "amx_available": [],
 }
-# softmax / cross-entropy: nonzero when a row buffer's malloc failed; simd_avx512bf16: 1 for the intrinsics build
-_RETURNS = {"causal_softmax_fwd": _I, "cross_entropy_rows": _I, "simd_avx512bf16": _I}
+# softmax / cross-entropy: nonzero when a row buffer's malloc failed; attention: 1 without AMX, 2 when a buffer's
+# malloc failed; simd_avx512bf16 / amx_available: 1 for the intrinsics build / when the AMX attention can run
+_RETURNS = {"causal_softmax_fwd": _I, "cross_entropy_rows": _I, "attn_amx_fwd": _I, "attn_amx_bwd": _I,
+            "simd_avx512bf16": _I, "amx_available": _I}
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib" (CDLL or None), "error" (str), "path"
@@ -255,3 +262,56 @@ def cross_entropy_rows_(logits: Tensor, y: Tensor, grad: bool) -> Tensor:
                                     logits.shape[1], int(grad), _nt()):
         raise MemoryError(f"kernels/cpu.c cross_entropy_rows: no memory for a {logits.shape[1]}-float row buffer")
     return loss
+
+
+def amx_attention_supported(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """True when ``attention_fwd``/``attention_bwd`` take these causal-attention inputs: bf16 CPU tensors, the
+    library built with AMX and the OS granting it, ``T % 32 == 0``, ``D % 64 == 0`` and whole K/V head groups."""
+    B, H, T, D = q.shape
+    if not (k.shape == v.shape and k.dim() == 4 and k.shape[0] == B and k.shape[2:] == (T, D) and
+            H % k.shape[1] == 0 and T % 32 == 0 and D % 64 == 0 and T > 0 and q.stride(-1) == 1):
+        return False
+    if not enabled(q, k, v):
+        return False
+    if "amx" not in _state:
+        _state["amx"] = bool(library().amx_available())
+    return _state["amx"]
+
+
+def _check(rc: int, name: str, what: str) -> None:
+    if rc == 1:
+        raise RuntimeError(f"kernels/cpu.c {name}: AMX unavailable")
+    if rc:
+        raise MemoryError(f"kernels/cpu.c {name}: no memory for the per-thread buffers ({what})")
+
+
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Causal GQA attention on AMX tiles: (o [B, H, T, D], a view of a contiguous [B, T, H, D] tensor, so that
+    ``o.transpose(1, 2).reshape(B, T, H * D)`` needs no copy; lse [B, H, T] fp32, the log-sum-exp of each row's
+    scaled scores). q [B, H, T, D] with a unit last stride, k and v [B, Hkv, T, D]."""
+    B, H, T, D = q.shape
+    k, v = _c(k), _c(v)
+    o = torch.empty(B, T, H, D, dtype=q.dtype).transpose(1, 2)
+    lse = torch.empty(B, H, T, dtype=torch.float32)
+    rc = library().attn_amx_fwd(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), v.data_ptr(),
+                                o.data_ptr(), o.stride(0), o.stride(1), o.stride(2), lse.data_ptr(), B, H, k.shape[1],
+                                T, D, scale, _nt())
+    _check(rc, "attn_amx_fwd", f"T={T}, D={D}")
+    return o, lse
+
+
+def attention_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, g: Tensor, scale: float
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of ``attention_fwd`` for the output gradient g [B, H, T, D] (any strides, unit last one); the
+    probabilities are recomputed from q, k and lse."""
+    B, H, T, D = q.shape
+    k, v = _c(k), _c(v)
+    if g.stride(-1) != 1:
+        g = g.contiguous()
+    dq, dk, dv = torch.empty(q.shape, dtype=q.dtype), torch.empty_like(k), torch.empty_like(v)
+    rc = library().attn_amx_bwd(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), v.data_ptr(),
+                                o.data_ptr(), o.stride(0), o.stride(1), o.stride(2), g.data_ptr(), g.stride(0),
+                                g.stride(1), g.stride(2), lse.data_ptr(), dq.data_ptr(), dq.stride(0), dq.stride(1),
+                                dq.stride(2), dk.data_ptr(), dv.data_ptr(), B, H, k.shape[1], T, D, scale, _nt())
+    _check(rc, "attn_amx_bwd", f"T={T}, D={D}")
+    return dq, dk, dv

@@ -192,6 +192,75 @@ def test_causal_attention(fused, monkeypatch, T, heads, kv):
         assert fused_err < 1.25 * torch_err + 1e-3 and fused_err < 2e-2
 
 
+def _amx_expected(fused_param: str) -> bool:
+    """Whether this build should run the AMX attention: the AVX-512 BF16 build on a CPU with AMX (Linux)."""
+    flags = cpu._cpu_fingerprint().split()
+    return fused_param == "default" and "amx_bf16" in flags and "avx512_bf16" in flags and sys.platform == "linux"
+
+
+@pytest.mark.parametrize("B,H,Hkv,T,D", [(2, 6, 2, 64, 64), (1, 4, 4, 32, 128), (2, 9, 3, 96, 64)])
+def test_amx_attention(fused, request, monkeypatch, B, H, Hkv, T, D):
+    """Causal GQA attention on AMX tiles (fp32 scores, probabilities recomputed in backward) against the fp64
+    formula, with q and the output gradient in the strided [B, T, H, D] layouts the model passes; at least as
+    close as the GEMM path. In the plain C build the same call takes the GEMM path."""
+    monkeypatch.setenv("MINILORA_ATTENTION", "matmul")
+    torch.manual_seed(11)
+    q = (torch.randn(B, T, H, D) * 2).to(BF).transpose(1, 2)
+    k, v = ((torch.randn(B, Hkv, T, D) * 2).to(BF) for _ in range(2))
+    g = torch.randn(B, T, H, D).to(BF).transpose(1, 2)
+    ref, rgrads = _grads(lambda q, k, v: ops.attention_ref(q, k, v, None), [t.double() for t in (q, k, v)],
+                         g.double())
+    amx = _amx_expected(request.node.callspec.params["fused"])
+    assert cpu.amx_attention_supported(q, k, v) == amx
+    calls = []
+    real_fwd = cpu.attention_fwd
+    monkeypatch.setattr(cpu, "attention_fwd", lambda *a: calls.append(1) or real_fwd(*a))
+    errors = {}
+    for m in ("auto", "off"):
+        monkeypatch.setenv("MINILORA_CPU_KERNELS", m)
+        qs = q.detach().clone().requires_grad_(True)
+        q_in = qs.transpose(1, 2).contiguous().transpose(1, 2)  # strided like the model's q
+        ks, vs = k.clone().requires_grad_(True), v.clone().requires_grad_(True)
+        out = ops.attention(q_in, ks, vs, None)
+        out.backward(g)
+        assert out.dtype == BF and all(t.grad.dtype == BF for t in (qs, ks, vs))
+        errors[m] = [_rel(out, ref)] + [_rel(a, b) for a, b in zip((qs.grad, ks.grad, vs.grad), rgrads)]
+    assert len(calls) == int(amx)
+    for amx_err, torch_err in zip(errors["auto"], errors["off"]):
+        assert amx_err < 1.25 * torch_err + 1e-3 and amx_err < 2e-2
+
+
+def test_amx_attention_sharp_scores_and_unsupported_shapes(fused, request):
+    """Scores spread over +-80 after scaling: finite, and the gradients still match the fp64 formula; shapes the
+    kernel does not take (T % 32, D % 64, a different key length) are declined, so callers use the GEMM path."""
+    if not _amx_expected(request.node.callspec.params["fused"]):
+        pytest.skip("no AMX attention in this build or on this CPU")
+    torch.manual_seed(12)
+    B, H, Hkv, T, D = 1, 4, 2, 64, 64
+    q = (torch.randn(B, H, T, D) * 12).to(BF)
+    k, v = (torch.randn(B, Hkv, T, D) * 12).to(BF), torch.randn(B, Hkv, T, D).to(BF)
+    g = torch.randn(B, H, T, D).to(BF)
+    scale = D**-0.5
+    o, lse = cpu.attention_fwd(q, k, v, scale)
+    dq, dk, dv = cpu.attention_bwd(q, k, v, o, lse, g, scale)
+    ref, rgrads = _grads(lambda q, k, v: ops.attention_ref(q, k, v, None), [t.double() for t in (q, k, v)],
+                         g.double())
+    assert all(torch.isfinite(t.float()).all() for t in (o, lse, dq, dk, dv))
+    s = (q.double() @ k.double().repeat_interleave(H // Hkv, 1).transpose(-1, -2)) * scale
+    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    assert torch.allclose(lse.double(), torch.logsumexp(s, -1), rtol=1e-4, atol=1e-3)
+    assert _rel(o, ref) < 1e-2
+    for a, b in zip((dq, dk, dv), rgrads):
+        assert _rel(a, b) < 3e-2
+    z = lambda *shape: torch.zeros(*shape, dtype=BF)  # noqa: E731
+    assert cpu.amx_attention_supported(z(1, 2, 64, 64), z(1, 1, 64, 64), z(1, 1, 64, 64))
+    assert not cpu.amx_attention_supported(z(1, 2, 48, 64), z(1, 1, 48, 64), z(1, 1, 48, 64))
+    assert not cpu.amx_attention_supported(z(1, 2, 64, 32), z(1, 1, 64, 32), z(1, 1, 64, 32))
+    assert not cpu.amx_attention_supported(z(1, 3, 64, 64), z(1, 2, 64, 64), z(1, 2, 64, 64))
+    assert not cpu.amx_attention_supported(z(1, 2, 64, 64), z(1, 1, 32, 64), z(1, 1, 32, 64))
+    assert not cpu.amx_attention_supported(z(1, 2, 64, 64).float(), z(1, 1, 64, 64), z(1, 1, 64, 64))
+
+
 def test_causal_softmax_rows_direct(fused):
     """Sharp rows (scores spread over +-80 after scaling): no overflow, zeros above the diagonal, rows sum to 1."""
     torch.manual_seed(4)
@@ -300,13 +369,15 @@ def test_build_is_cached_per_source(monkeypatch, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.suffix != ".so"]  # no temp files left behind
 
 
-def test_training_step_matches_pytorch_path(monkeypatch):
+# head_dim 16 and 33 tokens (GEMM attention); head_dim 64 and 64 tokens (the AMX attention where there is AMX)
+@pytest.mark.parametrize("hidden,heads,kv,seq", [(64, 4, 2, 33), (128, 2, 1, 64)])
+def test_training_step_matches_pytorch_path(monkeypatch, hidden, heads, kv, seq):
     """A whole bf16-autocast LoRA step (loss and adapter gradients) with the fused kernels and without."""
     from minilora.lora import add_adapter
     from minilora.model import LlamaConfig, Transformer
 
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=True)
     torch.manual_seed(6)
     model = Transformer(cfg).to(BF)
     add_adapter(model, "task", r=4, alpha=8, targets="all-linear")
@@ -314,7 +385,7 @@ def test_training_step_matches_pytorch_path(monkeypatch):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
     model.train()
-    ids = torch.randint(0, 96, (2, 33))
+    ids = torch.randint(0, 96, (2, seq))
     out = {}
     for m in ("off", "auto"):
         monkeypatch.setenv("MINILORA_CPU_KERNELS", m)
