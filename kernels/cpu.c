@@ -593,14 +593,14 @@ static void transpose_bf16(const bf16 *x, int64_t ld, bf16 *out, int64_t ldo, in
         }
 }
 
-/* row pairs: out[nn][d] = (x[2nn][d], x[2nn+1][d]) for x [T][D] contiguous bf16, out [T/2][D] */
-static void pack_rpairs(const bf16 *x, uint32_t *out, int64_t T, int64_t D) {
+/* row pairs: out[nn][d] = (x[2nn][d], x[2nn+1][d]) for x [T][D] bf16 rows (stride ld), out [T/2][D] */
+static void pack_rpairs(const bf16 *x, int64_t ld, uint32_t *out, int64_t T, int64_t D) {
     const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
                                         37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
     const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
     for (int64_t n = 0; n < T; n += 2)
         for (int64_t d = 0; d < D; d += 32) {
-            __m512i a = _mm512_loadu_si512(x + n * D + d), b = _mm512_loadu_si512(x + (n + 1) * D + d);
+            __m512i a = _mm512_loadu_si512(x + n * ld + d), b = _mm512_loadu_si512(x + (n + 1) * ld + d);
             _mm512_storeu_si512(out + (n / 2) * D + d, _mm512_permutex2var_epi16(a, lo, b));
             _mm512_storeu_si512(out + (n / 2) * D + d + 16, _mm512_permutex2var_epi16(a, hi, b));
         }
@@ -688,18 +688,51 @@ static void *carve(char **p, size_t bytes) {
     return r;
 }
 
-/* One (sequence, K/V head): its G query heads at q (head stride qh, position stride qt), o likewise. */
-static void attn_fwd_item(const bf16 *q, int64_t qh, int64_t qt, const bf16 *k, const bf16 *v, bf16 *o, int64_t oh,
-                          int64_t ot, float *lse, int64_t G, int64_t T, int64_t D, float scale, uint32_t *kp,
-                          uint32_t *vp, float *S, bf16 *P, float *acc) {
-    pack_tpairs(k, D, kp, T, D);
-    pack_rpairs(v, vp, T, D);
+/* The item's G query heads as rows qr [G][T][D] and its keys kr [T][D] (RoPE applied, rounded as the rope kernel
+ * does, when cs != NULL: the callers then pass q and k straight from the packed q|k|v projection). */
+static void item_rows(const bf16 *q, int64_t qh, int64_t qt, const bf16 *k, int64_t kt, int64_t G, int64_t T,
+                      int64_t D, const float *cs, const float *sn, bf16 *qr, bf16 *kr) {
+    for (int64_t t = 0; t < T; t++) {
+        if (cs) {
+            rope_position(q + t * qt, qr + t * D, cs + t * D, sn + t * D, G, D / 2, qh, T * D, 1.0f);
+            rope_position(k + t * kt, kr + t * D, cs + t * D, sn + t * D, 1, D / 2, 0, 0, 1.0f);
+        } else {
+            for (int64_t g = 0; g < G; g++)
+                memcpy(qr + (g * T + t) * D, q + g * qh + t * qt, D * 2);
+            memcpy(kr + t * D, k + t * kt, D * 2);
+        }
+    }
+}
+
+/* rows [n][D] bf16 (stride D) to dst rows (stride ld), through the inverse rotation when cs != NULL */
+static void store_unrotated(const bf16 *rows, int64_t n, int64_t D, bf16 *dst, int64_t ld, const float *cs,
+                            const float *sn) {
+    for (int64_t r = 0; r < n; r++) {
+        if (cs)
+            rope_position(rows + r * D, dst + r * ld, cs + r * D, sn + r * D, 1, D / 2, 0, 0, -1.0f);
+        else
+            memcpy(dst + r * ld, rows + r * D, D * 2);
+    }
+}
+
+typedef struct {
+    int64_t b, h, t; /* element strides of a [B, heads, T, D] operand (unit stride over D) */
+} strides3;
+
+/* One (sequence, K/V head): its G query heads at q, the outputs o likewise, k and v its key / value rows. */
+static void attn_fwd_item(const bf16 *q, strides3 qs, const bf16 *k, int64_t kt, const bf16 *v, int64_t vt, bf16 *o,
+                          strides3 os, float *lse, int64_t G, int64_t T, int64_t D, float scale, const float *cs,
+                          const float *sn, bf16 *qr, bf16 *kr, uint32_t *kp, uint32_t *vp, float *S, bf16 *P,
+                          float *acc) {
+    item_rows(q, qs.h, qs.t, k, kt, G, T, D, cs, sn, qr, kr);
+    pack_tpairs(kr, D, kp, T, D);
+    pack_rpairs(v, vt, vp, T, D);
     const __m512 vscale = _mm512_set1_ps(scale);
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     for (int64_t g = 0; g < G; g++)
         for (int64_t i = 0; i < T; i += 16) {
             const int64_t nk = (i + 16 + 31) / 32 * 32; /* keys 0..i+15, in whole 32-key steps */
-            tile_scores(q + g * qh + i * qt, qt, kp, T, D, nk, S);
+            tile_scores(qr + (g * T + i) * D, D, kp, T, D, nk, S);
             for (int r = 0; r < 16; r++) {
                 const int64_t t = i + r;
                 float *s = S + r * T;
@@ -725,7 +758,7 @@ static void attn_fwd_item(const bf16 *q, int64_t qh, int64_t qt, const bf16 *k, 
                 lse[g * T + t] = mx + logf(sum);
             }
             tile_times_rpairs(P, vp, T, D, nk, acc);
-            store_rows(acc, D, 1.0f, o + g * oh + i * ot, ot);
+            store_rows(acc, D, 1.0f, o + g * os.h + i * os.t, os.t);
         }
 }
 
@@ -735,36 +768,36 @@ static void attn_fwd_item(const bf16 *q, int64_t qh, int64_t qt, const bf16 *k, 
  * all query blocks are done. */
 typedef struct {
     uint32_t *kp, *vt, *kv, *pv, *dsv;
-    bf16 *qT, *doT, *dsr;
+    bf16 *qr, *kr, *qT, *doT, *dsr, *dqr;
     float *S, *dP, *acc, *dkT, *dvT;
 } attn_bwd_buf;
 
-static void attn_bwd_item(const bf16 *q, int64_t qh, int64_t qt, const bf16 *k, const bf16 *v, const bf16 *o,
-                          int64_t oh, int64_t ot, const bf16 *go, int64_t gh, int64_t gt, const float *lse, bf16 *dq,
-                          int64_t dqh, int64_t dqt, bf16 *dk, bf16 *dv, int64_t G, int64_t T, int64_t D, float scale,
-                          const attn_bwd_buf *w) {
+static void attn_bwd_item(const bf16 *q, strides3 qs, const bf16 *k, int64_t kt, const bf16 *v, int64_t vt,
+                          const bf16 *o, strides3 os, const bf16 *go, strides3 gs, const float *lse, bf16 *dq,
+                          strides3 dqs, bf16 *dk, int64_t dkt, bf16 *dv, int64_t dvt, int64_t G, int64_t T, int64_t D,
+                          float scale, const float *cs, const float *sn, const attn_bwd_buf *w) {
     const int64_t R = G * T;
-    pack_tpairs(k, D, w->kp, T, D);
-    pack_tpairs(v, D, w->vt, T, D);
-    pack_rpairs(k, w->kv, T, D);
-    for (int64_t g = 0; g < G; g++) {
-        transpose_bf16(q + g * qh, qt, w->qT + g * T, R, T, D);
-        transpose_bf16(go + g * gh, gt, w->doT + g * T, R, T, D);
-    }
+    item_rows(q, qs.h, qs.t, k, kt, G, T, D, cs, sn, w->qr, w->kr);
+    pack_tpairs(w->kr, D, w->kp, T, D);
+    pack_tpairs(v, vt, w->vt, T, D);
+    pack_rpairs(w->kr, D, w->kv, T, D);
+    transpose_bf16(w->qr, D, w->qT, R, R, D);
+    for (int64_t g = 0; g < G; g++)
+        transpose_bf16(go + g * gs.h, gs.t, w->doT + g * T, R, T, D);
     const __m512 vscale = _mm512_set1_ps(scale);
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     for (int64_t g = 0; g < G; g++)
         for (int64_t i = 0; i < T; i += 16) {
             const int64_t nk = (i + 16 + 31) / 32 * 32;
-            tile_scores(q + g * qh + i * qt, qt, w->kp, T, D, nk, w->S);
-            tile_scores(go + g * gh + i * gt, gt, w->vt, T, D, nk, w->dP);
+            tile_scores(w->qr + (g * T + i) * D, D, w->kp, T, D, nk, w->S);
+            tile_scores(go + g * gs.h + i * gs.t, gs.t, w->vt, T, D, nk, w->dP);
             for (int r = 0; r < 16; r += 2) {
                 const int64_t t = i + r;
-                const bf16 *g0 = go + g * gh + t * gt, *o0 = o + g * oh + t * ot;
+                const bf16 *g0 = go + g * gs.h + t * gs.t, *o0 = o + g * os.h + t * os.t;
                 __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps();
                 for (int64_t d = 0; d < D; d += 16) {
                     d0 = _mm512_fmadd_ps(v_load(g0 + d, 0xFFFF), v_load(o0 + d, 0xFFFF), d0);
-                    d1 = _mm512_fmadd_ps(v_load(g0 + gt + d, 0xFFFF), v_load(o0 + ot + d, 0xFFFF), d1);
+                    d1 = _mm512_fmadd_ps(v_load(g0 + gs.t + d, 0xFFFF), v_load(o0 + os.t + d, 0xFFFF), d1);
                 }
                 const __m512 delta0 = _mm512_set1_ps(_mm512_reduce_add_ps(d0));
                 const __m512 delta1 = _mm512_set1_ps(_mm512_reduce_add_ps(d1));
@@ -787,7 +820,9 @@ static void attn_bwd_item(const bf16 *q, int64_t qh, int64_t qt, const bf16 *k, 
                 }
             }
             tile_times_rpairs(w->dsr, w->kv, T, D, nk, w->acc);
-            store_rows(w->acc, D, scale, dq + g * dqh + i * dqt, dqt);
+            store_rows(w->acc, D, scale, w->dqr, D);
+            store_unrotated(w->dqr, 16, D, dq + g * dqs.h + i * dqs.t, dqs.t, cs ? cs + i * D : NULL,
+                            cs ? sn + i * D : NULL);
         }
     for (int64_t d = 0; d < D; d += 16)
         for (int64_t n = 0; n < T; n += 32) {
@@ -817,34 +852,39 @@ static void attn_bwd_item(const bf16 *q, int64_t qh, int64_t qt, const bf16 *k, 
     for (int64_t d = 0; d < D; d += 16)
         for (int64_t n = 0; n < T; n += 16) {
             tr16((const uint32_t *)w->dkT + d * T + n, T, tr);
-            for (int j = 0; j < 16; j++)
-                v_store(dk + (n + j) * D + d, _mm512_mul_ps(_mm512_castsi512_ps(tr[j]), vscale), 0xFFFF);
+            for (int j = 0; j < 16; j++) /* kr (the keys' rows) is free again: dK's rows wait there */
+                v_store(w->kr + (n + j) * D + d, _mm512_mul_ps(_mm512_castsi512_ps(tr[j]), vscale), 0xFFFF);
             tr16((const uint32_t *)w->dvT + d * T + n, T, tr);
             for (int j = 0; j < 16; j++)
-                v_store(dv + (n + j) * D + d, _mm512_castsi512_ps(tr[j]), 0xFFFF);
+                v_store(dv + (n + j) * dvt + d, _mm512_castsi512_ps(tr[j]), 0xFFFF);
         }
+    store_unrotated(w->kr, T, D, dk, dkt, cs, sn);
 }
 #endif
 
-int attn_amx_bwd(const bf16 *q, int64_t qb, int64_t qh, int64_t qt, const bf16 *k, const bf16 *v, const bf16 *o,
-                 int64_t ob, int64_t oh, int64_t ot, const bf16 *go, int64_t gb, int64_t gh, int64_t gt,
-                 const float *lse, bf16 *dq, int64_t dqb, int64_t dqh, int64_t dqt, bf16 *dk, bf16 *dv, int64_t B,
+/* lay: the (batch, head, position) element strides of q, k, v, o, dout, dq, dk, dv, in that order. cs, sn: the
+ * RoPE cos / sin tables [T, D] (fp32) when q and k come unrotated (then dq and dk are returned unrotated too), or
+ * NULL. */
+int attn_amx_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *o, const bf16 *go, const float *lse,
+                 bf16 *dq, bf16 *dk, bf16 *dv, const int64_t *lay, const float *cs, const float *sn, int64_t B,
                  int64_t H, int64_t Hkv, int64_t T, int64_t D, float scale, int nt) {
 #if HAVE_AMX
     if (!amx_permitted())
         return 1;
+    const strides3 *L = (const strides3 *)lay;
     const int64_t G = H / Hkv, R = G * T;
     int failed = 0;
 #pragma omp parallel num_threads(nt) reduction(| : failed)
     {
         const size_t td = round64(T * D * 2), rt = round64(R * T * 2), rd = round64(R * D * 2);
-        char *p = arena(3 * td + 2 * rt + 2 * rd + round64(16 * T * 2) + 2 * round64(16 * T * 4) +
-                        round64(16 * D * 4) + 2 * round64(D * T * 4));
+        char *p = arena(4 * td + 2 * rt + 3 * rd + round64(16 * T * 2) + round64(16 * D * 2) +
+                        2 * round64(16 * T * 4) + round64(16 * D * 4) + 2 * round64(D * T * 4));
         const int ok = p != NULL;
         attn_bwd_buf w;
         if (ok) {
-            w.kp = carve(&p, td), w.vt = carve(&p, td), w.kv = carve(&p, td), w.pv = carve(&p, rt);
-            w.dsv = carve(&p, rt), w.qT = carve(&p, rd), w.doT = carve(&p, rd), w.dsr = carve(&p, 16 * T * 2);
+            w.kp = carve(&p, td), w.vt = carve(&p, td), w.kv = carve(&p, td), w.kr = carve(&p, td);
+            w.pv = carve(&p, rt), w.dsv = carve(&p, rt), w.qr = carve(&p, rd), w.qT = carve(&p, rd);
+            w.doT = carve(&p, rd), w.dsr = carve(&p, 16 * T * 2), w.dqr = carve(&p, 16 * D * 2);
             w.S = carve(&p, 16 * T * 4), w.dP = carve(&p, 16 * T * 4), w.acc = carve(&p, 16 * D * 4);
             w.dkT = carve(&p, D * T * 4), w.dvT = carve(&p, D * T * 4);
         }
@@ -853,38 +893,43 @@ int attn_amx_bwd(const bf16 *q, int64_t qb, int64_t qh, int64_t qt, const bf16 *
             amx_config();
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < B * Hkv; it++) {
-            const int64_t b = it / Hkv, h = (it % Hkv) * G;
+            const int64_t b = it / Hkv, j = it % Hkv, h = j * G;
             if (ok)
-                attn_bwd_item(q + b * qb + h * qh, qh, qt, k + it * T * D, v + it * T * D, o + b * ob + h * oh, oh,
-                              ot, go + b * gb + h * gh, gh, gt, lse + (b * H + h) * T, dq + b * dqb + h * dqh, dqh,
-                              dqt, dk + it * T * D, dv + it * T * D, G, T, D, scale, &w);
+                attn_bwd_item(q + b * L[0].b + h * L[0].h, L[0], k + b * L[1].b + j * L[1].h, L[1].t,
+                              v + b * L[2].b + j * L[2].h, L[2].t, o + b * L[3].b + h * L[3].h, L[3],
+                              go + b * L[4].b + h * L[4].h, L[4], lse + (b * H + h) * T, dq + b * L[5].b + h * L[5].h,
+                              L[5], dk + b * L[6].b + j * L[6].h, L[6].t, dv + b * L[7].b + j * L[7].h, L[7].t, G, T,
+                              D, scale, cs, sn, &w);
         }
         if (ok)
             _tile_release();
     }
     return failed;
 #else
-    (void)q, (void)qb, (void)qh, (void)qt, (void)k, (void)v, (void)o, (void)ob, (void)oh, (void)ot, (void)go;
-    (void)gb, (void)gh, (void)gt, (void)lse, (void)dq, (void)dqb, (void)dqh, (void)dqt, (void)dk, (void)dv, (void)B;
-    (void)H, (void)Hkv, (void)T, (void)D, (void)scale, (void)nt;
+    (void)q, (void)k, (void)v, (void)o, (void)go, (void)lse, (void)dq, (void)dk, (void)dv, (void)lay, (void)cs;
+    (void)sn, (void)B, (void)H, (void)Hkv, (void)T, (void)D, (void)scale, (void)nt;
     return 1;
 #endif
 }
 
-int attn_amx_fwd(const bf16 *q, int64_t qb, int64_t qh, int64_t qt, const bf16 *k, const bf16 *v, bf16 *o,
-                 int64_t ob, int64_t oh, int64_t ot, float *lse, int64_t B, int64_t H, int64_t Hkv, int64_t T,
-                 int64_t D, float scale, int nt) {
+/* lay: the (batch, head, position) element strides of q, k, v, o; cs, sn as for attn_amx_bwd. */
+int attn_amx_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, const int64_t *lay,
+                 const float *cs, const float *sn, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t D,
+                 float scale, int nt) {
 #if HAVE_AMX
     if (!amx_permitted())
         return 1;
+    const strides3 *L = (const strides3 *)lay;
     const int64_t G = H / Hkv;
     int failed = 0;
 #pragma omp parallel num_threads(nt) reduction(| : failed)
     {
         const size_t td = round64(T * D * 2);
-        char *p = arena(2 * td + round64(16 * T * 4) + round64(16 * D * 4) + round64(16 * T * 2));
+        char *p = arena(3 * td + round64(G * T * D * 2) + round64(16 * T * 4) + round64(16 * D * 4) +
+                        round64(16 * T * 2));
         const int ok = p != NULL;
         uint32_t *kp = ok ? carve(&p, td) : NULL, *vp = ok ? carve(&p, td) : NULL;
+        bf16 *kr = ok ? carve(&p, td) : NULL, *qr = ok ? carve(&p, G * T * D * 2) : NULL;
         float *S = ok ? carve(&p, 16 * T * 4) : NULL, *acc = ok ? carve(&p, 16 * D * 4) : NULL;
         bf16 *P = ok ? carve(&p, 16 * T * 2) : NULL;
         failed = ok ? 0 : 2;
@@ -892,18 +937,19 @@ int attn_amx_fwd(const bf16 *q, int64_t qb, int64_t qh, int64_t qt, const bf16 *
             amx_config();
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < B * Hkv; it++) {
-            const int64_t b = it / Hkv, h = (it % Hkv) * G;
+            const int64_t b = it / Hkv, j = it % Hkv, h = j * G;
             if (ok)
-                attn_fwd_item(q + b * qb + h * qh, qh, qt, k + it * T * D, v + it * T * D, o + b * ob + h * oh, oh,
-                              ot, lse + (b * H + h) * T, G, T, D, scale, kp, vp, S, P, acc);
+                attn_fwd_item(q + b * L[0].b + h * L[0].h, L[0], k + b * L[1].b + j * L[1].h, L[1].t,
+                              v + b * L[2].b + j * L[2].h, L[2].t, o + b * L[3].b + h * L[3].h, L[3],
+                              lse + (b * H + h) * T, G, T, D, scale, cs, sn, qr, kr, kp, vp, S, P, acc);
         }
         if (ok)
             _tile_release();
     }
     return failed;
 #else
-    (void)q, (void)qb, (void)qh, (void)qt, (void)k, (void)v, (void)o, (void)ob, (void)oh, (void)ot, (void)lse;
-    (void)B, (void)H, (void)Hkv, (void)T, (void)D, (void)scale, (void)nt;
+    (void)q, (void)k, (void)v, (void)o, (void)lse, (void)lay, (void)cs, (void)sn, (void)B, (void)H, (void)Hkv;
+    (void)T, (void)D, (void)scale, (void)nt;
     return 1;
 #endif
 }

@@ -49,9 +49,8 @@ _SIGNATURES = {
     "causal_softmax_fwd": [_P, _I64, _I64, _F, _I],
     "causal_softmax_bwd": [_P, _P, _I64, _I64, _F, _I],
     "cross_entropy_rows": [_P, _P, _P, _I64, _I64, _I, _I],
-    "attn_amx_fwd": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P] + [_I64] * 5 + [_F, _I],
-    "attn_amx_bwd": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _I64, _I64,
-                     _I64, _P, _P] + [_I64] * 5 + [_F, _I],
+    "attn_amx_fwd": [_P] * 8 + [_I64] * 5 + [_F, _I],
+    "attn_amx_bwd": [_P] * 12 + [_I64] * 5 + [_F, _I],
     "simd_avx512bf16": [],
     "amx_available": [],
 }
@@ -265,11 +264,13 @@ def cross_entropy_rows_(logits: Tensor, y: Tensor, grad: bool) -> Tensor:
 
 
 def amx_attention_supported(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """True when ``attention_fwd``/``attention_bwd`` take these causal-attention inputs: bf16 CPU tensors, the
-    library built with AMX and the OS granting it, ``T % 32 == 0``, ``D % 64 == 0`` and whole K/V head groups."""
+    """True when ``attention_fwd``/``attention_bwd`` take these causal-attention inputs: bf16 CPU tensors
+    [B, H, T, D] and [B, Hkv, T, D] with unit stride over D, the library built with AMX and the OS granting it,
+    ``T % 32 == 0``, ``D % 64 == 0`` and whole K/V head groups."""
     B, H, T, D = q.shape
     if not (k.shape == v.shape and k.dim() == 4 and k.shape[0] == B and k.shape[2:] == (T, D) and
-            H % k.shape[1] == 0 and T % 32 == 0 and D % 64 == 0 and T > 0 and q.stride(-1) == 1):
+            H % k.shape[1] == 0 and T % 32 == 0 and D % 64 == 0 and T > 0 and
+            all(t.stride(-1) == 1 for t in (q, k, v))):
         return False
     if not enabled(q, k, v):
         return False
@@ -285,33 +286,51 @@ def _check(rc: int, name: str, what: str) -> None:
         raise MemoryError(f"kernels/cpu.c {name}: no memory for the per-thread buffers ({what})")
 
 
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def _layout(*ts: Tensor) -> Tensor:
+    """The (batch, head, position) strides of [B, heads, T, D] tensors, as the int64 array the kernels read."""
+    return torch.tensor([[t.stride(0), t.stride(1), t.stride(2)] for t in ts], dtype=torch.int64)
+
+
+def _rope_tables(cos: Tensor | None, sin: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    return (None, None) if cos is None else (_c(cos.float()), _c(sin.float()))
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, cos: Tensor | None = None,
+                  sin: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Causal GQA attention on AMX tiles: (o [B, H, T, D], a view of a contiguous [B, T, H, D] tensor, so that
     ``o.transpose(1, 2).reshape(B, T, H * D)`` needs no copy; lse [B, H, T] fp32, the log-sum-exp of each row's
-    scaled scores). q [B, H, T, D] with a unit last stride, k and v [B, Hkv, T, D]."""
+    scaled scores). q [B, H, T, D], k and v [B, Hkv, T, D], any strides with a unit last one. With ``cos``/``sin``
+    ([T, D] RoPE tables) q and k are rotated on the way in, as ``rope_into`` would."""
     B, H, T, D = q.shape
-    k, v = _c(k), _c(v)
     o = torch.empty(B, T, H, D, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty(B, H, T, dtype=torch.float32)
-    rc = library().attn_amx_fwd(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), v.data_ptr(),
-                                o.data_ptr(), o.stride(0), o.stride(1), o.stride(2), lse.data_ptr(), B, H, k.shape[1],
-                                T, D, scale, _nt())
+    cos, sin = _rope_tables(cos, sin)
+    lay = _layout(q, k, v, o)
+    rc = library().attn_amx_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
+                                lay.data_ptr(), _ptr(cos), _ptr(sin), B, H, k.shape[1], T, D, scale, _nt())
     _check(rc, "attn_amx_fwd", f"T={T}, D={D}")
     return o, lse
 
 
-def attention_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, g: Tensor, scale: float
-                  ) -> tuple[Tensor, Tensor, Tensor]:
+def attention_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, g: Tensor, scale: float,
+                  cos: Tensor | None = None, sin: Tensor | None = None,
+                  out: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of ``attention_fwd`` for the output gradient g [B, H, T, D] (any strides, unit last one); the
-    probabilities are recomputed from q, k and lse."""
+    probabilities are recomputed from q, k and lse. With ``cos``/``sin`` the gradients are those of the unrotated
+    q and k. ``out``: tensors to write them into (views of one packed gradient, say), else new ones."""
     B, H, T, D = q.shape
-    k, v = _c(k), _c(v)
     if g.stride(-1) != 1:
         g = g.contiguous()
-    dq, dk, dv = torch.empty(q.shape, dtype=q.dtype), torch.empty_like(k), torch.empty_like(v)
-    rc = library().attn_amx_bwd(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), v.data_ptr(),
-                                o.data_ptr(), o.stride(0), o.stride(1), o.stride(2), g.data_ptr(), g.stride(0),
-                                g.stride(1), g.stride(2), lse.data_ptr(), dq.data_ptr(), dq.stride(0), dq.stride(1),
-                                dq.stride(2), dk.data_ptr(), dv.data_ptr(), B, H, k.shape[1], T, D, scale, _nt())
+    dq, dk, dv = out if out is not None else (torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=k.dtype),
+                                              torch.empty(v.shape, dtype=v.dtype))
+    cos, sin = _rope_tables(cos, sin)
+    lay = _layout(q, k, v, o, g, dq, dk, dv)
+    rc = library().attn_amx_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), g.data_ptr(),
+                                lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), lay.data_ptr(),
+                                _ptr(cos), _ptr(sin), B, H, k.shape[1], T, D, scale, _nt())
     _check(rc, "attn_amx_bwd", f"T={T}, D={D}")
     return dq, dk, dv

@@ -155,9 +155,9 @@ class Attention(nn.Module):
             q = ops.rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)  # [B, H, T, D]
             k = ops.rope(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), cos, sin)  # [B, Hkv, T, D]
             v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+            out = ops.attention(q, k, v, mask, bias)
         else:
-            q, k, v = ops.qkv_rope(qkv, cos, sin, self.n_heads, self.n_kv)
-        out = ops.attention(q, k, v, mask, bias)
+            out = ops.qkv_attention(qkv, cos, sin, self.n_heads, self.n_kv, mask, bias)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

@@ -219,6 +219,49 @@ class _QKVRoPE(torch.autograd.Function):
         return d, None, None, None, None
 
 
+def _qkv_views(qkv: Tensor, H: int, Hkv: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q [B, H, T, D], k and v [B, Hkv, T, D]: strided views of a packed q|k|v tensor [B, T, (H + 2 Hkv) D]."""
+    B, T, N = qkv.shape
+    D = N // (H + 2 * Hkv)
+    q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
+    return q.view(B, T, H, D).transpose(1, 2), k.view(B, T, Hkv, D).transpose(1, 2), v.view(B, T, Hkv, D).transpose(1, 2)
+
+
+class _AMXQKVAttention(torch.autograd.Function):
+    """``_AMXAttention`` straight from the packed q|k|v projection: the kernels rotate q and k (RoPE) as they
+    load them and write the packed gradient, with dq and dk rotated back. No rotated copies of q and k, no
+    contiguous v, no packing of three gradients: ``_QKVRoPE``'s two passes are gone."""
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int) -> Tensor:
+        ctx.dims, ctx.scale = (H, Hkv), (qkv.shape[-1] // (H + 2 * Hkv)) ** -0.5
+        o, lse = cpu_kernels.attention_fwd(*_qkv_views(qkv, H, Hkv), ctx.scale, cos, sin)
+        ctx.save_for_backward(qkv, cos, sin, o, lse)
+        return o
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        qkv, cos, sin, o, lse = ctx.saved_tensors
+        H, Hkv = ctx.dims
+        d = torch.empty(qkv.shape, dtype=qkv.dtype)
+        cpu_kernels.attention_bwd(*_qkv_views(qkv, H, Hkv), o, lse, g.to(qkv.dtype), ctx.scale, cos, sin,
+                                  out=_qkv_views(d, H, Hkv))
+        return d, None, None, None, None
+
+
+def qkv_attention(qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int, mask: Tensor | None,
+                  bias: Tensor | None = None) -> Tensor:
+    """``attention(*qkv_rope(qkv, cos, sin, H, Hkv), mask, bias)``, in one AMX Function where it can run
+    (``_AMXQKVAttention``: bf16 CPU training, causal, ``T % 32 == 0``, ``D % 64 == 0``)."""
+    B, T, N = qkv.shape
+    D = N // (H + 2 * Hkv)
+    if (mask is None and qkv.stride(-1) == 1 and cos.shape == sin.shape == (T, D)
+            and _backend(qkv.device, T, torch.is_grad_enabled() and qkv.requires_grad) == "matmul"
+            and cpu_kernels.amx_attention_supported(*_qkv_views(qkv, H, Hkv))):
+        return _AMXQKVAttention.apply(qkv, cos, sin, H, Hkv)
+    return attention(*qkv_rope(qkv, cos, sin, H, Hkv), mask, bias)
+
+
 def qkv_rope(qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int) -> tuple[Tensor, Tensor, Tensor]:
     """(rope(q) [B, H, T, D], rope(k) [B, Hkv, T, D], v [B, Hkv, T, D]) from a packed q|k|v projection
     [B, T, (H + 2 Hkv) D]: ``_QKVRoPE`` for bf16 on the CPU, else a split and ``rope``."""

@@ -230,6 +230,43 @@ def test_amx_attention(fused, request, monkeypatch, B, H, Hkv, T, D):
         assert amx_err < 1.25 * torch_err + 1e-3 and amx_err < 2e-2
 
 
+@pytest.mark.parametrize("B,H,Hkv,T,D", [(2, 9, 3, 64, 64), (1, 2, 2, 32, 128)])
+def test_amx_qkv_attention(fused, request, monkeypatch, B, H, Hkv, T, D):
+    """The packed q|k|v projection into attention with RoPE inside the AMX kernels (forward rotates q and k,
+    backward writes the packed gradient with dq and dk rotated back) against the fp64 formula: at least as close
+    as RoPE then attention through the PyTorch path."""
+    monkeypatch.setenv("MINILORA_ATTENTION", "matmul")
+    torch.manual_seed(13)
+    qkv = (torch.randn(B, T, (H + 2 * Hkv) * D) * 2).to(BF)
+    g = torch.randn(B, H, T, D).to(BF)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    emb = torch.outer(torch.arange(T, dtype=torch.float64), inv).repeat(1, 2)
+    cos, sin = emb.cos().float(), emb.sin().float()
+
+    def formula(x):  # fp64, with the tables rounded to bf16 as every implementation does
+        q, k, v = x.split((H * D, Hkv * D, Hkv * D), dim=-1)
+        c, s_ = cos.to(BF).double(), sin.to(BF).double()
+        q = ops.rope_ref(q.reshape(B, T, H, D), c, s_)
+        k = ops.rope_ref(k.reshape(B, T, Hkv, D), c, s_)
+        return ops.attention_ref(q, k, v.reshape(B, T, Hkv, D).transpose(1, 2), None)
+
+    ref, (rgrad,) = _grads(formula, [qkv.double()], g.double())
+    calls = []
+    real_fwd = cpu.attention_fwd
+    monkeypatch.setattr(cpu, "attention_fwd", lambda *a, **k: calls.append(a[4] is not None) or real_fwd(*a, **k))
+    errors = {}
+    for m in ("auto", "off"):
+        monkeypatch.setenv("MINILORA_CPU_KERNELS", m)
+        out, (grad,) = _grads(lambda x: ops.qkv_attention(x, cos, sin, H, Hkv, None), [qkv], g)
+        assert out.dtype == grad.dtype == BF and grad.shape == qkv.shape
+        errors[m] = [_rel(out, ref), _rel(grad, rgrad)] + [
+            _rel(a, b) for a, b in zip(grad.split((H * D, Hkv * D, Hkv * D), -1), rgrad.split((H * D, Hkv * D,
+                                                                                                  Hkv * D), -1))]
+    assert calls == ([True] if _amx_expected(request.node.callspec.params["fused"]) else [])
+    for amx_err, torch_err in zip(errors["auto"], errors["off"]):
+        assert amx_err < 1.25 * torch_err + 1e-3 and amx_err < 2e-2
+
+
 def test_amx_attention_sharp_scores_and_unsupported_shapes(fused, request):
     """Scores spread over +-80 after scaling: finite, and the gradients still match the fp64 formula; shapes the
     kernel does not take (T % 32, D % 64, a different key length) are declined, so callers use the GEMM path."""
