@@ -8,20 +8,24 @@ passes over memory, which is what limits these ops on a CPU:
 - ``rope`` rotates q or k straight into the head-major ``[B, H, T, D]`` layout attention wants (no ``cat``, no
   separate transpose copy), and its backward is the inverse rotation.
 - ``swiglu`` saves gate and up (needed anyway) instead of also the activated gate, which it recomputes.
-- ``attention`` (CPU training, short sequences): for bf16 on a CPU with AMX (``T % 32 == 0``, ``D % 64 == 0``),
-  ``kernels/cpu.c``'s tile kernels (``_AMXAttention``: fp32 scores, no ``[T, T]`` tensor saved, the key blocks
-  above the diagonal skipped; at SmolLM2's shapes on 2 cores, forward + backward take 3.4 ms a layer against 7.1
-  for the GEMMs below when measured alone, 5.8 against 8.5 inside a training step, whose inputs come from memory
-  rather than cache). Otherwise grouped-query attention as batched GEMMs on ``[G*T, T]`` score tiles shared by
-  the ``G`` query heads of a K/V head (no K/V repeat), saving the probabilities, with a backward of four GEMMs
-  and one fused softmax-backward pass. PyTorch's CPU flash-attention backward is several times slower at these sizes. Elsewhere (GPU, long
-  sequences, inference) it calls SDPA.
+- ``attention``, causal and bf16 on a CPU with AMX (``T % 32 == 0``, ``D % 64 == 0``): ``kernels/cpu.c``'s tile
+  kernels (``_AMXAttention``; ``_AMXQKVAttention`` takes the packed q|k|v projection and applies RoPE itself):
+  fp32 scores, nothing of size ``[T, T]`` saved, the key blocks above the diagonal skipped, in training and in
+  inference and for long sequences too. At SmolLM2's shapes on 2 cores, forward + backward take 3.4 ms a layer
+  against 7.1 for the GEMMs below when measured alone, 5.8 against 8.5 inside a training step (whose inputs come
+  from memory rather than cache). Elsewhere, CPU training of short sequences runs grouped-query attention as
+  batched GEMMs on ``[G*T, T]`` score tiles shared by the ``G`` query heads of a K/V head (no K/V repeat), saving
+  the probabilities, with a backward of four GEMMs and one fused softmax-backward pass (PyTorch's CPU
+  flash-attention backward is several times slower at these sizes); the rest (GPU, long sequences, inference,
+  padding masks) calls SDPA.
 
 For bf16 tensors on the CPU the elementwise parts run in ``kernels/cpu.c`` instead (one pass each way, fp32 math,
 one rounding; ``MINILORA_CPU_KERNELS=off`` keeps the PyTorch code below): RMSNorm with a frozen weight, RoPE,
-SwiGLU, the causal softmax of the GEMM attention and the AMX attention. On CUDA, RMSNorm and SwiGLU use ``kernels.rowwise`` (Triton).
+SwiGLU, the causal softmax of the GEMM attention and the AMX attention. On CUDA, RMSNorm and SwiGLU use
+``kernels.rowwise`` (Triton).
 
-``MINILORA_ATTENTION=sdpa|matmul|auto`` (default ``auto``) forces the attention implementation.
+``MINILORA_ATTENTION=sdpa|matmul|auto`` (default ``auto``) forces the attention implementation (``matmul``: the
+CPU training attention, AMX where it can run; ``sdpa`` also turns the AMX kernels off).
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ from kernels import cpu as cpu_kernels
 
 # Saved probabilities cost B*H*T*T*2 bytes per layer; beyond this length SDPA (which saves none) is used.
 MATMUL_ATTENTION_MAX_T = 512
+# The AMX attention's backward keeps G*T*T*4 bytes per thread (probabilities and score gradients of one K/V head's
+# G query heads, as row pairs); beyond this (G=3: T=3344; G=1: T=5792) SDPA or the GEMM attention is used.
+AMX_MAX_SCRATCH = 2**27
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -252,13 +259,13 @@ class _AMXQKVAttention(torch.autograd.Function):
 def qkv_attention(qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int, mask: Tensor | None,
                   bias: Tensor | None = None) -> Tensor:
     """``attention(*qkv_rope(qkv, cos, sin, H, Hkv), mask, bias)``, in one AMX Function where it can run
-    (``_AMXQKVAttention``: bf16 CPU training, causal, ``T % 32 == 0``, ``D % 64 == 0``)."""
+    (``_AMXQKVAttention``, or its forward alone without autograd; conditions as ``_amx``)."""
     B, T, N = qkv.shape
     D = N // (H + 2 * Hkv)
-    if (mask is None and qkv.stride(-1) == 1 and cos.shape == sin.shape == (T, D)
-            and _backend(qkv.device, T, torch.is_grad_enabled() and qkv.requires_grad) == "matmul"
-            and cpu_kernels.amx_attention_supported(*_qkv_views(qkv, H, Hkv))):
-        return _AMXQKVAttention.apply(qkv, cos, sin, H, Hkv)
+    if qkv.stride(-1) == 1 and cos.shape == sin.shape == (T, D) and _amx(*_qkv_views(qkv, H, Hkv), mask):
+        if _needs_grad(qkv):
+            return _AMXQKVAttention.apply(qkv, cos, sin, H, Hkv)
+        return cpu_kernels.attention_fwd(*_qkv_views(qkv, H, Hkv), D**-0.5, cos, sin)[0]
     return attention(*qkv_rope(qkv, cos, sin, H, Hkv), mask, bias)
 
 
@@ -332,10 +339,15 @@ def swiglu_packed(gate_up: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------- attention
-def _backend(device: torch.device, T: int, train: bool) -> str:
+def _attention_mode() -> str:
     mode = os.environ.get("MINILORA_ATTENTION", "auto")
     if mode not in ("auto", "sdpa", "matmul"):
         raise ValueError(f"MINILORA_ATTENTION={mode!r}: expected auto, sdpa or matmul")
+    return mode
+
+
+def _backend(device: torch.device, T: int, train: bool) -> str:
+    mode = _attention_mode()
     if mode != "auto":
         return mode
     return "matmul" if train and device.type == "cpu" and T <= MATMUL_ATTENTION_MAX_T else "sdpa"
@@ -426,16 +438,33 @@ def causal_bias(T: int, mask: Tensor | None, device: torch.device) -> Tensor:
     return torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))[:, :, None]
 
 
+def _amx(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
+    """Whether the AMX kernels take this attention: causal (no mask), q and k of one length, bf16 on a CPU with
+    AMX (``cpu_kernels.amx_attention_supported``), MINILORA_ATTENTION not ``sdpa``, and a backward whose per-thread
+    buffers (G T^2 4 bytes) stay within AMX_MAX_SCRATCH. Unlike the GEMM attention they save nothing of size
+    [T, T], so they serve sequences beyond MATMUL_ATTENTION_MAX_T too, and inference."""
+    if mask is not None or q.shape[2] != k.shape[2] or _attention_mode() == "sdpa":
+        return False
+    G, T = q.shape[1] // max(k.shape[1], 1), q.shape[2]
+    return G * T * T * 4 <= AMX_MAX_SCRATCH and cpu_kernels.amx_attention_supported(q, k, v)
+
+
+def _needs_grad(*ts: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None = None) -> Tensor:
     """Causal grouped-query attention: q [B, H, T, D], k and v [B, Hkv, T, D] -> [B, H, T, D].
 
     ``mask`` (bool [B, 1, T, T], True = may attend) replaces the causal mask when given; ``bias`` is
     ``causal_bias(T, mask)``, which callers compute once for all layers (else it is built here when needed).
     """
+    if _amx(q, k, v, mask):
+        if _needs_grad(q, k, v):
+            return _AMXAttention.apply(q, k, v)
+        return cpu_kernels.attention_fwd(q, k, v, q.shape[-1] ** -0.5)[0]
     if attention_backend(q) == "matmul":
         if mask is None and q.shape[2] == k.shape[2] and cpu_kernels.enabled(q, k, v):
-            if cpu_kernels.amx_attention_supported(q, k, v):
-                return _AMXAttention.apply(q, k, v)
             return _MatmulAttention.apply(q, k, v, None)
         if bias is None:
             bias = causal_bias(q.shape[2], mask, q.device)

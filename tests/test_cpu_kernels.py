@@ -259,12 +259,49 @@ def test_amx_qkv_attention(fused, request, monkeypatch, B, H, Hkv, T, D):
         monkeypatch.setenv("MINILORA_CPU_KERNELS", m)
         out, (grad,) = _grads(lambda x: ops.qkv_attention(x, cos, sin, H, Hkv, None), [qkv], g)
         assert out.dtype == grad.dtype == BF and grad.shape == qkv.shape
+        with torch.no_grad():  # inference: the same forward without autograd
+            assert torch.equal(ops.qkv_attention(qkv, cos, sin, H, Hkv, None), out)
         errors[m] = [_rel(out, ref), _rel(grad, rgrad)] + [
             _rel(a, b) for a, b in zip(grad.split((H * D, Hkv * D, Hkv * D), -1), rgrad.split((H * D, Hkv * D,
                                                                                                   Hkv * D), -1))]
-    assert calls == ([True] if _amx_expected(request.node.callspec.params["fused"]) else [])
+    assert calls == ([True, True] if _amx_expected(request.node.callspec.params["fused"]) else [])
     for amx_err, torch_err in zip(errors["auto"], errors["off"]):
         assert amx_err < 1.25 * torch_err + 1e-3 and amx_err < 2e-2
+
+
+def test_amx_attention_inference_long_sequences_and_opt_out(fused, request, monkeypatch):
+    """Without autograd the AMX forward runs alone (same values as in training); sequences beyond the GEMM
+    attention's limit train through the AMX kernels too; MINILORA_ATTENTION=sdpa, and a backward whose per-thread
+    buffers would pass AMX_MAX_SCRATCH, keep them out."""
+    if not _amx_expected(request.node.callspec.params["fused"]):
+        pytest.skip("no AMX attention in this build or on this CPU")
+    monkeypatch.delenv("MINILORA_ATTENTION", raising=False)
+    calls = []
+    real_fwd = cpu.attention_fwd
+    monkeypatch.setattr(cpu, "attention_fwd", lambda *a, **k: calls.append(1) or real_fwd(*a, **k))
+    torch.manual_seed(14)
+    B, H, Hkv, D = 1, 4, 2, 64
+    T = ops.MATMUL_ATTENTION_MAX_T + 64
+    q = torch.randn(B, H, T, D).to(BF)
+    k, v = torch.randn(B, Hkv, T, D).to(BF), torch.randn(B, Hkv, T, D).to(BF)
+    g = torch.randn(B, H, T, D).to(BF)
+    ref, rgrads = _grads(lambda q, k, v: ops.attention_ref(q, k, v, None), [t.double() for t in (q, k, v)],
+                         g.double())
+    out, grads = _grads(lambda q, k, v: ops.attention(q, k, v, None), [q, k, v], g)
+    assert calls == [1] and _rel(out, ref) < 1e-2
+    for a, b in zip(grads, rgrads):
+        assert _rel(a, b) < 1e-2
+    with torch.no_grad():
+        assert torch.equal(ops.attention(q, k, v, None), out)
+    assert calls == [1, 1]
+    monkeypatch.setenv("MINILORA_ATTENTION", "sdpa")
+    with torch.no_grad():
+        ops.attention(q, k, v, None)
+    monkeypatch.delenv("MINILORA_ATTENTION")
+    monkeypatch.setattr(ops, "AMX_MAX_SCRATCH", (H // Hkv) * T * T * 4 - 1)
+    with torch.no_grad():
+        ops.attention(q, k, v, None)
+    assert calls == [1, 1]
 
 
 def test_amx_attention_sharp_scores_and_unsupported_shapes(fused, request):

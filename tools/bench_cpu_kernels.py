@@ -3,8 +3,9 @@
 In one process, alternating ``MINILORA_CPU_KERNELS=auto`` (the C kernels) and ``off`` (minilora's PyTorch code)
 round by round, so both sides see the same machine state:
   ops    forward+backward of RMSNorm (frozen weight; alone and with the residual add in front), RoPE (alone and
-         the packed q|k|v split), SwiGLU (separate and packed gate|up), the causal GEMM attention and the LM head +
-         cross-entropy, at the shapes of the training benchmark (SmolLM2-135M, batch 8 x 256 tokens)
+         the packed q|k|v split), SwiGLU (separate and packed gate|up), the causal attention (on AMX tiles where
+         the CPU has them, else the GEMM attention's softmax kernels; alone and from the packed q|k|v with RoPE)
+         and the LM head + cross-entropy, at the shapes of the training benchmark (SmolLM2-135M, 8 x 256 tokens)
   step   one bf16-autocast LoRA training step (r=16 on q_proj, v_proj, AdamW) of SmolLM2-135M: the real GGUF
          weights when installed, else random weights of its shape
 Prints a table (median ms, speedup, largest relative difference between the two paths) and can write JSON.
@@ -64,6 +65,8 @@ def op_cases(tokens: int, seq: int, hidden: int, inter: int, heads: int, kv: int
         "swiglu (packed gate/up)": (ops.swiglu_packed, [rand(tokens, 2 * inter, scale=2)], rand(tokens, inter)),
         "attention": (lambda q, k, v: ops.attention(q, k, v, None),
                       [rand(B, heads, seq, D), rand(B, kv, seq, D), rand(B, kv, seq, D)], rand(B, heads, seq, D)),
+        "q/k/v + rope + attention (packed)": (lambda x: ops.qkv_attention(x, cos, sin, heads, kv, None),
+                                              [rand(B, seq, (heads + 2 * kv) * D)], rand(B, heads, seq, D)),
         "lm_head + cross-entropy": (lambda h: losses.lm_loss_sum(h, head, labels)[0],
                                     [rand(B, seq, hidden)], None),
     }
@@ -164,9 +167,10 @@ def main(argv: list[str] | None = None) -> dict:
     saved = {k: os.environ.get(k) for k in ("MINILORA_CPU_KERNELS", "MINILORA_ATTENTION")}
     try:
         os.environ["MINILORA_CPU_KERNELS"] = "on"
-        cpu_kernels.library()  # fail here, with the compiler's reason, rather than time PyTorch twice
+        lib = cpu_kernels.library()  # fail here, with the compiler's reason, rather than time PyTorch twice
         result: dict = {"command": " ".join([sys.executable] + sys.argv), "torch": torch.__version__,
                         "threads": torch.get_num_threads(), "dims": args.dims,
+                        "simd": {"avx512bf16": bool(lib.simd_avx512bf16()), "amx_attention": bool(lib.amx_available())},
                         "malloc": tune_malloc(),  # as the recipes run; both paths alike
                         "ops": bench_ops(op_cases(*args.dims), args.rounds, args.reps)}
         if not args.no_step:
@@ -175,8 +179,9 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    lines = [f"fused bf16 CPU kernels (kernels/cpu.c) against minilora's PyTorch path, {torch.get_num_threads()} "
-             "threads, medians over alternating rounds", "",
+    simd = ", ".join(k for k, on in result["simd"].items() if on) or "plain C"
+    lines = [f"fused bf16 CPU kernels (kernels/cpu.c: {simd}) against minilora's PyTorch path, "
+             f"{torch.get_num_threads()} threads, medians over alternating rounds", "",
              "| forward+backward | fused ms | PyTorch ms | speedup | rel. difference |", "|---|---|---|---|---|"]
     for r in result["ops"]:
         lines.append(f"| {r['op']} | {r['fused_ms']:.2f} | {r['torch_ms']:.2f} | {r['speedup']:.2f}x "
