@@ -860,51 +860,87 @@ static void attn_bwd_item(const bf16 *q, strides3 qs, const bf16 *k, int64_t kt,
         }
     store_unrotated(w->kr, T, D, dk, dkt, cs, sn);
 }
+
+/* Runs item(it, args, scratch) for it in [0, items) on nt threads, each with `bytes` of its own scratch and its
+ * tiles configured: 0, or 2 when a thread's scratch could not be allocated. */
+static int attn_items(int64_t items, size_t bytes, void (*item)(int64_t, const void *, char *), const void *args,
+                      int nt) {
+    int failed = 0;
+#pragma omp parallel num_threads(nt) reduction(| : failed)
+    {
+        char *p = arena(bytes);
+        failed = p == NULL ? 2 : 0;
+        if (p)
+            amx_config();
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < items; it++)
+            if (p)
+                item(it, args, p);
+        if (p)
+            _tile_release();
+    }
+    return failed;
+}
+
+typedef struct { /* one call's arguments; lay: (batch, head, position) strides of q, k, v, o, dout, dq, dk, dv */
+    const bf16 *q, *k, *v, *o, *go;
+    bf16 *dq, *dk, *dv, *out;
+    float *lse;
+    const strides3 *L;
+    const float *cs, *sn;
+    int64_t H, Hkv, G, T, D;
+    float scale;
+} attn_args;
+
+static void fwd_item(int64_t it, const void *args, char *p) {
+    const attn_args *a = args;
+    const strides3 *L = a->L;
+    const int64_t G = a->G, T = a->T, D = a->D, b = it / a->Hkv, j = it % a->Hkv, h = j * G;
+    const size_t td = T * D * 2;
+    uint32_t *kp = carve(&p, td), *vp = carve(&p, td);
+    bf16 *kr = carve(&p, td), *qr = carve(&p, G * T * D * 2);
+    float *S = carve(&p, 16 * T * 4), *acc = carve(&p, 16 * D * 4);
+    bf16 *P = carve(&p, 16 * T * 2);
+    attn_fwd_item(a->q + b * L[0].b + h * L[0].h, L[0], a->k + b * L[1].b + j * L[1].h, L[1].t,
+                  a->v + b * L[2].b + j * L[2].h, L[2].t, a->out + b * L[3].b + h * L[3].h, L[3],
+                  a->lse + (b * a->H + h) * T, G, T, D, a->scale, a->cs, a->sn, qr, kr, kp, vp, S, P, acc);
+}
+
+static void bwd_item(int64_t it, const void *args, char *p) {
+    const attn_args *a = args;
+    const strides3 *L = a->L;
+    const int64_t G = a->G, T = a->T, D = a->D, R = G * T, b = it / a->Hkv, j = it % a->Hkv, h = j * G;
+    const size_t td = T * D * 2, rt = R * T * 2, rd = R * D * 2;
+    attn_bwd_buf w;
+    w.kp = carve(&p, td), w.vt = carve(&p, td), w.kv = carve(&p, td), w.kr = carve(&p, td);
+    w.pv = carve(&p, rt), w.dsv = carve(&p, rt), w.qr = carve(&p, rd), w.qT = carve(&p, rd);
+    w.doT = carve(&p, rd), w.dsr = carve(&p, 16 * T * 2), w.dqr = carve(&p, 16 * D * 2);
+    w.S = carve(&p, 16 * T * 4), w.dP = carve(&p, 16 * T * 4), w.acc = carve(&p, 16 * D * 4);
+    w.dkT = carve(&p, D * T * 4), w.dvT = carve(&p, D * T * 4);
+    attn_bwd_item(a->q + b * L[0].b + h * L[0].h, L[0], a->k + b * L[1].b + j * L[1].h, L[1].t,
+                  a->v + b * L[2].b + j * L[2].h, L[2].t, a->o + b * L[3].b + h * L[3].h, L[3],
+                  a->go + b * L[4].b + h * L[4].h, L[4], a->lse + (b * a->H + h) * T, a->dq + b * L[5].b + h * L[5].h,
+                  L[5], a->dk + b * L[6].b + j * L[6].h, L[6].t, a->dv + b * L[7].b + j * L[7].h, L[7].t, G, T, D,
+                  a->scale, a->cs, a->sn, &w);
+}
 #endif
 
 /* lay: the (batch, head, position) element strides of q, k, v, o, dout, dq, dk, dv, in that order. cs, sn: the
  * RoPE cos / sin tables [T, D] (fp32) when q and k come unrotated (then dq and dk are returned unrotated too), or
- * NULL. */
+ * NULL. Returns 0, 1 without AMX, 2 when scratch memory could not be allocated. */
 int attn_amx_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *o, const bf16 *go, const float *lse,
                  bf16 *dq, bf16 *dk, bf16 *dv, const int64_t *lay, const float *cs, const float *sn, int64_t B,
                  int64_t H, int64_t Hkv, int64_t T, int64_t D, float scale, int nt) {
 #if HAVE_AMX
     if (!amx_permitted())
         return 1;
-    const strides3 *L = (const strides3 *)lay;
     const int64_t G = H / Hkv, R = G * T;
-    int failed = 0;
-#pragma omp parallel num_threads(nt) reduction(| : failed)
-    {
-        const size_t td = round64(T * D * 2), rt = round64(R * T * 2), rd = round64(R * D * 2);
-        char *p = arena(4 * td + 2 * rt + 3 * rd + round64(16 * T * 2) + round64(16 * D * 2) +
-                        2 * round64(16 * T * 4) + round64(16 * D * 4) + 2 * round64(D * T * 4));
-        const int ok = p != NULL;
-        attn_bwd_buf w;
-        if (ok) {
-            w.kp = carve(&p, td), w.vt = carve(&p, td), w.kv = carve(&p, td), w.kr = carve(&p, td);
-            w.pv = carve(&p, rt), w.dsv = carve(&p, rt), w.qr = carve(&p, rd), w.qT = carve(&p, rd);
-            w.doT = carve(&p, rd), w.dsr = carve(&p, 16 * T * 2), w.dqr = carve(&p, 16 * D * 2);
-            w.S = carve(&p, 16 * T * 4), w.dP = carve(&p, 16 * T * 4), w.acc = carve(&p, 16 * D * 4);
-            w.dkT = carve(&p, D * T * 4), w.dvT = carve(&p, D * T * 4);
-        }
-        failed = ok ? 0 : 2;
-        if (ok)
-            amx_config();
-#pragma omp for schedule(static)
-        for (int64_t it = 0; it < B * Hkv; it++) {
-            const int64_t b = it / Hkv, j = it % Hkv, h = j * G;
-            if (ok)
-                attn_bwd_item(q + b * L[0].b + h * L[0].h, L[0], k + b * L[1].b + j * L[1].h, L[1].t,
-                              v + b * L[2].b + j * L[2].h, L[2].t, o + b * L[3].b + h * L[3].h, L[3],
-                              go + b * L[4].b + h * L[4].h, L[4], lse + (b * H + h) * T, dq + b * L[5].b + h * L[5].h,
-                              L[5], dk + b * L[6].b + j * L[6].h, L[6].t, dv + b * L[7].b + j * L[7].h, L[7].t, G, T,
-                              D, scale, cs, sn, &w);
-        }
-        if (ok)
-            _tile_release();
-    }
-    return failed;
+    const attn_args a = {q, k, v, o, go, dq, dk, dv, NULL, (float *)lse, (const strides3 *)lay, cs, sn,
+                         H, Hkv, G, T, D, scale};
+    const size_t bytes = 4 * round64(T * D * 2) + 2 * round64(R * T * 2) + 3 * round64(R * D * 2) +
+                         round64(16 * T * 2) + round64(16 * D * 2) + 2 * round64(16 * T * 4) + round64(16 * D * 4) +
+                         2 * round64(D * T * 4);
+    return attn_items(B * Hkv, bytes, bwd_item, &a, nt);
 #else
     (void)q, (void)k, (void)v, (void)o, (void)go, (void)lse, (void)dq, (void)dk, (void)dv, (void)lay, (void)cs;
     (void)sn, (void)B, (void)H, (void)Hkv, (void)T, (void)D, (void)scale, (void)nt;
@@ -912,41 +948,19 @@ int attn_amx_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *o, con
 #endif
 }
 
-/* lay: the (batch, head, position) element strides of q, k, v, o; cs, sn as for attn_amx_bwd. */
+/* lay: the (batch, head, position) element strides of q, k, v, o; cs, sn and the result as for attn_amx_bwd. */
 int attn_amx_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, const int64_t *lay,
                  const float *cs, const float *sn, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t D,
                  float scale, int nt) {
 #if HAVE_AMX
     if (!amx_permitted())
         return 1;
-    const strides3 *L = (const strides3 *)lay;
     const int64_t G = H / Hkv;
-    int failed = 0;
-#pragma omp parallel num_threads(nt) reduction(| : failed)
-    {
-        const size_t td = round64(T * D * 2);
-        char *p = arena(3 * td + round64(G * T * D * 2) + round64(16 * T * 4) + round64(16 * D * 4) +
-                        round64(16 * T * 2));
-        const int ok = p != NULL;
-        uint32_t *kp = ok ? carve(&p, td) : NULL, *vp = ok ? carve(&p, td) : NULL;
-        bf16 *kr = ok ? carve(&p, td) : NULL, *qr = ok ? carve(&p, G * T * D * 2) : NULL;
-        float *S = ok ? carve(&p, 16 * T * 4) : NULL, *acc = ok ? carve(&p, 16 * D * 4) : NULL;
-        bf16 *P = ok ? carve(&p, 16 * T * 2) : NULL;
-        failed = ok ? 0 : 2;
-        if (ok)
-            amx_config();
-#pragma omp for schedule(static)
-        for (int64_t it = 0; it < B * Hkv; it++) {
-            const int64_t b = it / Hkv, j = it % Hkv, h = j * G;
-            if (ok)
-                attn_fwd_item(q + b * L[0].b + h * L[0].h, L[0], k + b * L[1].b + j * L[1].h, L[1].t,
-                              v + b * L[2].b + j * L[2].h, L[2].t, o + b * L[3].b + h * L[3].h, L[3],
-                              lse + (b * H + h) * T, G, T, D, scale, cs, sn, qr, kr, kp, vp, S, P, acc);
-        }
-        if (ok)
-            _tile_release();
-    }
-    return failed;
+    const attn_args a = {q, k, v, NULL, NULL, NULL, NULL, NULL, o, lse, (const strides3 *)lay, cs, sn,
+                         H, Hkv, G, T, D, scale};
+    const size_t bytes = 3 * round64(T * D * 2) + round64(G * T * D * 2) + round64(16 * T * 4) +
+                         round64(16 * D * 4) + round64(16 * T * 2);
+    return attn_items(B * Hkv, bytes, fwd_item, &a, nt);
 #else
     (void)q, (void)k, (void)v, (void)o, (void)lse, (void)lay, (void)cs, (void)sn, (void)B, (void)H, (void)Hkv;
     (void)T, (void)D, (void)scale, (void)nt;
