@@ -560,7 +560,8 @@ static inline void tr16(const uint32_t *s, int64_t ss, __m512i out[16]) {
     }
     for (int c = 0; c < 4; c++) {
         __m512i v0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88), v1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xdd);
-        __m512i w0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88), w1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xdd);
+        __m512i w0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
+        __m512i w1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xdd);
         out[c] = _mm512_shuffle_i32x4(v0, w0, 0x88);
         out[4 + c] = _mm512_shuffle_i32x4(v1, w1, 0x88);
         out[8 + c] = _mm512_shuffle_i32x4(v0, w0, 0xdd);

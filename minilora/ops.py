@@ -231,7 +231,8 @@ def _qkv_views(qkv: Tensor, H: int, Hkv: int) -> tuple[Tensor, Tensor, Tensor]:
     B, T, N = qkv.shape
     D = N // (H + 2 * Hkv)
     q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
-    return q.view(B, T, H, D).transpose(1, 2), k.view(B, T, Hkv, D).transpose(1, 2), v.view(B, T, Hkv, D).transpose(1, 2)
+    return (q.view(B, T, H, D).transpose(1, 2), k.view(B, T, Hkv, D).transpose(1, 2),
+            v.view(B, T, Hkv, D).transpose(1, 2))
 
 
 class _AMXQKVAttention(torch.autograd.Function):
