@@ -496,12 +496,12 @@ int cross_entropy_rows(bf16 *restrict logits, const int64_t *restrict y, float *
 /* ------------------------------------------------------------------ causal attention on AMX tiles
  * Forward and backward of causal grouped-query attention, one (sequence, K/V head) at a time per thread, with
  * every product on the AMX bf16 tile unit (16x16 fp32 accumulators, 16x32 bf16 operands) and the softmax in
- * AVX-512. Nothing of size [T, T] leaves the thread's cache: the forward keeps only the output and each row's
- * log-sum-exp, and the backward recomputes the probabilities from them (as FlashAttention does); products over
- * key blocks above the diagonal are skipped.
+ * AVX-512. Nothing of size [T, T] leaves the thread's cache: the forward returns the output and keeps each row's
+ * log-sum-exp, from which the backward recomputes the probabilities (as FlashAttention does); products over key
+ * blocks above the diagonal are skipped.
  *
- * Layouts: q, o, dout, dq are [B, H, T, D] with any (batch, head, position) strides and unit stride over D; k, v,
- * dk, dv contiguous [B, Hkv, T, D]; lse [B, H, T] fp32. Needs T % 32 == 0 and D % 64 == 0 (else callers use the
+ * Layouts: q, k, v, o, dout, dq, dk, dv are [B, heads, T, D] with any (batch, head, position) strides and unit
+ * stride over D (q and k come straight from the packed q|k|v projection when RoPE is applied here); lse [B, H, T]. Needs T % 32 == 0 and D % 64 == 0 (else callers use the
  * GEMM attention). AMX wants operands in two shapes: "A" tiles are 16 rows x 32 bf16 of a row-major matrix, "B"
  * tiles 16 rows of 16 bf16 pairs, the pair being two consecutive entries of the reduced dimension. So K^T and V^T
  * are stored as [D/2][T] pairs ("transposed pairs", one 32-bit transpose), V and K for the products over keys as
@@ -764,7 +764,8 @@ static void attn_fwd_item(const bf16 *q, strides3 qs, const bf16 *k, int64_t kt,
 }
 
 /* The backward of one (sequence, K/V head). Per 16-query block: the scores and dP = dO V^T again, then
- * P = exp(scale S - lse), dS = P (dP - rowsum(dO o)) (the gradient of the scaled scores), dQ = scale dS K; P and dS
+ * P = exp(scale S - lse), dS = P (dP - rowsum(P dP)) (the gradient of the scaled scores; rowsum(P dP) equals
+ * FlashAttention's rowsum(dO o) and spares reading o, a strided pass over memory), dQ = scale dS K; P and dS
  * also go, as row pairs over queries, to buffers from which dK^T = scale Q^T dS and dV^T = dO^T P are taken once
  * all query blocks are done. */
 typedef struct {
@@ -774,7 +775,7 @@ typedef struct {
 } attn_bwd_buf;
 
 static void attn_bwd_item(const bf16 *q, strides3 qs, const bf16 *k, int64_t kt, const bf16 *v, int64_t vt,
-                          const bf16 *o, strides3 os, const bf16 *go, strides3 gs, const float *lse, bf16 *dq,
+                          const bf16 *go, strides3 gs, const float *lse, bf16 *dq,
                           strides3 dqs, bf16 *dk, int64_t dkt, bf16 *dv, int64_t dvt, int64_t G, int64_t T, int64_t D,
                           float scale, const float *cs, const float *sn, const attn_bwd_buf *w) {
     const int64_t R = G * T;
@@ -794,24 +795,27 @@ static void attn_bwd_item(const bf16 *q, strides3 qs, const bf16 *k, int64_t kt,
             tile_scores(go + g * gs.h + i * gs.t, gs.t, w->vt, T, D, nk, w->dP);
             for (int r = 0; r < 16; r += 2) {
                 const int64_t t = i + r;
-                const bf16 *g0 = go + g * gs.h + t * gs.t, *o0 = o + g * os.h + t * os.t;
-                __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps();
-                for (int64_t d = 0; d < D; d += 16) {
-                    d0 = _mm512_fmadd_ps(v_load(g0 + d, 0xFFFF), v_load(o0 + d, 0xFFFF), d0);
-                    d1 = _mm512_fmadd_ps(v_load(g0 + gs.t + d, 0xFFFF), v_load(o0 + os.t + d, 0xFFFF), d1);
-                }
-                const __m512 delta0 = _mm512_set1_ps(_mm512_reduce_add_ps(d0));
-                const __m512 delta1 = _mm512_set1_ps(_mm512_reduce_add_ps(d1));
                 const __m512 l0 = _mm512_set1_ps(lse[g * T + t]), l1 = _mm512_set1_ps(lse[g * T + t + 1]);
-                const float *s0 = w->S + r * T, *s1 = s0 + T, *p0 = w->dP + r * T, *p1 = p0 + T;
-                uint32_t *pv = w->pv + ((g * T + t) / 2) * T, *dsv = w->dsv + ((g * T + t) / 2) * T;
-                bf16 *dsr = w->dsr + r * T;
-                for (int64_t n = 0; n < nk; n += 16) {
+                float *s0 = w->S + r * T, *s1 = s0 + T;
+                const float *p0 = w->dP + r * T, *p1 = p0 + T;
+                __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps();
+                for (int64_t n = 0; n < nk; n += 16) { /* P, and rowsum(P dP) = rowsum(dO o) */
                     const __m512i key = _mm512_add_epi32(lane, _mm512_set1_epi32((int)n));
                     const __mmask16 m0 = _mm512_cmple_epi32_mask(key, _mm512_set1_epi32((int)t));
                     const __mmask16 m1 = _mm512_cmple_epi32_mask(key, _mm512_set1_epi32((int)t + 1));
                     __m512 e0 = _mm512_maskz_mov_ps(m0, v_exp(_mm512_fmsub_ps(_mm512_loadu_ps(s0 + n), vscale, l0)));
                     __m512 e1 = _mm512_maskz_mov_ps(m1, v_exp(_mm512_fmsub_ps(_mm512_loadu_ps(s1 + n), vscale, l1)));
+                    d0 = _mm512_fmadd_ps(e0, _mm512_loadu_ps(p0 + n), d0);
+                    d1 = _mm512_fmadd_ps(e1, _mm512_loadu_ps(p1 + n), d1);
+                    _mm512_storeu_ps(s0 + n, e0);
+                    _mm512_storeu_ps(s1 + n, e1);
+                }
+                const __m512 delta0 = _mm512_set1_ps(_mm512_reduce_add_ps(d0));
+                const __m512 delta1 = _mm512_set1_ps(_mm512_reduce_add_ps(d1));
+                uint32_t *pv = w->pv + ((g * T + t) / 2) * T, *dsv = w->dsv + ((g * T + t) / 2) * T;
+                bf16 *dsr = w->dsr + r * T;
+                for (int64_t n = 0; n < nk; n += 16) {
+                    __m512 e0 = _mm512_loadu_ps(s0 + n), e1 = _mm512_loadu_ps(s1 + n);
                     __m512 ds0 = _mm512_mul_ps(e0, _mm512_sub_ps(_mm512_loadu_ps(p0 + n), delta0));
                     __m512 ds1 = _mm512_mul_ps(e1, _mm512_sub_ps(_mm512_loadu_ps(p1 + n), delta1));
                     _mm512_storeu_si512(pv + n, pair_rows(e0, e1));
@@ -883,8 +887,8 @@ static int attn_items(int64_t items, size_t bytes, void (*item)(int64_t, const v
     return failed;
 }
 
-typedef struct { /* one call's arguments; lay: (batch, head, position) strides of q, k, v, o, dout, dq, dk, dv */
-    const bf16 *q, *k, *v, *o, *go;
+typedef struct { /* one call's arguments; L: the layouts (see the entry points) */
+    const bf16 *q, *k, *v, *go;
     bf16 *dq, *dk, *dv, *out;
     float *lse;
     const strides3 *L;
@@ -919,31 +923,30 @@ static void bwd_item(int64_t it, const void *args, char *p) {
     w.S = carve(&p, 16 * T * 4), w.dP = carve(&p, 16 * T * 4), w.acc = carve(&p, 16 * D * 4);
     w.dkT = carve(&p, D * T * 4), w.dvT = carve(&p, D * T * 4);
     attn_bwd_item(a->q + b * L[0].b + h * L[0].h, L[0], a->k + b * L[1].b + j * L[1].h, L[1].t,
-                  a->v + b * L[2].b + j * L[2].h, L[2].t, a->o + b * L[3].b + h * L[3].h, L[3],
-                  a->go + b * L[4].b + h * L[4].h, L[4], a->lse + (b * a->H + h) * T, a->dq + b * L[5].b + h * L[5].h,
-                  L[5], a->dk + b * L[6].b + j * L[6].h, L[6].t, a->dv + b * L[7].b + j * L[7].h, L[7].t, G, T, D,
-                  a->scale, a->cs, a->sn, &w);
+                  a->v + b * L[2].b + j * L[2].h, L[2].t, a->go + b * L[3].b + h * L[3].h, L[3],
+                  a->lse + (b * a->H + h) * T, a->dq + b * L[4].b + h * L[4].h, L[4], a->dk + b * L[5].b + j * L[5].h,
+                  L[5].t, a->dv + b * L[6].b + j * L[6].h, L[6].t, G, T, D, a->scale, a->cs, a->sn, &w);
 }
 #endif
 
-/* lay: the (batch, head, position) element strides of q, k, v, o, dout, dq, dk, dv, in that order. cs, sn: the
+/* lay: the (batch, head, position) element strides of q, k, v, dout, dq, dk, dv, in that order. cs, sn: the
  * RoPE cos / sin tables [T, D] (fp32) when q and k come unrotated (then dq and dk are returned unrotated too), or
  * NULL. Returns 0, 1 without AMX, 2 when scratch memory could not be allocated. */
-int attn_amx_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *o, const bf16 *go, const float *lse,
+int attn_amx_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *go, const float *lse,
                  bf16 *dq, bf16 *dk, bf16 *dv, const int64_t *lay, const float *cs, const float *sn, int64_t B,
                  int64_t H, int64_t Hkv, int64_t T, int64_t D, float scale, int nt) {
 #if HAVE_AMX
     if (!amx_permitted())
         return 1;
     const int64_t G = H / Hkv, R = G * T;
-    const attn_args a = {q, k, v, o, go, dq, dk, dv, NULL, (float *)lse, (const strides3 *)lay, cs, sn,
+    const attn_args a = {q, k, v, go, dq, dk, dv, NULL, (float *)lse, (const strides3 *)lay, cs, sn,
                          H, Hkv, G, T, D, scale};
     const size_t bytes = 4 * round64(T * D * 2) + 2 * round64(R * T * 2) + 3 * round64(R * D * 2) +
                          round64(16 * T * 2) + round64(16 * D * 2) + 2 * round64(16 * T * 4) + round64(16 * D * 4) +
                          2 * round64(D * T * 4);
     return attn_items(B * Hkv, bytes, bwd_item, &a, nt);
 #else
-    (void)q, (void)k, (void)v, (void)o, (void)go, (void)lse, (void)dq, (void)dk, (void)dv, (void)lay, (void)cs;
+    (void)q, (void)k, (void)v, (void)go, (void)lse, (void)dq, (void)dk, (void)dv, (void)lay, (void)cs;
     (void)sn, (void)B, (void)H, (void)Hkv, (void)T, (void)D, (void)scale, (void)nt;
     return 1;
 #endif
@@ -957,7 +960,7 @@ int attn_amx_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *ls
     if (!amx_permitted())
         return 1;
     const int64_t G = H / Hkv;
-    const attn_args a = {q, k, v, NULL, NULL, NULL, NULL, NULL, o, lse, (const strides3 *)lay, cs, sn,
+    const attn_args a = {q, k, v, NULL, NULL, NULL, NULL, o, lse, (const strides3 *)lay, cs, sn,
                          H, Hkv, G, T, D, scale};
     const size_t bytes = 3 * round64(T * D * 2) + round64(G * T * D * 2) + round64(16 * T * 4) +
                          round64(16 * D * 4) + round64(16 * T * 2);

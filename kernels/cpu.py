@@ -50,7 +50,7 @@ _SIGNATURES = {
     "causal_softmax_bwd": [_P, _P, _I64, _I64, _F, _I],
     "cross_entropy_rows": [_P, _P, _P, _I64, _I64, _I, _I],
     "attn_amx_fwd": [_P] * 8 + [_I64] * 5 + [_F, _I],
-    "attn_amx_bwd": [_P] * 12 + [_I64] * 5 + [_F, _I],
+    "attn_amx_bwd": [_P] * 11 + [_I64] * 5 + [_F, _I],
     "simd_avx512bf16": [],
     "amx_available": [],
 }
@@ -316,11 +316,11 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, cos: Tensor | N
     return o, lse
 
 
-def attention_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, g: Tensor, scale: float,
+def attention_bwd(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, g: Tensor, scale: float,
                   cos: Tensor | None = None, sin: Tensor | None = None,
                   out: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of ``attention_fwd`` for the output gradient g [B, H, T, D] (any strides, unit last one); the
-    probabilities are recomputed from q, k and lse. With ``cos``/``sin`` the gradients are those of the unrotated
+    probabilities are recomputed from q, k and lse (the output itself is not needed). With ``cos``/``sin`` the gradients are those of the unrotated
     q and k. ``out``: tensors to write them into (views of one packed gradient, say), else new ones."""
     B, H, T, D = q.shape
     if g.stride(-1) != 1:
@@ -328,9 +328,8 @@ def attention_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, g: Te
     dq, dk, dv = out if out is not None else (torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=k.dtype),
                                               torch.empty(v.shape, dtype=v.dtype))
     cos, sin = _rope_tables(cos, sin)
-    lay = _layout(q, k, v, o, g, dq, dk, dv)
-    rc = library().attn_amx_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), g.data_ptr(),
-                                lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), lay.data_ptr(),
+    lay = _layout(q, k, v, g, dq, dk, dv)
+    rc = library().attn_amx_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), lay.data_ptr(),
                                 _ptr(cos), _ptr(sin), B, H, k.shape[1], T, D, scale, _nt())
     _check(rc, "attn_amx_bwd", f"T={T}, D={D}")
     return dq, dk, dv

@@ -244,15 +244,15 @@ class _AMXQKVAttention(torch.autograd.Function):
     def forward(ctx, qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int) -> Tensor:
         ctx.dims, ctx.scale = (H, Hkv), (qkv.shape[-1] // (H + 2 * Hkv)) ** -0.5
         o, lse = cpu_kernels.attention_fwd(*_qkv_views(qkv, H, Hkv), ctx.scale, cos, sin)
-        ctx.save_for_backward(qkv, cos, sin, o, lse)
+        ctx.save_for_backward(qkv, cos, sin, lse)
         return o
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        qkv, cos, sin, o, lse = ctx.saved_tensors
+        qkv, cos, sin, lse = ctx.saved_tensors
         H, Hkv = ctx.dims
         d = torch.empty(qkv.shape, dtype=qkv.dtype)
-        cpu_kernels.attention_bwd(*_qkv_views(qkv, H, Hkv), o, lse, g.to(qkv.dtype), ctx.scale, cos, sin,
+        cpu_kernels.attention_bwd(*_qkv_views(qkv, H, Hkv), lse, g.to(qkv.dtype), ctx.scale, cos, sin,
                                   out=_qkv_views(d, H, Hkv))
         return d, None, None, None, None
 
@@ -415,21 +415,21 @@ class _MatmulAttention(torch.autograd.Function):
 
 
 class _AMXAttention(torch.autograd.Function):
-    """Causal GQA attention in kernels/cpu.c on AMX tiles (bf16 CPU training): saves the output and one fp32
-    log-sum-exp per query instead of the probabilities, skips the key blocks above the diagonal and recomputes
-    the probabilities in backward."""
+    """Causal GQA attention in kernels/cpu.c on AMX tiles (bf16 CPU training): saves one fp32 log-sum-exp per
+    query instead of the probabilities, skips the key blocks above the diagonal and recomputes the probabilities
+    in backward."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         ctx.scale = q.shape[-1] ** -0.5
         o, lse = cpu_kernels.attention_fwd(q, k, v, ctx.scale)
-        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.save_for_backward(q, k, v, lse)
         return o
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        q, k, v, o, lse = ctx.saved_tensors
-        return cpu_kernels.attention_bwd(q, k, v, o, lse, g.to(q.dtype), ctx.scale)
+        q, k, v, lse = ctx.saved_tensors
+        return cpu_kernels.attention_bwd(q, k, v, lse, g.to(q.dtype), ctx.scale)
 
 
 def causal_bias(T: int, mask: Tensor | None, device: torch.device) -> Tensor:
