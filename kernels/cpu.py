@@ -320,16 +320,19 @@ def attention_bwd(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, g: Tensor, scale
                   cos: Tensor | None = None, sin: Tensor | None = None,
                   out: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of ``attention_fwd`` for the output gradient g [B, H, T, D] (any strides, unit last one); the
-    probabilities are recomputed from q, k and lse (the output itself is not needed). With ``cos``/``sin`` the gradients are those of the unrotated
-    q and k. ``out``: tensors to write them into (views of one packed gradient, say), else new ones."""
+    probabilities are recomputed from q, k and lse (the output itself is not needed). With ``cos``/``sin`` the
+    gradients are those of the unrotated q and k. ``out``: tensors to write them into (views of one packed
+    gradient, say), else new ones."""
     B, H, T, D = q.shape
     if g.stride(-1) != 1:
         g = g.contiguous()
-    dq, dk, dv = out if out is not None else (torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=k.dtype),
-                                              torch.empty(v.shape, dtype=v.dtype))
+    if out is None:
+        out = tuple(torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v))
+    dq, dk, dv = out
     cos, sin = _rope_tables(cos, sin)
     lay = _layout(q, k, v, g, dq, dk, dv)
-    rc = library().attn_amx_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), lay.data_ptr(),
-                                _ptr(cos), _ptr(sin), B, H, k.shape[1], T, D, scale, _nt())
+    rc = library().attn_amx_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), lse.data_ptr(), dq.data_ptr(),
+                                dk.data_ptr(), dv.data_ptr(), lay.data_ptr(), _ptr(cos), _ptr(sin), B, H, k.shape[1],
+                                T, D, scale, _nt())
     _check(rc, "attn_amx_bwd", f"T={T}, D={D}")
     return dq, dk, dv

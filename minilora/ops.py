@@ -263,10 +263,11 @@ def qkv_attention(qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int, mask:
     (``_AMXQKVAttention``, or its forward alone without autograd; conditions as ``_amx``)."""
     B, T, N = qkv.shape
     D = N // (H + 2 * Hkv)
-    if qkv.stride(-1) == 1 and cos.shape == sin.shape == (T, D) and _amx(*_qkv_views(qkv, H, Hkv), mask):
+    views = _qkv_views(qkv, H, Hkv)
+    if qkv.stride(-1) == 1 and cos.shape == sin.shape == (T, D) and _amx(*views, mask):
         if _needs_grad(qkv):
             return _AMXQKVAttention.apply(qkv, cos, sin, H, Hkv)
-        return cpu_kernels.attention_fwd(*_qkv_views(qkv, H, Hkv), D**-0.5, cos, sin)[0]
+        return cpu_kernels.attention_fwd(*views, D**-0.5, cos, sin)[0]
     return attention(*qkv_rope(qkv, cos, sin, H, Hkv), mask, bias)
 
 

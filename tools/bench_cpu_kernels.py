@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
         lib = cpu_kernels.library()  # fail here, with the compiler's reason, rather than time PyTorch twice
         result: dict = {"command": " ".join([sys.executable] + sys.argv), "torch": torch.__version__,
                         "threads": torch.get_num_threads(), "dims": args.dims,
-                        "simd": {"avx512bf16": bool(lib.simd_avx512bf16()), "amx_attention": bool(lib.amx_available())},
+                        "simd": {"avx512bf16": bool(lib.simd_avx512bf16()),
+                                 "amx_attention": bool(lib.amx_available())},
                         "malloc": tune_malloc(),  # as the recipes run; both paths alike
                         "ops": bench_ops(op_cases(*args.dims), args.rounds, args.reps)}
         if not args.no_step:
