@@ -972,6 +972,287 @@ int attn_amx_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *ls
 #endif
 }
 
+/* ------------------------------------------------------------------ LoRA rank-side products on AMX
+ * Around the frozen GEMMs of a LoRA linear Y = X W^T + S B^T with S = X A^T (adapters stacked: A [R][K], B [N][R],
+ * B already scaled), oneDNN runs X W^T and G W; these kernels run the rank-R products, each in one pass over the
+ * big operands per block of 32 rows instead of one GEMM call (and one pass over memory) per product:
+ *   forward   S = bf16(X A^T) (returned, kept for backward), Y += S B^T in place (one rounding);
+ *   backward  T = bf16(G B) (as PyTorch's bf16 matmul rounds it), dX += T A in place, dA = T^T X and
+ *             dB^T = S^T G in fp32 (summed over threads; the caller rounds them to the parameters' dtype).
+ * R is zero-padded to Rp (a multiple of 32) inside; K and N must be multiples of 32; any M (a last partial block
+ * goes through zero-padded scratch). Operands are repacked as bf16 pairs where AMX wants them. */
+#if HAVE_AMX
+/* out[i][j] = (src(2i, j), src(2i + 1, j)) for i < P, j < Q, src(r, c) = m[r * rs + c * cs] when r < rows and
+ * c < cols, else 0: the pair layout of AMX's second operand, built from any orientation of a small matrix */
+static void pack_pairs(const bf16 *m, int64_t rs, int64_t cs, int64_t rows, int64_t cols, uint32_t *out, int64_t P,
+                       int64_t Q) {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < P; i++)
+        for (int64_t j = 0; j < Q; j++) {
+            uint32_t lo = 2 * i < rows && j < cols ? m[2 * i * rs + j * cs] : 0;
+            uint32_t hi = 2 * i + 1 < rows && j < cols ? m[(2 * i + 1) * rs + j * cs] : 0;
+            out[i * Q + j] = lo | hi << 16;
+        }
+}
+
+/* out[32][Rp] bf16 = round(a [32 rows, stride lda][Kd] times pairs bp [Kd/2][Rp]); Kd % 32 == 0 */
+static void rank_product(const bf16 *a, int64_t lda, const uint32_t *bp, int64_t Rp, int64_t Kd, float *f,
+                         bf16 *out) {
+    for (int64_t r = 0; r < Rp; r += 32) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t k = 0; k < Kd; k += 32) {
+            _tile_loadd(4, a + k, lda * 2);
+            _tile_loadd(5, a + 16 * lda + k, lda * 2);
+            _tile_loadd(6, bp + (k / 2) * Rp + r, Rp * 4);
+            _tile_loadd(7, bp + (k / 2) * Rp + r + 16, Rp * 4);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, f + r, Rp * 4);
+        _tile_stored(1, f + r + 16, Rp * 4);
+        _tile_stored(2, f + 16 * Rp + r, Rp * 4);
+        _tile_stored(3, f + 16 * Rp + r + 16, Rp * 4);
+    }
+    for (int64_t i = 0; i < 32 * Rp; i += 16)
+        v_store(out + i, _mm512_loadu_ps(f + i), 0xFFFF);
+}
+
+/* y[rows < 32][Nc] (stride ldy) += s [32][Rp] bf16 times pairs bp [Rp/2][Nc], rounded once; Nc % 32 == 0 */
+static void add_rank_product(const bf16 *s, int64_t Rp, const uint32_t *bp, int64_t Nc, bf16 *y, int64_t ldy,
+                             int64_t rows, float *buf) {
+    for (int64_t m = 0; m < rows; m += 16)
+        for (int64_t n = 0; n < Nc; n += 64) {
+            const int w = Nc - n >= 64 ? 4 : 2; /* tiles of 16 columns */
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t r = 0; r < Rp; r += 32) {
+                const uint32_t *b = bp + (r / 2) * Nc + n;
+                _tile_loadd(4, s + m * Rp + r, Rp * 2);
+                _tile_loadd(6, b, Nc * 4);
+                _tile_loadd(7, b + 16, Nc * 4);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                if (w == 4) {
+                    _tile_loadd(6, b + 32, Nc * 4);
+                    _tile_loadd(7, b + 48, Nc * 4);
+                    _tile_dpbf16ps(2, 4, 6);
+                    _tile_dpbf16ps(3, 4, 7);
+                }
+            }
+            _tile_stored(0, buf, 256);
+            _tile_stored(1, buf + 16, 256);
+            if (w == 4) {
+                _tile_stored(2, buf + 32, 256);
+                _tile_stored(3, buf + 48, 256);
+            }
+            for (int64_t i = 0; i < 16 && m + i < rows; i++) {
+                bf16 *yr = y + (m + i) * ldy + n;
+                for (int j = 0; j < 16 * w; j += 16)
+                    v_store(yr + j, _mm512_add_ps(v_load(yr + j, 0xFFFF), _mm512_loadu_ps(buf + i * 64 + j)), 0xFFFF);
+            }
+        }
+}
+
+/* c [Rp][Nc] fp32 += at [Rp][32 sub] bf16 (a block's rows as columns, row stride 32 sub) times p, the same rows
+ * as pairs [16 sub][Nc]: each 16 x 16 tile of c is loaded and stored once per block of sub x 32 rows */
+static void acc_outer(const bf16 *at, int64_t Rp, const uint32_t *p, int64_t Nc, int64_t sub, float *c) {
+    const int64_t W = 32 * sub;
+    for (int64_t r = 0; r < Rp; r += 32)
+        for (int64_t n = 0; n < Nc; n += 16) {
+            float *c0 = c + r * Nc + n, *c1 = c0 + 16 * Nc;
+            _tile_loadd(0, c0, Nc * 4);
+            _tile_loadd(1, c1, Nc * 4);
+            for (int64_t j = 0; j < sub; j++) {
+                _tile_loadd(4, at + r * W + 32 * j, W * 2);
+                _tile_loadd(5, at + (r + 16) * W + 32 * j, W * 2);
+                _tile_loadd(6, p + 16 * j * Nc + n, Nc * 4);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 5, 6);
+            }
+            _tile_stored(0, c0, Nc * 4);
+            _tile_stored(1, c1, Nc * 4);
+        }
+}
+
+/* at [Rp][W] = the transpose of src [rows][cols] (row stride ld), zero beyond rows / cols */
+static void small_transpose(const bf16 *src, int64_t ld, int64_t rows, int64_t cols, bf16 *at, int64_t Rp,
+                            int64_t W) {
+    for (int64_t r = 0; r < Rp; r++)
+        for (int64_t m = 0; m < W; m++)
+            at[r * W + m] = r < cols && m < rows ? src[m * ld + r] : 0;
+}
+
+/* rows [0, rows) of src (stride ld) as a zero-padded [32][cols] block in dst, or src itself when whole */
+static const bf16 *whole_block(const bf16 *src, int64_t ld, int64_t rows, int64_t cols, bf16 *dst, int64_t *ldo) {
+    if (rows == 32) {
+        *ldo = ld;
+        return src;
+    }
+    memset(dst, 0, 32 * cols * 2);
+    for (int64_t i = 0; i < rows; i++)
+        memcpy(dst + i * cols, src + i * ld, cols * 2);
+    *ldo = cols;
+    return dst;
+}
+#endif
+
+static int64_t round32(int64_t n) { return (n + 31) / 32 * 32; }
+
+/* s [M][R] = bf16(x A^T), y [M][N] (stride ldy) += s B^T; x rows stride ldx. Returns 0, 1 without AMX, 2 when
+ * scratch memory could not be allocated. */
+int lora_amx_fwd(const bf16 *x, int64_t ldx, const bf16 *a, const bf16 *b, bf16 *s, bf16 *y, int64_t ldy,
+                 int64_t M, int64_t K, int64_t N, int64_t R, int nt) {
+#if HAVE_AMX
+    if (!amx_permitted())
+        return 1;
+    const int64_t Rp = round32(R);
+    uint32_t *akp = aligned_alloc(64, round64(K / 2 * Rp * 4)), *brp = aligned_alloc(64, round64(Rp / 2 * N * 4));
+    int failed = akp == NULL || brp == NULL ? 2 : 0;
+    if (failed) {
+        free(akp);
+        free(brp);
+        return failed;
+    }
+    const size_t bytes = round64(32 * Rp * 4) + round64(32 * Rp * 2) + round64(16 * 64 * 4) + round64(32 * K * 2);
+#pragma omp parallel num_threads(nt) reduction(| : failed)
+    {
+        pack_pairs(a, 1, K, K, R, akp, K / 2, Rp);      /* (A^T) as pairs over k */
+        pack_pairs(b, 1, R, R, N, brp, Rp / 2, N);      /* (B^T) as pairs over r */
+        char *p = arena(bytes);
+        failed = p == NULL ? 2 : 0;
+        float *f = p ? carve(&p, 32 * Rp * 4) : NULL, *buf = p ? carve(&p, 16 * 64 * 4) : NULL;
+        bf16 *sb = p ? carve(&p, 32 * Rp * 2) : NULL, *tail = p ? carve(&p, 32 * K * 2) : NULL;
+        if (f)
+            amx_config();
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m += 32) {
+            if (!f)
+                continue;
+            const int64_t rows = M - m < 32 ? M - m : 32;
+            int64_t ld;
+            const bf16 *xb = whole_block(x + m * ldx, ldx, rows, K, tail, &ld);
+            rank_product(xb, ld, akp, Rp, K, f, sb);
+            for (int64_t i = 0; i < rows; i++)
+                memcpy(s + (m + i) * R, sb + i * Rp, R * 2);
+            add_rank_product(sb, Rp, brp, N, y + m * ldy, ldy, rows, buf);
+        }
+        if (f)
+            _tile_release();
+    }
+    free(akp);
+    free(brp);
+    return failed;
+#else
+    (void)x, (void)ldx, (void)a, (void)b, (void)s, (void)y, (void)ldy, (void)M, (void)K, (void)N, (void)R, (void)nt;
+    return 1;
+#endif
+}
+
+/* The backward of lora_amx_fwd for g = dL/dy [M][N] (stride ldg): dx [M][K] (stride lddx) += T A when dx != NULL,
+ * da [R][K] = T^T x when da != NULL, dbt [R][N] = s^T g (dB transposed) when dbt != NULL, T = bf16(g B); da and
+ * dbt fp32. x (stride ldx) is read only for da, s only for dbt. Returns as lora_amx_fwd. */
+int lora_amx_bwd(const bf16 *g, int64_t ldg, const bf16 *x, int64_t ldx, const bf16 *s, const bf16 *a,
+                 const bf16 *b, bf16 *dx, int64_t lddx, float *da, float *dbt, int64_t M, int64_t K, int64_t N,
+                 int64_t R, int nt) {
+#if HAVE_AMX
+    if (!amx_permitted())
+        return 1;
+    const int64_t LB = 128, Rp = round32(R), blocks = (M + LB - 1) / LB; /* rows per block */
+    const int need_t = dx != NULL || da != NULL;
+    const int chunks = nt < 1 ? 1 : (int)(nt < blocks ? nt : blocks); /* one fp32 accumulator per chunk of rows */
+    const size_t acc = round64(((da ? Rp * K : 0) + (dbt ? Rp * N : 0)) * 4);
+    uint32_t *bnp = aligned_alloc(64, round64(N / 2 * Rp * 4)), *arp = aligned_alloc(64, round64(Rp / 2 * K * 4));
+    char *accs = aligned_alloc(64, chunks * acc + 64);
+    int failed = bnp == NULL || arp == NULL || accs == NULL ? 2 : 0;
+    if (failed) {
+        free(bnp);
+        free(arp);
+        free(accs);
+        return failed;
+    }
+    memset(accs, 0, chunks * acc);
+    const size_t bytes = round64(32 * Rp * 4) + 3 * round64(LB * Rp * 2) + round64(16 * 64 * 4) +
+                         round64(LB / 2 * K * 4) + round64(LB / 2 * N * 4) + round64(32 * K * 2) + round64(32 * N * 2);
+#pragma omp parallel num_threads(nt) reduction(| : failed)
+    {
+        if (need_t)
+            pack_pairs(b, R, 1, N, R, bnp, N / 2, Rp);  /* B as pairs over n */
+        if (dx)
+            pack_pairs(a, K, 1, R, K, arp, Rp / 2, K);  /* A as pairs over r */
+        char *p = arena(bytes);
+        failed = p == NULL ? 2 : 0;
+        if (p)
+            amx_config();
+#pragma omp for schedule(static)
+        for (int c = 0; c < chunks; c++) {
+            if (!p)
+                continue;
+            char *q = p;
+            float *f = carve(&q, 32 * Rp * 4), *buf = carve(&q, 16 * 64 * 4);
+            bf16 *tb = carve(&q, LB * Rp * 2), *tt = carve(&q, LB * Rp * 2), *st = carve(&q, LB * Rp * 2);
+            uint32_t *xp = carve(&q, LB / 2 * K * 4), *gp = carve(&q, LB / 2 * N * 4);
+            bf16 *xtail = carve(&q, 32 * K * 2), *gtail = carve(&q, 32 * N * 2);
+            float *dac = (float *)(accs + c * acc), *dbc = dac + (da ? Rp * K : 0);
+            for (int64_t blk = blocks * c / chunks; blk < blocks * (c + 1) / chunks; blk++) {
+                const int64_t m0 = blk * LB, rows = M - m0 < LB ? M - m0 : LB, sub = (rows + 31) / 32;
+                for (int64_t j = 0; j < sub; j++) { /* 32-row pieces: T, dX, and the pairs for dA / dB */
+                    const int64_t m = m0 + 32 * j, n = M - m < 32 ? M - m : 32;
+                    int64_t lg, lx;
+                    const bf16 *gb = whole_block(g + m * ldg, ldg, n, N, gtail, &lg);
+                    if (need_t)
+                        rank_product(gb, lg, bnp, Rp, N, f, tb + 32 * j * Rp);
+                    if (dx)
+                        add_rank_product(tb + 32 * j * Rp, Rp, arp, K, dx + m * lddx, lddx, n, buf);
+                    if (da) {
+                        const bf16 *xb = whole_block(x + m * ldx, ldx, n, K, xtail, &lx);
+                        pack_rpairs(xb, lx, xp + 16 * j * K, 32, K);
+                    }
+                    if (dbt)
+                        pack_rpairs(gb, lg, gp + 16 * j * N, 32, N);
+                }
+                if (da) {
+                    small_transpose(tb, Rp, 32 * sub, Rp, tt, Rp, 32 * sub);
+                    acc_outer(tt, Rp, xp, K, sub, dac);
+                }
+                if (dbt) {
+                    small_transpose(s + m0 * R, R, rows, R, st, Rp, 32 * sub);
+                    acc_outer(st, Rp, gp, N, sub, dbc);
+                }
+            }
+        }
+        if (p)
+            _tile_release();
+        /* the implicit barrier of the loop above: every chunk's sums are complete */
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; r++)
+            for (int c = 0; c < chunks; c++) {
+                const float *dac = (const float *)(accs + c * acc), *dbc = dac + (da ? Rp * K : 0);
+                if (da)
+                    for (int64_t k = 0; k < K; k++)
+                        da[r * K + k] = (c ? da[r * K + k] : 0.0f) + dac[r * K + k];
+                if (dbt)
+                    for (int64_t n = 0; n < N; n++)
+                        dbt[r * N + n] = (c ? dbt[r * N + n] : 0.0f) + dbc[r * N + n];
+            }
+    }
+    free(bnp);
+    free(arp);
+    free(accs);
+    return failed;
+#else
+    (void)g, (void)ldg, (void)x, (void)ldx, (void)s, (void)a, (void)b, (void)dx, (void)lddx, (void)da, (void)dbt;
+    (void)M, (void)K, (void)N, (void)R, (void)nt;
+    return 1;
+#endif
+}
+
 /* 1 when attn_amx_fwd / attn_amx_bwd can run: compiled for AMX and the OS grants the tile state. */
 int amx_available(void) {
 #if HAVE_AMX

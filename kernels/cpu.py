@@ -51,13 +51,15 @@ _SIGNATURES = {
     "cross_entropy_rows": [_P, _P, _P, _I64, _I64, _I, _I],
     "attn_amx_fwd": [_P] * 8 + [_I64] * 5 + [_F, _I],
     "attn_amx_bwd": [_P] * 11 + [_I64] * 5 + [_F, _I],
+    "lora_amx_fwd": [_P, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I],
+    "lora_amx_bwd": [_P, _I64, _P, _I64, _P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I],
     "simd_avx512bf16": [],
     "amx_available": [],
 }
 # softmax / cross-entropy: nonzero when a row buffer's malloc failed; attention: 1 without AMX, 2 when a buffer's
 # malloc failed; simd_avx512bf16 / amx_available: 1 for the intrinsics build / when the AMX attention can run
 _RETURNS = {"causal_softmax_fwd": _I, "cross_entropy_rows": _I, "attn_amx_fwd": _I, "attn_amx_bwd": _I,
-            "simd_avx512bf16": _I, "amx_available": _I}
+            "lora_amx_fwd": _I, "lora_amx_bwd": _I, "simd_avx512bf16": _I, "amx_available": _I}
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib" (CDLL or None), "error" (str), "path"
@@ -263,6 +265,55 @@ def cross_entropy_rows_(logits: Tensor, y: Tensor, grad: bool) -> Tensor:
     return loss
 
 
+def _amx() -> bool:
+    if "amx" not in _state:
+        _state["amx"] = bool(library().amx_available())
+    return _state["amx"]
+
+
+def amx_lora_supported(x: Tensor, a: Tensor, b: Tensor) -> bool:
+    """True when ``lora_fwd``/``lora_bwd`` take these operands: bf16 CPU tensors x [M, K] (unit stride over K),
+    the stacked adapters a [R, K] and b [N, R], K and N multiples of 32, and the library built with AMX and the OS
+    granting it."""
+    if not (x.dim() == 2 and a.dim() == 2 and b.dim() == 2 and x.shape[1] == a.shape[1] and b.shape[1] == a.shape[0]
+            and x.shape[1] % 32 == 0 and b.shape[0] % 32 == 0 and x.shape[0] > 0 and x.stride(1) == 1):
+        return False
+    return enabled(x, a, b) and _amx()
+
+
+def lora_fwd(x: Tensor, a: Tensor, b: Tensor, y: Tensor) -> Tensor:
+    """The rank-side forward of a LoRA linear on AMX: returns s = bf16(x a^T) [M, R] and adds s b^T to y [M, N]
+    (the frozen product x W^T, unit stride over N) in place, with one rounding."""
+    (M, K), (N, R) = x.shape, b.shape
+    a, b = _c(a), _c(b)
+    assert y.shape == (M, N) and y.stride(1) == 1 and y.dtype == x.dtype
+    s = torch.empty(M, R, dtype=x.dtype)
+    rc = library().lora_amx_fwd(x.data_ptr(), x.stride(0), a.data_ptr(), b.data_ptr(), s.data_ptr(), y.data_ptr(),
+                                y.stride(0), M, K, N, R, _nt())
+    _check(rc, "lora_amx_fwd", f"K={K}, N={N}, R={R}")
+    return s
+
+
+def lora_bwd(g: Tensor, x: Tensor | None, s: Tensor | None, a: Tensor, b: Tensor, dx: Tensor | None,
+             ) -> tuple[Tensor | None, Tensor | None]:
+    """The rank-side backward of ``lora_fwd`` for g = dL/dy [M, N]: adds t a to dx [M, K] in place (t = bf16(g b),
+    when dx is given) and returns (da = t^T x [R, K] when x is given, dB^T = s^T g [R, N] when s is given), fp32."""
+    (M, N), (R, K) = g.shape, a.shape
+    g, a, b = (t if t.stride(-1) == 1 else t.contiguous() for t in (g, a, b))
+    a, b = _c(a), _c(b)
+    if s is not None:
+        s = _c(s)
+    assert dx is None or (dx.shape == (M, K) and dx.stride(1) == 1)
+    assert x is None or (x.shape == (M, K) and x.stride(1) == 1)
+    da = torch.empty(R, K, dtype=torch.float32) if x is not None else None
+    dbt = torch.empty(R, N, dtype=torch.float32) if s is not None else None
+    rc = library().lora_amx_bwd(g.data_ptr(), g.stride(0), _ptr(x), 0 if x is None else x.stride(0), _ptr(s),
+                                a.data_ptr(), b.data_ptr(), _ptr(dx), 0 if dx is None else dx.stride(0), _ptr(da),
+                                _ptr(dbt), M, K, N, R, _nt())
+    _check(rc, "lora_amx_bwd", f"K={K}, N={N}, R={R}")
+    return da, dbt
+
+
 def amx_attention_supported(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """True when ``attention_fwd``/``attention_bwd`` take these causal-attention inputs: bf16 CPU tensors
     [B, H, T, D] and [B, Hkv, T, D] with unit stride over D, the library built with AMX and the OS granting it,
@@ -272,11 +323,7 @@ def amx_attention_supported(q: Tensor, k: Tensor, v: Tensor) -> bool:
             H % k.shape[1] == 0 and T % 32 == 0 and D % 64 == 0 and T > 0 and
             all(t.stride(-1) == 1 for t in (q, k, v))):
         return False
-    if not enabled(q, k, v):
-        return False
-    if "amx" not in _state:
-        _state["amx"] = bool(library().amx_available())
-    return _state["amx"]
+    return enabled(q, k, v) and _amx()
 
 
 def _check(rc: int, name: str, what: str) -> None:

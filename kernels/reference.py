@@ -24,6 +24,8 @@ from typing import Protocol, Union
 import torch
 from torch import Tensor
 
+from kernels import cpu as cpu_kernels
+
 DropoutState = Union[Tensor, int]  # a bool keep-mask (this backend) or a Philox seed (Triton)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -85,10 +87,16 @@ class LoRALinearFunction(torch.autograd.Function):
         a = torch.cat(lora_a)  # [R, K]
         b = torch.cat([bi * si for bi, si in zip(lora_b, scaling)], dim=1)  # [N, R]
         ctx.state = ops.new_dropout(x, dropout_p) if dropout_p > 0 else None
-        xd = x if ctx.state is None else ops.dropped(x, ctx.state, dropout_p)
-        s = xd @ a.t()  # [M, R]
-        del xd
-        y = ops.fused_matmul(x, weight.t(), s, b.t())
+        # CPUs with AMX: the rank-side products in one pass over each block of rows (kernels/cpu.c), not 2 GEMMs
+        ctx.amx = type(ops) is TorchOps and ctx.state is None and cpu_kernels.amx_lora_supported(x, a, b)
+        if ctx.amx:
+            y = x @ weight.t()
+            s = cpu_kernels.lora_fwd(x, a, b, y)
+        else:
+            xd = x if ctx.state is None else ops.dropped(x, ctx.state, dropout_p)
+            s = xd @ a.t()  # [M, R]
+            del xd
+            y = ops.fused_matmul(x, weight.t(), s, b.t())
         ctx.save_for_backward(weight, a, b, x if any(ctx.a_grad) else None, s if any(ctx.b_grad) else None)
         return y
 
@@ -100,6 +108,8 @@ class LoRALinearFunction(torch.autograd.Function):
             (weight,) = ctx.saved_tensors
             return None, None, None, (g @ weight if need_x else None), None
         weight, a, b, x, s = ctx.saved_tensors
+        if ctx.amx:
+            return (None, None, None, *_amx_backward(ctx, g, weight if need_x else None, a, b, x, s))
         t = g @ b if need_x or any(ctx.a_grad) else None  # [M, R]
         dx = ops.fused_matmul(g, weight, t, a, state, p) if need_x else None
         spans = _spans(ctx.ranks)
@@ -108,6 +118,20 @@ class LoRALinearFunction(torch.autograd.Function):
         db = _per_adapter(ctx.b_grad, spans, lambda cols: g.t() @ _columns(s, cols), dim=1)
         db = [None if d is None else (d * si).contiguous() for d, si in zip(db, scaling)]
         return (None, None, None, dx, None, *da, *db)
+
+
+def _amx_backward(ctx, g: Tensor, weight: Tensor | None, a: Tensor, b: Tensor, x: Tensor | None,
+                  s: Tensor | None) -> list[Tensor | None]:
+    """(dx, None, *dA_i, *dB_i) of ``LoRALinearFunction`` through ``kernels.cpu.lora_bwd``: the frozen product
+    G W by oneDNN, the rank-side products (fp32 sums, rounded once) by the AMX kernel."""
+    g = g if g.stride(-1) == 1 else g.contiguous()
+    dx = g @ weight if weight is not None else None
+    da, dbt = cpu_kernels.lora_bwd(g, x, s, a, b, dx)
+    spans = _spans(ctx.ranks)
+    das = [da[lo:hi].to(a.dtype) if want else None for (lo, hi), want in zip(spans, ctx.a_grad)]
+    dbs = [(dbt[lo:hi].t() * si).to(b.dtype).contiguous() if want else None
+           for (lo, hi), want, si in zip(spans, ctx.b_grad, ctx.scaling)]
+    return [dx, None, *das, *dbs]
 
 
 def _spans(ranks: Sequence[int]) -> list[tuple[int, int]]:

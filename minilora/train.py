@@ -210,9 +210,12 @@ class Trainer:
         self.params = [p for _, p in named]
         if not self.params:
             raise ValueError("the model has no trainable parameters (add an adapter or a head first)")
+        # fused: one kernel over all parameters instead of a Python loop of small ops per tensor (the HF
+        # Trainer's default "adamw_torch_fused"; the same update), where torch has it for the parameters' device
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in self.params)
         self.optimizer = torch.optim.AdamW(
             param_groups(named, cfg.lr, cfg.lr_overrides),
-            lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+            lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused or None,
         )
         steps_per_epoch = max(1, len(self.batches(0)) // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))

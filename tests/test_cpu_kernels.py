@@ -335,6 +335,85 @@ def test_amx_attention_sharp_scores_and_unsupported_shapes(fused, request):
     assert not cpu.amx_attention_supported(z(1, 2, 64, 64).float(), z(1, 1, 64, 64), z(1, 1, 64, 64))
 
 
+@pytest.mark.parametrize("M,K,N,ranks", [(333, 96, 160, (8, 40)), (64, 32, 64, (16,))])
+def test_amx_lora_linear(fused, request, monkeypatch, M, K, N, ranks):
+    """The stacked-LoRA linear with its rank-side products on AMX (kernels.cpu.lora_fwd / lora_bwd) against the
+    fp64 formula: output, dX and the gradients of a trainable and a frozen adapter, under bf16 autocast with fp32
+    master adapters, x strided and M not a multiple of the 32-row blocks; at least as close as the PyTorch path
+    (MINILORA_CPU_KERNELS=off). In the plain C build the same call takes the PyTorch path."""
+    import kernels
+
+    torch.manual_seed(5)
+    xw = torch.randn(M, K + 32)
+    weight = (torch.randn(N, K) / K**0.5).to(BF)
+    lora_a = [torch.randn(r, K) / K**0.5 for r in ranks]
+    lora_b = [torch.randn(N, r) * 0.3 for r in ranks]
+    scaling = [2.0, 0.5][:len(ranks)]
+    g = torch.randn(M, N).to(BF)
+
+    def formula(x, w, a_s, b_s):
+        return x @ w.t() + sum(s * (x @ a.t()) @ b.t() for a, b, s in zip(a_s, b_s, scaling))
+
+    xd = xw[:, :K].to(BF).double().requires_grad_(True)
+    a64 = [a.to(BF).double().requires_grad_(True) for a in lora_a]
+    b64 = [b.to(BF).double().requires_grad_(True) for b in lora_b]
+    ref = formula(xd, weight.double(), a64, b64)
+    ref.backward(g.double())
+    amx = _amx_expected(request.node.callspec.params["fused"])
+    calls = []
+    for name in ("lora_fwd", "lora_bwd"):
+        real = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    errors = {}
+    for m in ("auto", "off"):
+        monkeypatch.setenv("MINILORA_CPU_KERNELS", m)
+        x = xw.to(BF)[:, :K].requires_grad_(True)  # a strided [M, K] view
+        x.retain_grad()
+        a_s = [a.clone().requires_grad_(True) for a in lora_a]
+        b_s = [b.clone().requires_grad_(i == 0) for i, b in enumerate(lora_b)]  # the last adapter frozen
+        if len(ranks) == 1:
+            b_s[0].requires_grad_(True)
+        with torch.autocast("cpu", dtype=BF):
+            y = kernels.lora_linear(x, weight, a_s, b_s, scaling)
+        y.backward(g)
+        assert y.dtype == BF and x.grad.dtype == BF and all(a.grad.dtype == torch.float32 for a in a_s)
+        assert all(b.grad is None for b in b_s[1:])
+        errors[m] = ([_rel(y, ref), _rel(x.grad, xd.grad)] + [_rel(a.grad, r.grad) for a, r in zip(a_s, a64)]
+                     + [_rel(b_s[0].grad, b64[0].grad)])
+    assert calls == (["lora_fwd", "lora_bwd"] if amx else [])
+    for amx_err, torch_err in zip(errors["auto"], errors["off"]):
+        assert amx_err < 1.25 * torch_err + 1e-3 and amx_err < 2e-2
+
+
+def test_amx_lora_direct_and_unsupported(fused, request, monkeypatch):
+    """lora_fwd / lora_bwd called directly: s and y against the fp64 formula (one rounding each), the optional
+    outputs (no dX, no dA, no dB) and the shapes the kernels refuse (then the PyTorch products run)."""
+    if not _amx_expected(request.node.callspec.params["fused"]):
+        pytest.skip("no AMX here: lora_fwd / lora_bwd are never called")
+    torch.manual_seed(8)
+    M, K, N, R = 70, 64, 96, 24
+    x, a, b = (torch.randn(M, K)).to(BF), (torch.randn(R, K) / 8).to(BF), (torch.randn(N, R) / 5).to(BF)
+    y0 = torch.randn(M, N).to(BF)
+    y = y0.clone()
+    s = cpu.lora_fwd(x, a, b, y)
+    assert _ulps(s, (x.double() @ a.double().t()).to(BF)) <= 1.0
+    assert _ulps(y, (y0.double() + s.double() @ b.double().t()).to(BF)) <= 1.0
+    g, dx0 = torch.randn(M, N).to(BF), torch.randn(M, K).to(BF)
+    dx = dx0.clone()
+    da, dbt = cpu.lora_bwd(g, x, s, a, b, dx)
+    t = (g.double() @ b.double()).to(BF).double()
+    assert _ulps(dx, (dx0.double() + t @ a.double()).to(BF)) <= 1.0
+    assert _rel(da, t.t() @ x.double()) < 1e-5 and _rel(dbt, s.double().t() @ g.double()) < 1e-5
+    assert cpu.lora_bwd(g, None, s, a, b, None)[0] is None and torch.equal(cpu.lora_bwd(g, None, s, a, b, None)[1], dbt)
+    assert torch.equal(cpu.lora_bwd(g, x, None, a, b, None)[0], da) and cpu.lora_bwd(g, x, None, a, b, None)[1] is None
+    assert cpu.amx_lora_supported(x, a, b)
+    assert not cpu.amx_lora_supported(x[:, :48], a[:, :48], b)  # K % 32
+    assert not cpu.amx_lora_supported(x, a, b[:40])  # N % 32
+    assert not cpu.amx_lora_supported(x.float(), a, b)
+    monkeypatch.setenv("MINILORA_CPU_KERNELS", "off")
+    assert not cpu.amx_lora_supported(x, a, b)
+
+
 def test_causal_softmax_rows_direct(fused):
     """Sharp rows (scores spread over +-80 after scaling): no overflow, zeros above the diagonal, rows sum to 1."""
     torch.manual_seed(4)

@@ -10,7 +10,7 @@ times a few steps after warm-up; the report gives medians over all timed steps):
   LoRA      r=16, alpha=32, dropout 0 on q_proj,v_proj (``qv``) and on every block linear (``all``)
   data      batch 8 x 256 tokens: MTSamples notes tokenized with the model's tokenizer when
             ../shared/data/mtsamples exists (SmolLM2 shape), else random ids from a fixed seed; same ids both sides
-  step      forward + backward + AdamW step over the trainable parameters; tokens/s = batch x seq / step time
+  step      forward + backward + fused AdamW step over the trainable parameters; tokens/s = batch x seq / step time
   bf16      minilora: bf16 weights (``dtype="bf16"``), fp32 LoRA parameters, bf16 autocast.
             transformers+PEFT: the faster of the two usual recipes, both timed in every round (``--hf-bf16 auto``):
             ``amp`` (fp32 model under bf16 autocast, as Trainer(bf16=True)) and ``bf16w`` (bf16 weights, PEFT's
@@ -497,7 +497,8 @@ def worker_train(spec: dict) -> dict:
     device = spec["device"]
     ids = torch.load(spec["data_file"]).to(device)
     model, loss_fn, params, info = _setup_train(spec, torch)
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    # both sides: fused AdamW, the HF Trainer's default optimizer ("adamw_torch_fused") and minilora's Trainer's
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     autocast = spec["mode"] == "bf16"
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
 
