@@ -101,6 +101,20 @@ static inline __m512 v_exp(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* 2^x: a degree-5 fit on the fraction (relative error 3e-7), scalef applies 2^n and gives 0 far below -126. For
+ * the attention's probabilities, whose arguments are <= 0 (up to rounding), so no clamping; NaN for -inf. */
+static inline __m512 v_exp2(__m512 x) {
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.340043265e-03f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.676037356e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550327152e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402210683e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471825e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.000000119e+00f));
+    return _mm512_scalef_ps(p, n);
+}
+
 static inline __m512 v_sigmoid(__m512 a) {
     __m512 one = _mm512_set1_ps(1.0f);
     return _mm512_div_ps(one, _mm512_add_ps(one, v_exp(_mm512_sub_ps(_mm512_setzero_ps(), a))));
@@ -728,38 +742,49 @@ static void attn_fwd_item(const bf16 *q, strides3 qs, const bf16 *k, int64_t kt,
     item_rows(q, qs.h, qs.t, k, kt, G, T, D, cs, sn, qr, kr);
     pack_tpairs(kr, D, kp, T, D);
     pack_rpairs(v, vt, vp, T, D);
-    const __m512 vscale = _mm512_set1_ps(scale);
-    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const float sl = scale * (float)M_LOG2E; /* exponentials as 2^(scores sl - max sl) */
+    const __m512 vsl = _mm512_set1_ps(sl);
+    float inv[16];
     for (int64_t g = 0; g < G; g++)
         for (int64_t i = 0; i < T; i += 16) {
             const int64_t nk = (i + 16 + 31) / 32 * 32; /* keys 0..i+15, in whole 32-key steps */
             tile_scores(qr + (g * T + i) * D, D, kp, T, D, nk, S);
-            for (int r = 0; r < 16; r++) {
-                const int64_t t = i + r;
-                float *s = S + r * T;
+            for (int r = 0; r < 16; r++) { /* P unnormalised (the exponentials, in bf16); O scaled by 1 / sum */
+                const int64_t t = i + r, full = (t + 1) / 16 * 16;
+                const float *s = S + r * T;
+                bf16 *pr = P + r * T;
                 __m512 vm = _mm512_set1_ps(-INFINITY);
-                for (int64_t n = 0; n <= t; n += 16) {
-                    __mmask16 m = v_mask(t + 1 - n);
-                    vm = _mm512_mask_max_ps(vm, m, vm, _mm512_mul_ps(_mm512_loadu_ps(s + n), vscale));
-                }
+                for (int64_t n = 0; n <= t; n += 16)
+                    vm = _mm512_mask_max_ps(vm, v_mask(t + 1 - n), vm, _mm512_loadu_ps(s + n));
                 const float mx = _mm512_reduce_max_ps(vm);
-                const __m512 vmx = _mm512_set1_ps(mx);
+                const __m512 vmx = _mm512_set1_ps(mx * sl);
                 __m512 vsum = _mm512_setzero_ps();
-                for (int64_t n = 0; n < nk; n += 16) {
-                    __mmask16 m = _mm512_cmple_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32((int)n)),
-                                                          _mm512_set1_epi32((int)t));
-                    __m512 e = _mm512_maskz_mov_ps(m, v_exp(_mm512_fmsub_ps(_mm512_loadu_ps(s + n), vscale, vmx)));
+                int64_t n = 0;
+                for (; n < full; n += 16) {
+                    const __m512 e = v_exp2(_mm512_fmsub_ps(_mm512_loadu_ps(s + n), vsl, vmx));
                     vsum = _mm512_add_ps(vsum, e);
-                    _mm512_storeu_ps(s + n, e);
+                    v_store(pr + n, e, 0xFFFF);
                 }
+                if (n <= t) { /* the keys up to t in a last partial vector */
+                    const __m512 e = _mm512_maskz_mov_ps(v_mask(t + 1 - n),
+                                                         v_exp2(_mm512_fmsub_ps(_mm512_loadu_ps(s + n), vsl, vmx)));
+                    vsum = _mm512_add_ps(vsum, e);
+                    v_store(pr + n, e, 0xFFFF);
+                    n += 16;
+                }
+                for (; n < nk; n += 16)
+                    _mm256_storeu_si256((__m256i *)(pr + n), _mm256_setzero_si256());
                 const float sum = _mm512_reduce_add_ps(vsum);
-                const __m512 vinv = _mm512_set1_ps(1.0f / sum);
-                for (int64_t n = 0; n < nk; n += 16)
-                    v_store(P + r * T + n, _mm512_mul_ps(_mm512_loadu_ps(s + n), vinv), 0xFFFF);
-                lse[g * T + t] = mx + logf(sum);
+                inv[r] = 1.0f / sum;
+                lse[g * T + t] = mx * scale + logf(sum);
             }
             tile_times_rpairs(P, vp, T, D, nk, acc);
-            store_rows(acc, D, 1.0f, o + g * os.h + i * os.t, os.t);
+            bf16 *dst = o + g * os.h + i * os.t;
+            for (int r = 0; r < 16; r++) {
+                const __m512 vi = _mm512_set1_ps(inv[r]);
+                for (int64_t d = 0; d < D; d += 16)
+                    v_store(dst + r * os.t + d, _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + d), vi), 0xFFFF);
+            }
         }
 }
 
@@ -786,8 +811,7 @@ static void attn_bwd_item(const bf16 *q, strides3 qs, const bf16 *k, int64_t kt,
     transpose_bf16(w->qr, D, w->qT, R, R, D);
     for (int64_t g = 0; g < G; g++)
         transpose_bf16(go + g * gs.h, gs.t, w->doT + g * T, R, T, D);
-    const __m512 vscale = _mm512_set1_ps(scale);
-    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 vscale = _mm512_set1_ps(scale), vsl = _mm512_set1_ps(scale * (float)M_LOG2E);
     for (int64_t g = 0; g < G; g++)
         for (int64_t i = 0; i < T; i += 16) {
             const int64_t nk = (i + 16 + 31) / 32 * 32;
@@ -795,16 +819,18 @@ static void attn_bwd_item(const bf16 *q, strides3 qs, const bf16 *k, int64_t kt,
             tile_scores(go + g * gs.h + i * gs.t, gs.t, w->vt, T, D, nk, w->dP);
             for (int r = 0; r < 16; r += 2) {
                 const int64_t t = i + r;
-                const __m512 l0 = _mm512_set1_ps(lse[g * T + t]), l1 = _mm512_set1_ps(lse[g * T + t + 1]);
+                const __m512 l0 = _mm512_set1_ps(lse[g * T + t] * (float)M_LOG2E);
+                const __m512 l1 = _mm512_set1_ps(lse[g * T + t + 1] * (float)M_LOG2E);
                 float *s0 = w->S + r * T, *s1 = s0 + T;
                 const float *p0 = w->dP + r * T, *p1 = p0 + T;
                 __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps();
                 for (int64_t n = 0; n < nk; n += 16) { /* P, and rowsum(P dP) = rowsum(dO o) */
-                    const __m512i key = _mm512_add_epi32(lane, _mm512_set1_epi32((int)n));
-                    const __mmask16 m0 = _mm512_cmple_epi32_mask(key, _mm512_set1_epi32((int)t));
-                    const __mmask16 m1 = _mm512_cmple_epi32_mask(key, _mm512_set1_epi32((int)t + 1));
-                    __m512 e0 = _mm512_maskz_mov_ps(m0, v_exp(_mm512_fmsub_ps(_mm512_loadu_ps(s0 + n), vscale, l0)));
-                    __m512 e1 = _mm512_maskz_mov_ps(m1, v_exp(_mm512_fmsub_ps(_mm512_loadu_ps(s1 + n), vscale, l1)));
+                    __m512 e0 = v_exp2(_mm512_fmsub_ps(_mm512_loadu_ps(s0 + n), vsl, l0));
+                    __m512 e1 = v_exp2(_mm512_fmsub_ps(_mm512_loadu_ps(s1 + n), vsl, l1));
+                    if (n + 15 > t) { /* keys past t (row t) or t + 1 (row t + 1) */
+                        e0 = _mm512_maskz_mov_ps(n <= t ? v_mask(t + 1 - n) : 0, e0);
+                        e1 = _mm512_maskz_mov_ps(n <= t + 1 ? v_mask(t + 2 - n) : 0, e1);
+                    }
                     d0 = _mm512_fmadd_ps(e0, _mm512_loadu_ps(p0 + n), d0);
                     d1 = _mm512_fmadd_ps(e1, _mm512_loadu_ps(p1 + n), d1);
                     _mm512_storeu_ps(s0 + n, e0);

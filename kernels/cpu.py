@@ -353,6 +353,8 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, cos: Tensor | N
     scaled scores). q [B, H, T, D], k and v [B, Hkv, T, D], any strides with a unit last one. With ``cos``/``sin``
     ([T, D] RoPE tables) q and k are rotated on the way in, as ``rope_into`` would."""
     B, H, T, D = q.shape
+    if not scale > 0:
+        raise ValueError(f"attention_fwd: scale must be > 0 (the kernel takes row maxima of the raw scores), got {scale}")
     o = torch.empty(B, T, H, D, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty(B, H, T, dtype=torch.float32)
     cos, sin = _rope_tables(cos, sin)
