@@ -563,6 +563,16 @@ static void amx_config(void) { /* all 8 tiles 16 rows x 64 bytes */
     _tile_loadconfig(&c);
 }
 
+/* Software prefetch of rows [0, rows) of x (stride ld elements), D bf16 each. The attention reads its operands
+ * as short rows (one head, 128 bytes) far apart in the [B, T, heads, D] layouts, a pattern the hardware prefetchers
+ * do not follow across pages: without this, inputs that come from memory (as in a training step) cost more than
+ * the arithmetic. */
+static inline void prefetch_rows(const bf16 *x, int64_t ld, int64_t rows, int64_t D) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t d = 0; d < D; d += 32)
+            _mm_prefetch((const char *)(x + r * ld + d), _MM_HINT_T0);
+}
+
 /* d[c][r] = s[r][c] for a 16 x 16 block of 32-bit values (row strides in elements) */
 static inline void tr16(const uint32_t *s, int64_t ss, __m512i out[16]) {
     __m512i r[16], t[16];
@@ -592,18 +602,23 @@ static inline void tr16(const uint32_t *s, int64_t ss, __m512i out[16]) {
 /* transposed pairs: out[dd][n] = (x[n][2dd], x[n][2dd+1]) for x [T][D] bf16 rows (stride ld), out [D/2][T] */
 static void pack_tpairs(const bf16 *x, int64_t ld, uint32_t *out, int64_t T, int64_t D) {
     __m512i o[16];
-    for (int64_t n = 0; n < T; n += 16)
+    for (int64_t n = 0; n < T; n += 16) {
+        if (n + 16 < T)
+            prefetch_rows(x + (n + 16) * ld, ld, 16, D);
         for (int64_t dd = 0; dd < D / 2; dd += 16) {
             tr16((const uint32_t *)(x + n * ld) + dd, ld / 2, o);
             for (int j = 0; j < 16; j++)
                 _mm512_storeu_si512(out + (dd + j) * T + n, o[j]);
         }
+    }
 }
 
 /* the transpose of x [R][D] bf16 rows (stride ld) into out [D][ldo] bf16 (columns from 0) */
 static void transpose_bf16(const bf16 *x, int64_t ld, bf16 *out, int64_t ldo, int64_t R, int64_t D) {
     __m512i o[16];
-    for (int64_t r = 0; r < R; r += 16)
+    for (int64_t r = 0; r < R; r += 16) {
+        if (r + 16 < R)
+            prefetch_rows(x + (r + 16) * ld, ld, 16, D);
         for (int64_t dd = 0; dd < D / 2; dd += 16) {
             tr16((const uint32_t *)(x + r * ld) + dd, ld / 2, o);
             for (int j = 0; j < 16; j++) {
@@ -612,6 +627,7 @@ static void transpose_bf16(const bf16 *x, int64_t ld, bf16 *out, int64_t ldo, in
                                     _mm512_cvtepi32_epi16(_mm512_srli_epi32(o[j], 16)));
             }
         }
+    }
 }
 
 /* row pairs: out[nn][d] = (x[2nn][d], x[2nn+1][d]) for x [T][D] bf16 rows (stride ld), out [T/2][D] */
@@ -619,12 +635,15 @@ static void pack_rpairs(const bf16 *x, int64_t ld, uint32_t *out, int64_t T, int
     const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
                                         37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
     const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
-    for (int64_t n = 0; n < T; n += 2)
+    for (int64_t n = 0; n < T; n += 2) {
+        if (n + 8 < T)
+            prefetch_rows(x + (n + 8) * ld, ld, 2, D);
         for (int64_t d = 0; d < D; d += 32) {
             __m512i a = _mm512_loadu_si512(x + n * ld + d), b = _mm512_loadu_si512(x + (n + 1) * ld + d);
             _mm512_storeu_si512(out + (n / 2) * D + d, _mm512_permutex2var_epi16(a, lo, b));
             _mm512_storeu_si512(out + (n / 2) * D + d + 16, _mm512_permutex2var_epi16(a, hi, b));
         }
+    }
 }
 
 /* two fp32 rows of 16 -> 16 bf16 pairs (a[i], b[i]) */
@@ -713,7 +732,13 @@ static void *carve(char **p, size_t bytes) {
  * does, when cs != NULL: the callers then pass q and k straight from the packed q|k|v projection). */
 static void item_rows(const bf16 *q, int64_t qh, int64_t qt, const bf16 *k, int64_t kt, int64_t G, int64_t T,
                       int64_t D, const float *cs, const float *sn, bf16 *qr, bf16 *kr) {
+    const int64_t ahead = 8; /* positions */
     for (int64_t t = 0; t < T; t++) {
+        if (t + ahead < T) {
+            for (int64_t g = 0; g < G; g++)
+                prefetch_rows(q + g * qh + (t + ahead) * qt, 0, 1, D);
+            prefetch_rows(k + (t + ahead) * kt, 0, 1, D);
+        }
         if (cs) {
             rope_position(q + t * qt, qr + t * D, cs + t * D, sn + t * D, G, D / 2, qh, T * D, 1.0f);
             rope_position(k + t * kt, kr + t * D, cs + t * D, sn + t * D, 1, D / 2, 0, 0, 1.0f);
