@@ -35,14 +35,17 @@ def backend_for(x: Tensor) -> str:
 
 
 def lora_linear(x: Tensor, weight: Tensor, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor],
-                scaling: Sequence[float], dropout_p: float = 0.0, training: bool = False) -> Tensor:
+                scaling: Sequence[float], dropout_p: float = 0.0, training: bool = False,
+                b_rows: Sequence[tuple[int, int]] | None = None) -> Tensor:
     """``x @ W^T + sum_i s_i (dropout(x) @ A_i^T) @ B_i^T`` for x [..., K], W [N, K] frozen, A_i [r_i, K], B_i [N, r_i].
 
+    ``b_rows``: per adapter, (offset, count) when its B covers only output rows [offset, offset + count) (B_i is
+    then [count, r_i], zero elsewhere): the adapters of one module inside a packed projection.
     Differentiable in x and in each adapter tensor that requires grad (others get no grad and cost nothing);
     dropout on the LoRA input applies only when ``training``. Output dtype: autocast's if enabled, else x's.
     """
     impl = triton_impl if backend_for(x) == "triton" else reference
-    return impl.lora_linear(x, weight, lora_a, lora_b, scaling, dropout_p, training)
+    return impl.lora_linear(x, weight, lora_a, lora_b, scaling, dropout_p, training, b_rows)
 
 
 __all__ = ["lora_linear", "backend_for", "reference", "triton_impl"]

@@ -268,7 +268,8 @@ class TritonOps:
 
 
 def lora_linear(x: Tensor, weight: Tensor, lora_a: list[Tensor], lora_b: list[Tensor], scaling: list[float],
-                dropout_p: float = 0.0, training: bool = False) -> Tensor:
+                dropout_p: float = 0.0, training: bool = False,
+                b_rows: list[tuple[int, int]] | None = None) -> Tensor:
     """``x @ W^T + sum_i s_i (dropout(x) @ A_i^T) @ B_i^T`` with the fused Triton kernels (see the module doc)."""
     _check_device(x)
-    return apply_lora_linear(TritonOps(), x, weight, lora_a, lora_b, scaling, dropout_p, training)
+    return apply_lora_linear(TritonOps(), x, weight, lora_a, lora_b, scaling, dropout_p, training, b_rows)

@@ -12,7 +12,8 @@ tensors ([M, R], [N, R], [R, K]) and the dropout state are saved; no [M, N] temp
 Dtype policy (both backends): everything is computed in the *compute dtype*, which is the autocast dtype when
 autocast is enabled for x's device and x's dtype otherwise; weight and adapters are cast to it (a frozen bf16
 weight costs no copy under bf16 autocast), products accumulate in fp32 inside the matmuls, and the output has the
-compute dtype. Adapter gradients flow back through the casts, so fp32 master adapters get fp32 ``.grad``.
+compute dtype. The adapters are cast inside the autograd Function and their gradients returned in their own
+dtype, so fp32 master adapters get fp32 ``.grad``.
 """
 
 from __future__ import annotations
@@ -69,23 +70,30 @@ class TorchOps:
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """``Y = X W^T + S B^T`` over 2-D compute-dtype inputs with the rank-sized backward; W never gets a grad."""
+    """``Y = X W^T + S B^T`` over 2-D compute-dtype x and W with the rank-sized backward; W never gets a grad.
+
+    The adapters come in their own dtype (fp32 masters, say) and are cast, stacked and scaled here, outside
+    autograd, and their gradients go back in their own dtype: no cast, ``cat`` or pad nodes per layer and step.
+    ``rows``: per adapter, the (offset, count) of the output rows its B covers (B is [count, r]), or None when every
+    B covers all N rows (a packed q/k/v projection gives each module's adapters their own rows).
+    """
 
     @staticmethod
     def forward(ctx, ops: LoRAOps, scaling: tuple[float, ...], dropout_p: float,
-                x: Tensor, weight: Tensor, *adapters: Tensor) -> Tensor:
+                rows: tuple[tuple[int, int], ...] | None, x: Tensor, weight: Tensor, *adapters: Tensor) -> Tensor:
         n = len(scaling)
         lora_a, lora_b = adapters[:n], adapters[n:]
-        grads = ctx.needs_input_grad[5:]
-        ctx.ops, ctx.scaling, ctx.dropout_p = ops, scaling, dropout_p
+        grads = ctx.needs_input_grad[6:]
+        ctx.ops, ctx.scaling, ctx.dropout_p, ctx.rows = ops, scaling, dropout_p, rows
         ctx.ranks = [a.shape[0] for a in lora_a]
+        ctx.dtypes = [t.dtype for t in adapters]
         ctx.a_grad, ctx.b_grad = grads[:n], grads[n:]
         if n == 0:
             ctx.state = None
             ctx.save_for_backward(weight)
             return ops.fused_matmul(x, weight.t(), None, None)
-        a = torch.cat(lora_a)  # [R, K]
-        b = torch.cat([bi * si for bi, si in zip(lora_b, scaling)], dim=1)  # [N, R]
+        a = torch.cat([ai.to(x.dtype) for ai in lora_a])  # [R, K]
+        b = _stacked_b(lora_b, scaling, rows, weight.shape[0], x.dtype)  # [N, R]
         ctx.state = ops.new_dropout(x, dropout_p) if dropout_p > 0 else None
         # CPUs with AMX: the rank-side products in one pass over each block of rows (kernels/cpu.c), not 2 GEMMs
         ctx.amx = type(ops) is TorchOps and ctx.state is None and cpu_kernels.amx_lora_supported(x, a, b)
@@ -103,35 +111,54 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         ops, scaling, p, state = ctx.ops, ctx.scaling, ctx.dropout_p, ctx.state
-        need_x = ctx.needs_input_grad[3]
+        need_x = ctx.needs_input_grad[4]
         if not scaling:
             (weight,) = ctx.saved_tensors
-            return None, None, None, (g @ weight if need_x else None), None
+            return None, None, None, None, (g @ weight if need_x else None), None
         weight, a, b, x, s = ctx.saved_tensors
         if ctx.amx:
-            return (None, None, None, *_amx_backward(ctx, g, weight if need_x else None, a, b, x, s))
+            return (None, None, None, None, *_amx_backward(ctx, g, weight if need_x else None, a, b, x, s))
         t = g @ b if need_x or any(ctx.a_grad) else None  # [M, R]
         dx = ops.fused_matmul(g, weight, t, a, state, p) if need_x else None
         spans = _spans(ctx.ranks)
         da = _per_adapter(ctx.a_grad, spans, lambda cols: _columns(t, cols).t() @ (
             x if state is None else ops.dropped(x, state, p)), dim=0)
         db = _per_adapter(ctx.b_grad, spans, lambda cols: g.t() @ _columns(s, cols), dim=1)
-        db = [None if d is None else (d * si).contiguous() for d, si in zip(db, scaling)]
-        return (None, None, None, dx, None, *da, *db)
+        return (None, None, None, None, dx, None, *_adapter_grads(ctx, da, [None if d is None else d * si
+                                                                           for d, si in zip(db, scaling)]))
+
+
+def _stacked_b(lora_b: Sequence[Tensor], scaling: Sequence[float], rows: Sequence[tuple[int, int]] | None,
+               n_out: int, dtype: torch.dtype) -> Tensor:
+    """``cat(s_i B_i)`` [N, R] in ``dtype``, each B_i placed at its ``rows`` (zeros elsewhere) when given."""
+    if rows is None:
+        return torch.cat([bi.to(dtype) * si for bi, si in zip(lora_b, scaling)], dim=1)
+    b = lora_b[0].new_zeros(n_out, sum(bi.shape[1] for bi in lora_b), dtype=dtype)
+    for (lo, hi), (off, count), bi, si in zip(_spans([bi.shape[1] for bi in lora_b]), rows, lora_b, scaling):
+        b[off:off + count, lo:hi] = bi.to(dtype) * si
+    return b
+
+
+def _adapter_grads(ctx, da: Sequence[Tensor | None], db: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """The adapters' gradients in their own dtypes, each dB_i ([N, r_i], scaled) cut to the rows its B covers."""
+    n = len(da)
+    if ctx.rows is not None:
+        db = [None if d is None else d[off:off + count] for d, (off, count) in zip(db, ctx.rows)]
+    return ([None if d is None else d.to(dt) for d, dt in zip(da, ctx.dtypes[:n])]
+            + [None if d is None else d.to(dt).contiguous() for d, dt in zip(db, ctx.dtypes[n:])])
 
 
 def _amx_backward(ctx, g: Tensor, weight: Tensor | None, a: Tensor, b: Tensor, x: Tensor | None,
                   s: Tensor | None) -> list[Tensor | None]:
     """(dx, None, *dA_i, *dB_i) of ``LoRALinearFunction`` through ``kernels.cpu.lora_bwd``: the frozen product
-    G W by oneDNN, the rank-side products (fp32 sums, rounded once) by the AMX kernel."""
+    G W by oneDNN, the rank-side products (fp32 sums, rounded once, into the adapters' dtypes) by the AMX kernel."""
     g = g if g.stride(-1) == 1 else g.contiguous()
     dx = g @ weight if weight is not None else None
     da, dbt = cpu_kernels.lora_bwd(g, x, s, a, b, dx)
     spans = _spans(ctx.ranks)
-    das = [da[lo:hi].to(a.dtype) if want else None for (lo, hi), want in zip(spans, ctx.a_grad)]
-    dbs = [(dbt[lo:hi].t() * si).to(b.dtype).contiguous() if want else None
-           for (lo, hi), want, si in zip(spans, ctx.b_grad, ctx.scaling)]
-    return [dx, None, *das, *dbs]
+    das = [da[lo:hi] if want else None for (lo, hi), want in zip(spans, ctx.a_grad)]
+    dbs = [dbt[lo:hi].t() * si if want else None for (lo, hi), want, si in zip(spans, ctx.b_grad, ctx.scaling)]
+    return [dx, None, *_adapter_grads(ctx, das, dbs)]
 
 
 def _spans(ranks: Sequence[int]) -> list[tuple[int, int]]:
@@ -177,7 +204,7 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def check_inputs(x: Tensor, weight: Tensor, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor],
-                 scaling: Sequence[float], dropout_p: float) -> None:
+                 scaling: Sequence[float], dropout_p: float, b_rows: Sequence[tuple[int, int]] | None = None) -> None:
     """Raise a ValueError naming the argument whose shape, dtype, device or flag does not fit."""
     where = "kernels.lora_linear"
     if weight.dim() != 2:
@@ -198,30 +225,39 @@ def check_inputs(x: Tensor, weight: Tensor, lora_a: Sequence[Tensor], lora_b: Se
             raise ValueError(f"{where}: {name} has dtype {t.dtype}, expected one of {SUPPORTED_DTYPES}")
         if t.device != x.device:
             raise ValueError(f"{where}: {name} is on {t.device} but x is on {x.device}")
+    if b_rows is not None and len(b_rows) != len(lora_b):
+        raise ValueError(f"{where}: need one (offset, rows) per adapter in b_rows, got {len(b_rows)}")
     for i, (a, b) in enumerate(zip(lora_a, lora_b)):
         if a.dim() != 2 or a.shape[1] != k or a.shape[0] == 0:
             raise ValueError(f"{where}: lora_a[{i}] must be [r, {k}] with r > 0, got {tuple(a.shape)}")
-        if b.dim() != 2 or tuple(b.shape) != (n_out, a.shape[0]):
-            raise ValueError(f"{where}: lora_b[{i}] must be [{n_out}, {a.shape[0]}], got {tuple(b.shape)}")
+        off, count = (0, n_out) if b_rows is None else b_rows[i]
+        if not 0 <= off <= off + count <= n_out:
+            raise ValueError(f"{where}: b_rows[{i}] = {b_rows[i]} is not a row range of [0, {n_out})")
+        if b.dim() != 2 or tuple(b.shape) != (count, a.shape[0]):
+            raise ValueError(f"{where}: lora_b[{i}] must be [{count}, {a.shape[0]}], got {tuple(b.shape)}")
 
 
 def apply_lora_linear(ops: LoRAOps, x: Tensor, weight: Tensor, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor],
-                      scaling: Sequence[float], dropout_p: float = 0.0, training: bool = False) -> Tensor:
-    """Validate, cast to the compute dtype, flatten leading dims and run ``LoRALinearFunction`` with ``ops``."""
-    check_inputs(x, weight, lora_a, lora_b, scaling, dropout_p)
+                      scaling: Sequence[float], dropout_p: float = 0.0, training: bool = False,
+                      b_rows: Sequence[tuple[int, int]] | None = None) -> Tensor:
+    """Validate, cast x and W to the compute dtype, flatten leading dims and run ``LoRALinearFunction`` with
+    ``ops`` (which casts the adapters itself)."""
+    check_inputs(x, weight, lora_a, lora_b, scaling, dropout_p, b_rows)
     dtype = compute_dtype(x)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.to(dtype).reshape(-1, k)
-    adapters = [t.to(dtype) for t in (*lora_a, *lora_b)]
     p = float(dropout_p) if training else 0.0
-    y = LoRALinearFunction.apply(ops, tuple(float(s) for s in scaling), p, x2, weight.to(dtype), *adapters)
+    rows = None if b_rows is None else tuple((int(o), int(c)) for o, c in b_rows)
+    y = LoRALinearFunction.apply(ops, tuple(float(s) for s in scaling), p, rows, x2, weight.to(dtype),
+                                 *lora_a, *lora_b)
     return y.reshape(*lead, weight.shape[0])
 
 
 def lora_linear(x: Tensor, weight: Tensor, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor],
-                scaling: Sequence[float], dropout_p: float = 0.0, training: bool = False) -> Tensor:
+                scaling: Sequence[float], dropout_p: float = 0.0, training: bool = False,
+                b_rows: Sequence[tuple[int, int]] | None = None) -> Tensor:
     """``x @ W^T + sum_i s_i (dropout(x) @ A_i^T) @ B_i^T`` with PyTorch matmuls (the CPU production path)."""
-    return apply_lora_linear(TorchOps(), x, weight, lora_a, lora_b, scaling, dropout_p, training)
+    return apply_lora_linear(TorchOps(), x, weight, lora_a, lora_b, scaling, dropout_p, training, b_rows)
 
 
 def naive_lora_linear(x: Tensor, weight: Tensor, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor],

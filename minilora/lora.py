@@ -129,16 +129,17 @@ def pack_linears(modules: Sequence[nn.Module]) -> None:
 def linear_group(x: torch.Tensor, modules: Sequence[nn.Module]) -> torch.Tensor | None:
     """``cat([m(x) for m in modules], -1)`` as one fused LoRA linear over the packed weight, or None when the
     modules do not allow it (weights not packed or trainable, biases, other module types, or LoRA dropout while
-    training: separate layers draw separate masks). Each adapter's B is zero-padded to the packed rows, so the
-    stacked-LoRA product gives every module exactly its own adapters' terms."""
+    training: separate layers draw separate masks). Each adapter's B covers its module's rows of the packed output
+    (``b_rows``), so the stacked-LoRA product gives every module exactly its own adapters' terms; with no adapter
+    at all it is one plain linear."""
     weights = [m.weight for m in modules]
     if any(w.requires_grad for w in weights):
         return None
     weight = packed_weight(weights)
     if weight is None:
         return None
-    lora_a, lora_b, scaling = [], [], []
-    offset, n_total = 0, weight.shape[0]
+    lora_a, lora_b, scaling, rows = [], [], [], []
+    offset = 0
     for m, w in zip(modules, weights):
         n = w.shape[0]
         if isinstance(m, LoRALinear):
@@ -147,12 +148,15 @@ def linear_group(x: torch.Tensor, modules: Sequence[nn.Module]) -> torch.Tensor 
                 if m.training and spec.dropout > 0:
                     return None
                 lora_a.append(m.lora_A[name])
-                lora_b.append(F.pad(m.lora_B[name], (0, 0, offset, n_total - offset - n)))
+                lora_b.append(m.lora_B[name])
                 scaling.append(spec.scaling)
+                rows.append((offset, n))
         elif type(m) is not nn.Linear or m.bias is not None:
             return None
         offset += n
-    return kernels.lora_linear(x, weight, lora_a, lora_b, scaling)
+    if not lora_a:
+        return F.linear(x, weight)
+    return kernels.lora_linear(x, weight, lora_a, lora_b, scaling, b_rows=rows)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:

@@ -180,10 +180,48 @@ def test_fused_dropout_grads_match_formula_with_same_mask(dtype: torch.dtype) ->
     assert_close(got, fp64_truth(case, keep=keep, p=p), dtype, "dropout vs fp64 formula with the same mask")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_fused_b_rows_match_zero_padded_b(dtype: torch.dtype) -> None:
+    """``b_rows``: adapters whose B covers only some output rows (the modules of a packed projection) give the
+    output and gradients of the same adapters with B zero-padded to all rows, and dB only for their own rows."""
+    case = make_case(37, 64, 96, (8, 4, 8), torch.float32, trainable=(True, False, True))
+    rows = [(0, 64), (64, 16), (80, 16)]
+    case["lora_b"] = [b[off:off + count].detach().clone().requires_grad_(b.requires_grad)
+                      for b, (off, count) in zip(case["lora_b"], rows)]
+    padded = dict(case, lora_b=[torch.nn.functional.pad(b.detach(), (0, 0, off, 96 - off - count))
+                                .requires_grad_(b.requires_grad) for b, (off, count) in zip(case["lora_b"], rows)])
+    if dtype == torch.bfloat16:
+        for c in (case, padded):
+            c["weight"] = case["weight"].bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        got = run(kernels.lora_linear, case, b_rows=rows)
+        want = run(kernels.lora_linear, padded)
+    for i, (off, count) in enumerate(rows):  # the padded Bs' gradients at the adapters' own rows
+        if want[5 + i] is not None:
+            want[5 + i] = want[5 + i][off:off + count]
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            assert g.shape == w.shape and g.dtype == w.dtype
+            torch.testing.assert_close(g, w, rtol=TOL[dtype], atol=TOL[dtype])
+    assert_close(got[:5] + [got[5], None, got[7]], fp64_truth(padded)[:5] + [want[5], None, want[7]], dtype, "b_rows")
+
+
 def test_weight_must_be_frozen() -> None:
     case = make_case(3, 40, 72, (8,))
     with pytest.raises(ValueError, match="weight must be frozen"):
         kernels.lora_linear(case["x"], case["weight"].requires_grad_(), case["lora_a"], case["lora_b"], [1.0])
+
+
+def test_invalid_b_rows_raise() -> None:
+    args = dict(x=torch.randn(3, 40), weight=torch.randn(72, 40), lora_a=[torch.randn(8, 40)],
+                lora_b=[torch.randn(30, 8)], scaling=[1.0])
+    with pytest.raises(ValueError, match=r"b_rows\[0\] = \(50, 30\) is not a row range"):
+        kernels.lora_linear(**args, b_rows=[(50, 30)])
+    with pytest.raises(ValueError, match=r"lora_b\[0\] must be \[20, 8\]"):
+        kernels.lora_linear(**args, b_rows=[(0, 20)])
+    with pytest.raises(ValueError, match="one \\(offset, rows\\) per adapter"):
+        kernels.lora_linear(**args, b_rows=[(0, 30), (30, 10)])
 
 
 @pytest.mark.parametrize("change, message", [
