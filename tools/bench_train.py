@@ -31,9 +31,11 @@ used in matmuls (drops an untied input embedding).
 Targets (CPU, bf16, q_proj/v_proj): minilora >= 2.0x the training tokens/s of transformers+PEFT, <= 0.7x its
 peak memory, MFU >= 50%.
 
-Shared machines: the CPU time other processes use is measured around every timed step; a step during which they
-used more than ``--max-others-load`` cores is "contended", redone (``--retries``) after waiting for quiet
-(``--wait-quiet`` seconds per worker at most) and left out of the medians when clean steps exist.
+Shared machines: each worker waits for quiet before its warm-up (``--wait-quiet`` seconds per worker at most); the
+timed steps then run back to back, as in a training loop (a wait before each would start every step with cold
+caches and clocks). The CPU time other processes use is measured around every timed step; a step during which they
+used more than ``--max-others-load`` cores is "contended", redone (``--retries``) after another wait and one
+untimed step, and left out of the medians when clean steps exist.
 
 Usage: ``python tools/bench_train.py [--rounds 3] [--steps 2] [--json out.json]``; ``--quick`` for a smoke run;
 ``--device cuda --shape llama7b --layers 2`` on a GPU. ``--profile DIR`` adds a torch.profiler table of one
@@ -449,18 +451,25 @@ def wait_quiet(max_wait: float, threshold: float) -> float:
 
 
 def _timed_loop(torch, spec: dict, step) -> dict:
-    """Warm-up, then ``steps`` timed steps. A step during which other processes used more than
-    ``max_others`` cores is kept in the record but redone (up to ``retries`` times per worker); before each step the
-    worker waits for the machine to calm down, ``wait_quiet`` s at most in all; the medians use the clean steps."""
+    """Warm-up, then ``steps`` timed steps, back to back as in a training loop. The worker first waits for the
+    machine to calm down (``wait_quiet`` s at most in all); a step during which other processes used more than
+    ``max_others`` cores is kept in the record but redone (up to ``retries`` times per worker), after another
+    wait and one untimed step (a wait idles the cores: caches and clocks go cold); the medians use the clean
+    steps."""
     device = spec["device"]
     max_others, wait_s, retries = float(spec["max_others"]), float(spec["wait_quiet"]), int(spec["retries"])
     all_steps, results, waited = [], [], 0.0
+
+    def settle() -> None:
+        nonlocal waited
+        if wait_s - waited > 0:  # the wait budget is per worker, so a machine that stays busy costs it once
+            waited += wait_quiet(wait_s - waited, max_others)
+
+    settle()
     for _ in range(int(spec["warmup"])):
         results.append(step())
     clean = 0
     while clean < int(spec["steps"]):
-        if wait_s - waited > 0:  # the wait budget is per worker, so a machine that stays busy costs it once
-            waited += wait_quiet(wait_s - waited, max_others)
         load = CpuLoad()
         _sync(torch, device)
         t0 = time.perf_counter()
@@ -472,6 +481,8 @@ def _timed_loop(torch, spec: dict, step) -> dict:
         all_steps.append({"s": dt, "others_cores": others, "contended": busy})
         if busy and retries > 0:
             retries -= 1
+            settle()
+            results.append(step())
             continue
         clean += 1
     used = [x for x in all_steps if not x["contended"]] or all_steps
