@@ -4,8 +4,10 @@ In one process, alternating ``MINILORA_CPU_KERNELS=auto`` (the C kernels) and ``
 round by round, so both sides see the same machine state:
   ops    forward+backward of RMSNorm (frozen weight; alone and with the residual add in front), RoPE (alone and
          the packed q|k|v split), SwiGLU (separate and packed gate|up), the causal attention (on AMX tiles where
-         the CPU has them, else the GEMM attention's softmax kernels; alone and from the packed q|k|v with RoPE)
-         and the LM head + cross-entropy, at the shapes of the training benchmark (SmolLM2-135M, 8 x 256 tokens)
+         the CPU has them, else the GEMM attention's softmax kernels; alone and from the packed q|k|v with RoPE),
+         the LM head + cross-entropy and the LoRA linear of q and v on the packed q|k|v projection (its rank-side
+         products on AMX tiles where the CPU has them), at the shapes of the training benchmark (SmolLM2-135M,
+         8 x 256 tokens)
   step   one bf16-autocast LoRA training step (r=16 on q_proj, v_proj, AdamW) of SmolLM2-135M: the real GGUF
          weights when installed, else random weights of its shape
 Prints a table (median ms, speedup, largest relative difference between the two paths) and can write JSON.
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import kernels  # noqa: E402
 from kernels import cpu as cpu_kernels  # noqa: E402
 from minilora import losses, ops  # noqa: E402
 from minilora.runtime import tune_malloc  # noqa: E402
@@ -50,6 +53,7 @@ def op_cases(tokens: int, seq: int, hidden: int, inter: int, heads: int, kv: int
     emb = torch.outer(torch.arange(seq).float(), inv).repeat(1, 2)
     cos, sin = emb.cos(), emb.sin()
     w = rand(hidden, scale=0.1) + 1
+    qkv_w = rand((heads + 2 * kv) * D, hidden, scale=hidden**-0.5)
     head = torch.nn.Linear(hidden, vocab, bias=False).to(BF).requires_grad_(False)
     with torch.no_grad():
         head.weight.copy_(rand(vocab, hidden, scale=0.05))
@@ -69,6 +73,11 @@ def op_cases(tokens: int, seq: int, hidden: int, inter: int, heads: int, kv: int
                                               [rand(B, seq, (heads + 2 * kv) * D)], rand(B, heads, seq, D)),
         "lm_head + cross-entropy": (lambda h: losses.lm_loss_sum(h, head, labels)[0],
                                     [rand(B, seq, hidden)], None),
+        "LoRA q, v (packed q/k/v projection)": (
+            lambda x, aq, bq, av, bv: kernels.lora_linear(x, qkv_w, [aq, av], [bq, bv], [2.0, 2.0],
+                                                          b_rows=[(0, heads * D), ((heads + kv) * D, kv * D)]),
+            [rand(tokens, hidden), rand(16, hidden, scale=hidden**-0.5), rand(heads * D, 16, scale=0.1),
+             rand(16, hidden, scale=hidden**-0.5), rand(kv * D, 16, scale=0.1)], rand(tokens, (heads + 2 * kv) * D)),
     }
 
 
@@ -171,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         result: dict = {"command": " ".join([sys.executable] + sys.argv), "torch": torch.__version__,
                         "threads": torch.get_num_threads(), "dims": args.dims,
                         "simd": {"avx512bf16": bool(lib.simd_avx512bf16()),
-                                 "amx_attention": bool(lib.amx_available())},
+                                 "amx_attention_lora": bool(lib.amx_available())},
                         "malloc": tune_malloc(),  # as the recipes run; both paths alike
                         "ops": bench_ops(op_cases(*args.dims), args.rounds, args.reps)}
         if not args.no_step:
