@@ -12,8 +12,9 @@
  * Numerics: bf16 in and out, every intermediate in fp32, one rounding per output (the PyTorch path rounds after
  * each op, so results may differ from it by one bf16 ulp). Rounding is to nearest even.
  *
- * The causal attention at the end is the exception: it exists only for CPUs with AMX tiles (Sapphire Rapids and
- * later) and the callers use the GEMM attention with the softmax kernels above everywhere else.
+ * The causal attention and the LoRA rank-side products at the end are the exception: they exist only for CPUs with
+ * AMX tiles (Sapphire Rapids and later); elsewhere the callers use the GEMM attention with the softmax kernels above
+ * and PyTorch's matmuls for the LoRA products.
  */
 #include <math.h>
 #include <stdint.h>
@@ -679,6 +680,14 @@ static inline __m512i pair_rows(__m512 a, __m512 b) {
     return _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(b, a));
 }
 
+/* the accumulator tiles 0-3 to zero */
+static inline void zero_tiles4(void) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+}
+
 /* S[16][ldS] fp32 = rows x (A tiles from bf16 rows, stride ld) times keys [0, nk) given as transposed pairs kp
  * [D/2][T]; nk a multiple of 32 */
 static inline void tile_scores(const bf16 *x, int64_t ld, const uint32_t *kp, int64_t T, int64_t D, int64_t nk,
@@ -702,10 +711,7 @@ static inline void tile_scores(const bf16 *x, int64_t ld, const uint32_t *kp, in
 static inline void tile_times_rpairs(const bf16 *a, const uint32_t *rp, int64_t T, int64_t D, int64_t nk,
                                      float *out) {
     for (int64_t d = 0; d < D; d += 64) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        zero_tiles4();
         for (int64_t n = 0; n < nk; n += 32) {
             const uint32_t *b = rp + (n / 2) * D + d;
             _tile_loadd(4, a + n, T * 2);
@@ -914,10 +920,7 @@ static void attn_bwd_item(const bf16 *q, strides3 qs, const bf16 *k, int64_t kt,
         }
     for (int64_t d = 0; d < D; d += 16)
         for (int64_t n = 0; n < T; n += 32) {
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
+            zero_tiles4();
             for (int64_t g = 0; g < G; g++)
                 for (int64_t r = g * T + n; r < (g + 1) * T; r += 32) { /* queries at or after these keys */
                     _tile_loadd(4, w->qT + d * R + r, R * 2);
@@ -1082,10 +1085,7 @@ static void pack_pairs(const bf16 *m, int64_t rs, int64_t cs, int64_t rows, int6
 static void rank_product(const bf16 *a, int64_t lda, const uint32_t *bp, int64_t Rp, int64_t Kd, float *f,
                          bf16 *out) {
     for (int64_t r = 0; r < Rp; r += 32) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        zero_tiles4();
         for (int64_t k = 0; k < Kd; k += 32) {
             _tile_loadd(4, a + k, lda * 2);
             _tile_loadd(5, a + 16 * lda + k, lda * 2);
@@ -1111,10 +1111,7 @@ static void add_rank_product(const bf16 *s, int64_t Rp, const uint32_t *bp, int6
     for (int64_t m = 0; m < rows; m += 16)
         for (int64_t n = 0; n < Nc; n += 64) {
             const int w = Nc - n >= 64 ? 4 : 2; /* tiles of 16 columns */
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
+            zero_tiles4();
             for (int64_t r = 0; r < Rp; r += 32) {
                 const uint32_t *b = bp + (r / 2) * Nc + n;
                 _tile_loadd(4, s + m * Rp + r, Rp * 2);

@@ -3,9 +3,10 @@
 They replace the chains of PyTorch elementwise ops around the GEMMs of a bf16 training step on CPU (RMSNorm,
 SwiGLU, RoPE, the causal softmax of the GEMM attention, the LM-head cross-entropy), each of which is one pass
 over memory with fp32 math and one rounding, where PyTorch makes several passes with a rounding after each; and,
-on CPUs with AMX, the whole causal attention forward and backward (``attention_fwd``, ``attention_bwd``).
-``minilora.ops`` and ``minilora.losses`` call them for contiguous bf16 CPU tensors and keep their PyTorch path
-for everything else (fp32, fp64, CUDA, or no compiler).
+on CPUs with AMX, the whole causal attention forward and backward (``attention_fwd``, ``attention_bwd``) and the
+rank-side products of a LoRA linear (``lora_fwd``, ``lora_bwd``). ``minilora.ops``, ``minilora.losses`` and
+``kernels.reference`` call them for bf16 CPU tensors and keep their PyTorch path for everything else (fp32, fp64,
+CUDA, LoRA dropout, or no compiler).
 
 ``MINILORA_CPU_KERNELS``: ``auto`` (default: use them when they build, else warn once and use PyTorch), ``on``
 (fail when they cannot be built), ``off`` (PyTorch only). The shared library is cached in
