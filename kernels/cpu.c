@@ -597,7 +597,7 @@ static void amx_config(void) { /* all 8 tiles 16 rows x 64 bytes */
 static inline void prefetch_rows(const bf16 *x, int64_t ld, int64_t rows, int64_t D) {
     for (int64_t r = 0; r < rows; r++)
         for (int64_t d = 0; d < D; d += 32)
-            _mm_prefetch((const char *)(x + r * ld + d), _MM_HINT_T0);
+            v_prefetch(x + r * ld + d);
 }
 
 /* d[c][r] = s[r][c] for a 16 x 16 block of 32-bit values (row strides in elements) */

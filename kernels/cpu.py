@@ -300,10 +300,9 @@ def lora_bwd(g: Tensor, x: Tensor | None, s: Tensor | None, a: Tensor, b: Tensor
     """The rank-side backward of ``lora_fwd`` for g = dL/dy [M, N]: adds t a to dx [M, K] in place (t = bf16(g b),
     when dx is given) and returns (da = t^T x [R, K] when x is given, dB^T = s^T g [R, N] when s is given), fp32."""
     (M, N), (R, K) = g.shape, a.shape
-    g, a, b = (t if t.stride(-1) == 1 else t.contiguous() for t in (g, a, b))
+    g = g if g.stride(-1) == 1 else g.contiguous()
     a, b = _c(a), _c(b)
-    if s is not None:
-        s = _c(s)
+    s = None if s is None else _c(s)
     assert dx is None or (dx.shape == (M, K) and dx.stride(1) == 1)
     assert x is None or (x.shape == (M, K) and x.stride(1) == 1)
     da = torch.empty(R, K, dtype=torch.float32) if x is not None else None

@@ -152,7 +152,6 @@ def _amx_backward(ctx, g: Tensor, weight: Tensor | None, a: Tensor, b: Tensor, x
                   s: Tensor | None) -> list[Tensor | None]:
     """(dx, None, *dA_i, *dB_i) of ``LoRALinearFunction`` through ``kernels.cpu.lora_bwd``: the frozen product
     G W by oneDNN, the rank-side products (fp32 sums, rounded once, into the adapters' dtypes) by the AMX kernel."""
-    g = g if g.stride(-1) == 1 else g.contiguous()
     dx = g @ weight if weight is not None else None
     da, dbt = cpu_kernels.lora_bwd(g, x, s, a, b, dx)
     spans = _spans(ctx.ranks)
