@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, smollm2_gguf
 
@@ -61,3 +62,98 @@ def test_bench_train_quick(tmp_path: Path) -> None:
     assert _positive(train["speedup"]) and _positive(train["memory_ratio"]) and train["same_trainable_params"]
     assert [c["name"] for c in data["checks"]] and all(isinstance(c["pass"], bool) for c in data["checks"])
     assert "| minilora |" in proc.stdout and "tokens/s" in data["table_markdown"]
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_train_under_test", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(side: str, recipe, step_s: float, peak_mb: float, tensor_peak_mb=None) -> dict:
+    """One synthetic worker result of a bf16 q_proj/v_proj training run (2048 tokens a step)."""
+    r = {"kind": "train", "mode": "bf16", "targets": "qv", "side": side, "recipe": recipe, "round": 0,
+         "tokens_per_step": 2048, "step_s": [step_s], "tok_s": [2048 / step_s], "losses": [10.0, 9.0],
+         "steps_all": [{"s": step_s, "others_cores": 0.0, "contended": False}], "load": {"others_cores": 0.0},
+         "memory": {"peak_rss_mb": peak_mb + 500, "cuda_peak_mb": peak_mb, "after_imports_mb": 400.0},
+         "params": 1_000_000_000, "matmul_params": 870_000_000, "trainable_params": 8_388_608, "setup": side}
+    if tensor_peak_mb is not None:
+        r["tensor_peak"] = {"tensor_peak_mb": tensor_peak_mb, "cpu_only_mb": 0.0}
+    return r
+
+
+def _meta(device: str, shape: str) -> dict:
+    settings = dict(device=device, shape=shape, batch=8, seq=256, rank=16, alpha=32.0, rounds=1, steps=1, warmup=1,
+                    malloc="tuned", max_others_load=0.25, retries=0, wait_quiet=0)
+    return {"command": "bench_train.py", "settings": settings, "machine": {"cpu": "test", "cpu_count": 2},
+            "versions": {}, "model_note": "synthetic", "data": "synthetic"}
+
+
+GEMM = {"n": 8192, "bf16_gflops": 600_000.0, "fp32_gflops": 50_000.0, "runs": [{"round": 0, "bf16_gflops": 600_000.0}]}
+
+
+@pytest.mark.parametrize("ml_step, ml_peak, passes", [(0.01, 2900.0, True), (0.01, 3200.0, False), (0.02, 2000.0, False)])
+def test_gpu_targets_apply_to_llama7b_on_cuda(ml_step: float, ml_peak: float, passes: bool) -> None:
+    """On CUDA at LLaMA-7B shapes the issue's GPU targets (>= 1.8x tokens/s, <= 0.6x peak memory) are checked
+    against the faster transformers recipe: here bf16w (0.02 s a step, 5,000 MB) beats amp (0.025 s, 8,000 MB)."""
+    bt = _bench_module()
+    runs = [_run("minilora", None, ml_step, ml_peak), _run("hf", "amp", 0.025, 8000.0), _run("hf", "bf16w", 0.02, 5000.0)]
+    result = bt.finish(_meta("cuda", "llama7b"), GEMM, runs, [], echo=False)
+    assert result["targets"] == {"speedup_min": 1.8, "memory_ratio_max": 0.6} and result["targets_apply"]
+    (comp,) = result["comparisons"]
+    assert comp["hf_recipe"] == "bf16w" and comp["hf_leanest_recipe"] == "bf16w"
+    assert comp["speedup"] == pytest.approx(0.02 / ml_step) and comp["memory_ratio"] == pytest.approx(ml_peak / 5000)
+    checks = {c["name"].split(" (")[0]: c for c in result["checks"]}
+    speed = checks["training tokens/s minilora / transformers+PEFT"]
+    memory = checks["peak memory minilora / transformers+PEFT"]
+    assert speed["target"] == ">= 1.8x" and memory["target"] == "<= 0.6x"
+    assert speed["pass"] == (0.02 / ml_step >= 1.8) and memory["pass"] == (ml_peak / 5000 <= 0.6)
+    assert result["all_targets_pass"] is passes
+    # MFU is reported on the GPU, not a target: 4 x 1e9 params x 2048 / 0.01 s against 600 TFLOP/s = 136.5%
+    mfu = next(c for c in result["checks"] if "MFU" in c["name"])
+    assert mfu["informational"] and mfu["value"] == pytest.approx(4e9 * 2048 / ml_step / 600e12)
+    assert "Targets (LLaMA-7B shapes on an H200" in result["table_markdown"]
+    assert "(target >= 1.8x) " + ("PASS" if speed["pass"] else "FAIL") in result["table_markdown"]
+
+
+def test_cpu_forecast_of_llama7b_uses_tensor_peaks() -> None:
+    """On the CPU at LLaMA-7B shapes the GPU targets are informational, and with --tensor-peak the memory checks use
+    the allocator-level peaks (the forecast of the CUDA figure) rather than RSS."""
+    bt = _bench_module()
+    runs = [_run("minilora", None, 10.0, 4000.0, 2975.0), _run("hf", "amp", 30.0, 9000.0, 7700.0),
+            _run("hf", "bf16w", 12.0, 4500.0, 3957.0)]
+    result = bt.finish(_meta("cpu", "llama7b"), GEMM, runs, [], echo=False)
+    assert result["targets_apply"] is False and result["all_targets_pass"] is None
+    (comp,) = result["comparisons"]
+    assert comp["tensor_memory_ratio"] == pytest.approx(2975 / 3957)  # against the faster recipe
+    assert comp["tensor_memory_ratio_vs_leanest"] == pytest.approx(2975 / 3957) and comp["tensor_leanest_recipe"] == "bf16w"
+    memory = next(c for c in result["checks"] if c["name"].startswith("peak memory"))
+    assert "allocator-level" in memory["name"] and memory["value"] == pytest.approx(2975 / 3957) and not memory["pass"]
+    assert "| train | bf16 | qv | hf (amp) | 7700 | 0.39x | 0 |" in result["table_markdown"]
+    assert "informational here" in result["table_markdown"]
+    # the SmolLM2 CPU run keeps the CPU targets and RSS
+    smol = bt.finish(_meta("cpu", "smollm2"), GEMM, runs, [], echo=False)
+    assert smol["targets"] == {"speedup_min": 2.0, "memory_ratio_max": 0.7, "mfu_min": 0.5} and smol["targets_apply"]
+    memory = next(c for c in smol["checks"] if c["name"].startswith("peak memory"))
+    assert memory["value"] == pytest.approx(4500 / 5000)
+
+
+def test_tensor_peak_counts_live_and_step_tensors() -> None:
+    """_tensor_peak: bytes of the tensors alive before the step plus the most the step holds at once (a hand count:
+    1 MiB, then 2 MiB more while it lives, both freed) = 4 + 3 MiB."""
+    bt = _bench_module()
+    static = torch.zeros(1 << 20, dtype=torch.float32)  # 4 MiB
+
+    def step():
+        a = torch.ones(1 << 18, dtype=torch.float32)  # 1 MiB
+        b = torch.ones(1 << 19, dtype=torch.float32)  # 2 MiB
+        return float((a.sum() + b.sum() + static[0]))
+
+    cache = torch.zeros(1 << 19, dtype=torch.float32)  # 2 MiB that only "the CPU path" holds
+    peak = bt._tensor_peak(torch, step, [static, static[10:], cache], [cache, cache[1:]])  # views count once
+    assert peak["static_mb"] == pytest.approx(6.0) and peak["cpu_only_mb"] == pytest.approx(2.0)
+    assert peak["step_peak_mb"] == pytest.approx(3.0, abs=0.01)  # + the scalars' few bytes
+    assert peak["tensor_peak_mb"] == pytest.approx(7.0, abs=0.01)
