@@ -5,6 +5,8 @@
 #
 # Usage, from anywhere, on a CUDA machine (no pip install needed: the repo runs from source with PYTHONPATH):
 #   tools/gpu_check.sh [OUT_DIR]        default OUT_DIR: benchmarks/results/<YYYYMMDD>-<gpu name>
+# On a lent device machine, write under the folder that comes back: `bash tools/gpu_check.sh "$OUT/h200"` (7 files:
+# steps.log, summary.json, summary.md and four benchmark JSONs), then copy them to benchmarks/results/ here.
 # Budget: GPU_CHECK_BUDGET seconds in all (default 540: a lent GPU gives one command 10 minutes, start-up apart).
 # Each step runs under `timeout`, its own limit cut to what is left of the budget (less a reserve for the summary);
 # a step with under 30 s left is skipped. GPU_CHECK_ONLY="NAME ..." runs only the steps named (e.g. to redo one). A failing, timed-out or skipped step is recorded and the next one runs
@@ -152,7 +154,7 @@ step kernel-tests 150 env MINILORA_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_
 # The issue's GPU targets: training tokens/s and peak memory (max_memory_allocated) against transformers+PEFT, both
 # of its bf16 recipes (fp32 weights under autocast, bf16 weights), LoRA on q_proj/v_proj, batch 8 x 256, at
 # LLaMA-7B layer shapes (random weights: the real SmolLM2 file does not travel to the GPU machine); MFU too.
-step train-bench 220 "$PY" tools/bench_train.py --device cuda --shape llama7b --layers 4 --modes bf16 \
+step train-bench 260 "$PY" tools/bench_train.py --device cuda --shape llama7b --layers 4 --modes bf16 \
     --targets qv --rounds 1 --no-classify --json "$OUT/bench_train.json"
 # --rowwise: also RMSNorm and SwiGLU (kernels.rowwise Triton vs minilora.ops' PyTorch functions).
 step kernel-bench 120 "$PY" tools/bench_kernels.py --device cuda --rowwise --json "$OUT/bench_kernels.json"
