@@ -23,13 +23,16 @@ def test_help() -> None:
     out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
     for flag in ("--steps", "--rounds", "--batch", "--seq", "--modes", "--targets", "--quick", "--json", "--device",
-                 "--shape", "--layers"):
+                 "--shape", "--layers", "--tensor-peak", "--checkpointing"):
         assert flag in out.stdout
 
 
-def test_bad_modes_rejected() -> None:
-    out = subprocess.run([sys.executable, str(SCRIPT), "--modes", "fp8"], capture_output=True, text=True, timeout=60)
-    assert out.returncode != 0 and "--modes" in out.stderr
+@pytest.mark.parametrize("args, flag", [(["--modes", "fp8"], "--modes"),
+                                        (["--device", "cuda", "--tensor-peak"], "--tensor-peak"),
+                                        (["--checkpointing", "hf"], "--checkpointing")])
+def test_bad_arguments_rejected(args: list[str], flag: str) -> None:
+    out = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and flag in out.stderr
 
 
 def _positive(x) -> bool:

@@ -75,6 +75,8 @@ def targets_for(device: str, shape: str) -> tuple[dict, str, bool]:
     if shape == "llama7b":
         return GPU_TARGETS, "LLaMA-7B shapes on an H200, bf16, q_proj/v_proj", device == "cuda"
     return TARGETS, "SmolLM2 on CPU, bf16, q_proj/v_proj", device == "cpu"
+
+
 TARGET_MODULES = {
     "qv": ["q_proj", "v_proj"],
     "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -793,6 +795,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
+    if args.tensor_peak and args.device == "cuda":
+        p.error("--tensor-peak is for CPU runs (a forecast); on CUDA the peak memory is max_memory_allocated already")
     if args.gemm_size is None:
         args.gemm_size = 512 if args.quick else (8192 if args.device == "cuda" else 2048)
     return args
