@@ -779,8 +779,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.worker:
         return args
-    args.modes = parse_list(args.modes, MODES, "--modes")
-    args.targets = parse_list(args.targets, tuple(TARGET_MODULES), "--targets")
+    try:
+        args.modes = parse_list(args.modes, MODES, "--modes")
+        args.targets = parse_list(args.targets, tuple(TARGET_MODULES), "--targets")
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
     if args.quick:
         defaults = dict(steps=1, warmup=1, rounds=1, batch=2, seq=32, cls_steps=1, wait_quiet=0, retries=0)
     elif args.device == "cuda":  # fast steps; the CPU load of other processes barely matters there
