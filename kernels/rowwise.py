@@ -1,4 +1,5 @@
-"""RMSNorm and SwiGLU in Triton, forward and backward (CUDA; CPU only under ``TRITON_INTERPRET=1``).
+"""RMSNorm and SwiGLU in Triton, forward and backward, and cross-entropy rows (CUDA; CPU only under
+``TRITON_INTERPRET=1``).
 
 Both ops are memory-bound: each kernel reads its inputs once, computes in fp32 registers and writes its outputs
 once in the input dtype. ``minilora.ops.rms_norm`` / ``minilora.ops.swiglu`` dispatch here for CUDA tensors
@@ -22,6 +23,14 @@ SwiGLU, elementwise over ``[rows, N]`` (a flat 1-D range when every tensor is co
     forward   h = silu(gate) * up                                    saves gate and up only
     backward  dgate = g * up * sig * (1 + gate * (1 - sig)),  dup = g * silu(gate),  sig = sigmoid(gate)
 
+Cross-entropy rows, for the chunked LM head of ``minilora.losses`` (the linear + cross-entropy fusion: the logits
+GEMMs stay cuBLAS's, the rows between them take one kernel):
+
+    loss[row] = logsumexp(logits[row]) - logits[row, y]      in fp32, from logits in their own dtype
+    with grad: logits[row] <- softmax(logits[row]) - onehot(y), in place, in the logits dtype
+              one program per row, looping over V in CE_BLOCK columns: a first pass keeps a running max and sum
+              per lane, a second writes the gradient (two reads and one write of the row; no fp32 copy)
+
 The backward functions are once-differentiable (no double backward through the kernels).
 """
 
@@ -44,6 +53,8 @@ DW_PROGRAMS_PER_SM = 2  # RMSNorm weight-gradient programs per SM (each holds a 
 INTERPRET_DW_PROGRAMS = 3  # under the interpreter: few programs, so that each loops over several rows
 SWIGLU_BLOCK = 1024  # elements per SwiGLU program
 SWIGLU_WARPS = 4
+CE_BLOCK = 2048  # logits columns per step of a cross-entropy row's loop
+CE_WARPS = 8
 
 
 def rms_norm_block(d: int) -> int:
@@ -136,6 +147,36 @@ def _swiglu_bwd_kernel(G, GATE, UP, DGATE, DUP, N, n_blocks, stride_g, stride_ga
         tl.store(DGATE + row * N + cols, dgate.to(DGATE.dtype.element_ty), mask=inside)
     if HAS_DUP:
         tl.store(DUP + row * N + cols, (g * a * sig).to(DUP.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _ce_rows_kernel(LOGITS, Y, LOSS, V, stride_l, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    """LOSS[row] = logsumexp(LOGITS[row]) - LOGITS[row, Y[row]] (fp32); if WRITE_GRAD, LOGITS[row] becomes
+    softmax - onehot(Y[row]) in place."""
+    row = tl.program_id(0).to(tl.int64)
+    base = LOGITS + row * stride_l
+    y = tl.load(Y + row)
+    cols = tl.arange(0, BLOCK)
+    m = tl.full((BLOCK,), -1e30, tl.float32)  # per-lane running max (finite: masked lanes then add exp(-inf) = 0)
+    s = tl.zeros((BLOCK,), dtype=tl.float32)  # per-lane running sum of exp(x - m)
+    for start in range(0, V, BLOCK):
+        x = tl.load(base + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, x)
+        s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
+        m = m_new
+    top = tl.max(m, axis=0)
+    total = tl.sum(s * tl.exp(m - top), axis=0)
+    target = tl.load(base + y).to(tl.float32)
+    tl.store(LOSS + row, top + tl.log(total) - target)
+    if WRITE_GRAD:
+        inv = 1.0 / total
+        for start in range(0, V, BLOCK):
+            idx = start + cols
+            inside = idx < V
+            x = tl.load(base + idx, mask=inside, other=0.0).to(tl.float32)
+            p = tl.exp(x - top) * inv
+            p = tl.where(idx == y, p - 1.0, p)
+            tl.store(base + idx, p.to(LOGITS.dtype.element_ty), mask=inside)
 
 
 # ---------------------------------------------------------------- host side
@@ -249,6 +290,28 @@ def swiglu_backward(g: Tensor, gate: Tensor, up: Tensor, need_dgate: bool, need_
             gg, a, b, a if dgate is None else dgate, a if dup is None else dup, n, n_blocks, sg, sa, sb,
             HAS_DGATE=need_dgate, HAS_DUP=need_dup, BLOCK=SWIGLU_BLOCK, num_warps=SWIGLU_WARPS)
     return dgate, dup
+
+
+def cross_entropy_supported(logits: Tensor, y: Tensor) -> bool:
+    """Whether ``cross_entropy_rows_`` takes these: 2-D logits with a unit-stride last dim, targets [rows] alike."""
+    return (logits.dim() == 2 and logits.dtype in DTYPES and logits.stride(1) == 1 and y.dim() == 1
+            and y.shape[0] == logits.shape[0] and y.device == logits.device and logits.shape[1] > 0)
+
+
+def cross_entropy_rows_(logits: Tensor, y: Tensor, grad: bool) -> Tensor:
+    """Per-row fp32 loss of logits [R, V] against y [R] (all in [0, V)); with ``grad`` the rows become
+    ``softmax - onehot`` in place (the same contract as ``kernels.cpu.cross_entropy_rows_``)."""
+    if not cross_entropy_supported(logits, y):
+        raise ValueError(f"kernels.rowwise.cross_entropy_rows_: unsupported logits {logits.dtype} "
+                         f"{tuple(logits.shape)} (strides {logits.stride()}) with targets {tuple(y.shape)}")
+    _check_device(logits)
+    loss = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
+    if logits.shape[0]:
+        with _device_ctx(logits):
+            _ce_rows_kernel[(logits.shape[0],)](logits, y.to(torch.int64).contiguous(), loss, logits.shape[1],
+                                                logits.stride(0), WRITE_GRAD=grad, BLOCK=CE_BLOCK,
+                                                num_warps=CE_WARPS)
+    return loss
 
 
 class RMSNormFunction(torch.autograd.Function):

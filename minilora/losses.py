@@ -1,7 +1,9 @@
 """Causal-LM loss through a fused, chunked LM head + cross-entropy that never builds full-vocabulary logits.
 
 The forward computes each chunk's logits, its loss and, when a gradient will be needed, the gradient with respect
-to the hidden states (``(softmax - onehot) @ W``) at once; backward only scales that stored gradient. Peak extra
+to the hidden states (``(softmax - onehot) @ W``) at once; backward only scales that stored gradient. Between the
+two GEMMs of a chunk, the cross-entropy rows take one kernel where there is one (kernels/cpu.c in bf16 on the CPU,
+kernels/rowwise.py's Triton kernel on CUDA; frozen head only), else PyTorch ops over an fp32 copy. Peak extra
 memory is one chunk of logits instead of ``[B*T, V]`` fp32 logits (SmolLM2: 49,152 x 4 bytes per token).
 """
 
@@ -44,30 +46,40 @@ def _transposed(w: torch.Tensor) -> torch.Tensor:
     return hit[2]
 
 
-def _fused_cpu(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, rows: int,
-               need_h: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(summed loss, its gradient w.r.t. h or None) with bf16 logits and kernels/cpu.c's one-pass cross-entropy.
+def _fused_rows(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, rows: int, need_h: bool, ce_rows_,
+                wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(summed loss, its gradient w.r.t. h or None) with logits in w's dtype and a one-pass cross-entropy kernel:
+    kernels/cpu.c's on the CPU (bf16), kernels/rowwise.py's Triton one on CUDA. ``wt``: ``w.T`` for the logits GEMM
+    (on the CPU a cached contiguous copy, which oneDNN runs faster).
 
-    No fp32 copy of the logits: the kernel reads each bf16 row, computes the loss in fp32 and, for the gradient,
+    No fp32 copy of the logits: the kernel reads each row, computes the loss in fp32 and, for the gradient,
     overwrites the row with ``softmax - onehot``, which the next GEMM turns into the rows of ``dL/dh``.
     """
     V = w.shape[0]
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= V):
+    if y.numel() and bool(((y < 0) | (y >= V)).any()):  # the kernels index rows with y: check it (one sync)
         raise ValueError(f"target token ids must lie in [0, {V}) (the LM head's vocabulary), got "
                          f"[{int(y.min())}, {int(y.max())}]")
     n = h.shape[0]
-    buf = torch.empty(rows, V, dtype=w.dtype)
-    total = torch.zeros((), dtype=torch.float64)
-    grad_h = torch.empty(h.shape, dtype=w.dtype) if need_h else None
-    wt = _transposed(w)
+    buf = torch.empty(rows, V, dtype=w.dtype, device=h.device)
+    total = torch.zeros((), dtype=torch.float64, device=h.device)
+    grad_h = torch.empty(h.shape, dtype=w.dtype, device=h.device) if need_h else None
     for i in range(0, n, rows):
         hc = h[i : i + rows].to(w.dtype)
         logits = buf[: hc.shape[0]]
         torch.mm(hc, wt, out=logits)
-        total += cpu_kernels.cross_entropy_rows_(logits, y[i : i + rows], grad=need_h).sum(dtype=torch.float64)
+        total += ce_rows_(logits, y[i : i + rows], grad=need_h).sum(dtype=torch.float64)
         if need_h:
             torch.mm(logits, w, out=grad_h[i : i + rows])
     return total.float(), grad_h if grad_h is None else grad_h.to(h.dtype)
+
+
+def _triton_ce(h: torch.Tensor):
+    """``kernels.rowwise.cross_entropy_rows_`` where the Triton kernels run for ``h`` (as ``minilora.ops``
+    dispatches RMSNorm and SwiGLU: CUDA, or the interpreter in tests), else None."""
+    from minilora.ops import _triton_rowwise
+
+    rowwise = _triton_rowwise(h)
+    return rowwise.cross_entropy_rows_ if rowwise is not None else None
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -81,7 +93,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         rows = min(n, max(1, CHUNK_ELEMENTS // V))
         ctx.weight_dtype = weight.dtype
         if not need_w and dtype == torch.bfloat16 and cpu_kernels.enabled(w):
-            total, grad_h = _fused_cpu(h, w, y, rows, need_h)
+            total, grad_h = _fused_rows(h, w, y, rows, need_h, cpu_kernels.cross_entropy_rows_, _transposed(w))
+            ctx.save_for_backward(grad_h, None)
+            return total
+        triton_ce = _triton_ce(h) if not need_w else None
+        if triton_ce is not None:
+            total, grad_h = _fused_rows(h, w, y, rows, need_h, triton_ce, w.T)
             ctx.save_for_backward(grad_h, None)
             return total
         acc = torch.promote_types(dtype, torch.float32)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import conftest
 import pytest
 
 _SPEC = importlib.util.spec_from_file_location(
@@ -27,3 +31,25 @@ def test_bench_kernels_small_cpu(tmp_path: Path, capsys: pytest.CaptureFixture) 
         assert row["max_rel_err_vs_addmm"] is None or row["max_rel_err_vs_addmm"] < 0.05
     assert len(result["checks"]) == 1 and result["device"].startswith("cpu")
     assert "| ours |" in capsys.readouterr().out
+
+
+@pytest.mark.bench
+def test_bench_kernels_rowwise_triton_interpreted(tmp_path: Path) -> None:
+    """--rowwise-only with the Triton kernels under the interpreter (fp32, tiny sizes): every op has a triton row
+    that agrees with minilora's PyTorch functions, the LM head + cross-entropy included."""
+    pytest.importorskip("triton")
+    conftest._skip_broken_interpreter()  # triton < 3.7 with a newer numpy cannot interpret
+    ROOT = conftest.ROOT
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_kernels.py"), "--device", "cpu",
+                           "--rowwise-only", "--rowwise-dims", "8", "32", "48", "--dtype", "fp32", "--warmup", "1",
+                           "--iters", "2", "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rowwise_rows"]
+    impls = {(r["op"], r["impl"]): r for r in rows}
+    assert {op for op, _ in impls} == {"rms_norm", "rms_norm+dw", "swiglu", "lm_loss"}
+    for op in ("rms_norm", "rms_norm+dw", "swiglu", "lm_loss"):
+        assert impls[(op, "triton")]["max_rel_err_vs_torch"] < 1e-4, op
+        assert impls[(op, "ref")]["max_rel_err_vs_torch"] < 1e-4, op
+    assert impls[("lm_loss", "triton")]["width"] == bench_kernels.LM_VOCAB

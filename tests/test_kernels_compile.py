@@ -44,7 +44,8 @@ STRIDES = ("stride_xm", "stride_xk", "stride_wk", "stride_wn", "stride_sm", "str
 ROW_WIDTHS = (576, 4096, 8192)  # kernels.rowwise RMSNorm: SmolLM2's and LLaMA-7B's hidden sizes, and the largest
 # kernels.rowwise variants: (HAS_DX, HAS_DW) of the RMSNorm backward, (HAS_DGATE, HAS_DUP) of the SwiGLU backward
 ROWWISE_VARIANTS = {"rms_norm_bwd": {"dx-dw": (True, True), "dx": (True, False)},
-                    "swiglu_bwd": {"both": (True, True), "dup": (False, True)}}
+                    "swiglu_bwd": {"both": (True, True), "dup": (False, True)},
+                    "ce_rows": {"grad": True, "loss": False}}  # WRITE_GRAD of the cross-entropy rows
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class Case:
             return f"dropout-sm{self.target}-{self.dtype}"
         if self.kernel.startswith("rms_norm"):
             return f"{self.kernel}-sm{self.target}-{self.dtype}-d{self.width}-{self.variant}"
-        if self.kernel.startswith("swiglu"):
+        if self.kernel.startswith("swiglu") or self.kernel == "ce_rows":
             return f"{self.kernel}-sm{self.target}-{self.dtype}-{self.variant}"
         return f"fused-sm{self.target}-{self.dtype}-{self.layout}-{self.variant}-{'x'.join(map(str, self.config))}"
 
@@ -90,6 +91,7 @@ def cases() -> list[Case]:
                         for v in ROWWISE_VARIANTS["rms_norm_bwd"]]
             out.append(Case("swiglu_fwd", target, dtype, variant="h"))
             out += [Case("swiglu_bwd", target, dtype, variant=v) for v in ROWWISE_VARIANTS["swiglu_bwd"]]
+            out += [Case("ce_rows", target, dtype, variant=v) for v in ROWWISE_VARIANTS["ce_rows"]]
     return out
 
 
@@ -146,6 +148,10 @@ def _rowwise_source(case: Case) -> tuple[ASTSource, dict]:
                "stride_up": "i32"}
         consts = {"BLOCK": rowwise.SWIGLU_BLOCK}
         aligned = ["GATE", "UP", "H", "N", "stride_gate", "stride_up"]
+    elif case.kernel == "ce_rows":
+        sig = {"LOGITS": ptr, "Y": "*i64", "LOSS": f32, "V": "i32", "stride_l": "i32"}
+        consts = {"WRITE_GRAD": ROWWISE_VARIANTS["ce_rows"][case.variant], "BLOCK": rowwise.CE_BLOCK}
+        aligned = ["LOGITS", "Y", "LOSS", "V", "stride_l"]  # LLaMA's 32,000 and SmolLM2's 49,152 are % 16
     else:
         sig = {"G": ptr, "GATE": ptr, "UP": ptr, "DGATE": ptr, "DUP": ptr, "N": "i32", "n_blocks": "i32",
                "stride_g": "i32", "stride_gate": "i32", "stride_up": "i32"}
@@ -155,7 +161,7 @@ def _rowwise_source(case: Case) -> tuple[ASTSource, dict]:
     sig.update({name: "constexpr" for name in consts})
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     warps = (rowwise.rms_norm_warps(consts["BLOCK_D"]) if case.kernel.startswith("rms_norm")
-             else rowwise.SWIGLU_WARPS)
+             else rowwise.CE_WARPS if case.kernel == "ce_rows" else rowwise.SWIGLU_WARPS)
     return ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), {"num_warps": warps}
 
 

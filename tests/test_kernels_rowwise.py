@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import run_interpreter_child
 
 from minilora import ops
@@ -200,6 +201,85 @@ def test_rowwise_model_same_as_pytorch_ops(monkeypatch: pytest.MonkeyPatch) -> N
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+triton_here = pytest.mark.skipif(not (IN_INTERPRETER_CHILD or HAS_CUDA_TRITON),
+                                 reason="the Triton kernel runs in the interpreter child (test_interpreter_suite) "
+                                        "or on CUDA")
+
+
+@triton_here
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("V", [1, 100, 2048, 5000])
+def test_rowwise_cross_entropy_rows_match_formula(dtype: torch.dtype, V: int) -> None:
+    """Per-row loss = logsumexp - target logit, and with ``grad`` the rows become softmax - onehot in place:
+    against float64 formulas, for vocabularies below, at and across the kernel's column block, rows with a stride,
+    targets at both ends, and logits large enough that an unshifted exp would overflow."""
+    check_cross_entropy_rows(dtype, V, "cuda" if HAS_CUDA_TRITON else "cpu")
+
+
+def check_cross_entropy_rows(dtype: torch.dtype, V: int, device: str) -> None:
+    g = torch.Generator().manual_seed(V)
+    R = 5
+    wide = (torch.randn(R, V + 7, generator=g) * 4).to(dtype)
+    wide[0, : V // 2] += 60.0  # exp(60+) overflows fp32 unless shifted by the row max
+    y = torch.randint(0, V, (R,), generator=g)
+    y[1], y[2] = 0, V - 1
+    want_loss = torch.logsumexp(wide[:, :V].double(), -1) - wide[:, :V].double().gather(1, y[:, None]).squeeze(1)
+    want_grad = torch.softmax(wide[:, :V].double(), -1) - F.one_hot(y, V).double()
+    for grad in (False, True):
+        buf = wide.clone().to(device)
+        logits = buf[:, :V]  # row stride V + 7
+        loss = rowwise.cross_entropy_rows_(logits, y.to(device), grad=grad)
+        assert loss.dtype == torch.float32 and loss.shape == (R,)
+        torch.testing.assert_close(loss.cpu().double(), want_loss, rtol=1e-5, atol=1e-4)
+        if grad:
+            err = (logits.cpu().double() - want_grad).abs().max().item()
+            assert err <= TOL[dtype], err
+        else:
+            assert torch.equal(logits.cpu(), wide[:, :V])  # untouched without grad
+        assert torch.equal(buf[:, V:].cpu(), wide[:, V:])  # the stride's padding is never written
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("trainable_head", [False, True], ids=["frozen-head", "trainable-head"])
+def test_rowwise_lm_loss_matches_reference(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
+                                           trainable_head: bool) -> None:
+    """``lm_loss_sum`` (chunked LM head + cross-entropy) equals the full-logits formula, loss and gradients; with a
+    frozen head the rows between its GEMMs take the Triton kernel where it runs (the interpreter child, CUDA), and
+    with a trainable one the PyTorch path."""
+    from minilora import losses
+
+    V, D = 300, 24
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", V * 4)  # 4-row chunks: the last one partial
+    g = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(D, V, bias=False).to(dtype)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, D, generator=g) * 0.3)
+    head.weight.requires_grad_(trainable_head)
+    hidden = torch.randn(2, 9, D, generator=g).to(dtype).requires_grad_()
+    labels = torch.randint(0, V, (2, 9), generator=g)
+    labels[0, 3] = losses.IGNORE_INDEX
+    calls = []
+    if rowwise is not None:
+        real = rowwise.cross_entropy_rows_
+        monkeypatch.setattr(rowwise, "cross_entropy_rows_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    total, count = losses.lm_loss_sum(hidden, head, labels)
+    total.backward()
+    got = [total.detach(), hidden.grad] + ([head.weight.grad] if trainable_head else [])
+    assert count.item() == 2 * 8 - 1
+    assert bool(calls) == (IN_INTERPRETER_CHILD and not trainable_head)
+    h64 = hidden.detach().double().requires_grad_()
+    head64 = torch.nn.Linear(D, V, bias=False).double()
+    with torch.no_grad():
+        head64.weight.copy_(head.weight.double())
+    head64.weight.requires_grad_(trainable_head)
+    want_total = losses.lm_loss_reference(h64, head64, labels)
+    want_total.backward()
+    want = [want_total.detach(), h64.grad] + ([head64.weight.grad] if trainable_head else [])
+    for name, a, b in zip(("loss", "dh", "dW"), got, want):
+        err = (a.double() - b).abs().max().item() / max(b.abs().max().item(), 1.0)
+        assert err <= TOL[dtype] * 4, f"{name}: {err:.2e}"
+
+
 @pytest.mark.skipif(IN_INTERPRETER_CHILD, reason="this is the child's parent")
 @pytest.mark.skipif(rowwise is None, reason="triton is not installed")
 def test_interpreter_suite() -> None:
@@ -216,6 +296,14 @@ cuda_only = pytest.mark.skipif(not HAS_CUDA_TRITON, reason="needs CUDA and trito
 
 def _on_cuda(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.detach().cuda().requires_grad_(t.requires_grad) for t in tensors]
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("V", [32000, 49152, 128256])
+def test_cuda_cross_entropy_rows(dtype: torch.dtype, V: int) -> None:
+    """The compiled kernel at LLaMA-2, SmolLM2 and LLaMA-3 vocabularies, bf16 included."""
+    check_cross_entropy_rows(dtype, V, "cuda")
 
 
 @cuda_only

@@ -9,7 +9,9 @@ Layers (two adapters, r = 16 + 8 by default, everything in one dtype, adapters t
 GPU targets (checked on every shape): fused fwd <= 1.08x bare, >= 1.25x faster than peft; fwd+bwd >= 1.2x faster.
 
 ``--rowwise`` (opt-in; ``--rowwise-only`` skips the LoRA layers) also times RMSNorm (weight frozen as in LoRA
-training, and trained: ``rms_norm+dw``) and SwiGLU, forward and forward+backward, at ``--rowwise-dims`` (default
+training, and trained: ``rms_norm+dw``), SwiGLU and the frozen LM head's linear + cross-entropy (``lm_loss``,
+vocabulary 32,000: the two GEMMs with the Triton cross-entropy rows between them, or PyTorch's ops), forward and
+forward+backward, at ``--rowwise-dims`` (default
 LLaMA-7B: 8*512 tokens, hidden 4096, intermediate 11008): ``triton`` (kernels.rowwise, CUDA only) against
 ``torch`` (minilora.ops' autograd functions as they run: on a bf16 CPU tensor that is kernels/cpu.c, unless
 MINILORA_CPU_KERNELS=off; tools/bench_cpu_kernels.py compares those two) and ``ref`` (the plain compositions
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -37,7 +40,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
 from kernels import reference  # noqa: E402
-from minilora import ops  # noqa: E402
+from minilora import losses, ops  # noqa: E402
 
 try:
     from kernels import rowwise  # noqa: E402
@@ -53,6 +56,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ROWWISE_GPU_DIMS = (8 * 512, 4096, 11008)  # (tokens, hidden, intermediate) of LLaMA-7B
 ROWWISE_CPU_DIMS = (512, 1024, 2816)
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2 (H200: 60 MB)
+LM_VOCAB = 32000  # the LM head + cross-entropy row: LLaMA's vocabulary
 
 
 def make_layers(k: int, n: int, ranks: list[int], dtype: torch.dtype, device: torch.device
@@ -130,18 +134,40 @@ def gpu_timer(device: torch.device, warmup: int, iters: int) -> Callable[[Callab
     return measure
 
 
+def _lm_loss(kernels_mode: str) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """minilora's chunked LM head + cross-entropy (summed) under ``MINILORA_KERNELS=kernels_mode``: ``torch`` is
+    its PyTorch path between the two GEMMs of each chunk, ``triton`` its Triton cross-entropy rows."""
+    def fn(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
+        before = os.environ.get("MINILORA_KERNELS")
+        os.environ["MINILORA_KERNELS"] = kernels_mode  # read when the forward dispatches; backward only scales
+        try:
+            return losses.LinearCrossEntropy.apply(h, w, y, h.dtype)
+        finally:
+            if before is None:
+                os.environ.pop("MINILORA_KERNELS")
+            else:
+                os.environ["MINILORA_KERNELS"] = before
+    return fn
+
+
+def _lm_loss_ref(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy((h @ w.T).float(), y, reduction="sum")
+
+
 def rowwise_impls(device: torch.device) -> dict[str, dict[str, Callable[..., Tensor]]]:
-    """{op: {impl: fn}}: RMSNorm and SwiGLU as the kernels.rowwise Triton functions (CUDA only), minilora.ops'
-    PyTorch autograd functions and the plain reference compositions."""
+    """{op: {impl: fn}}: RMSNorm, SwiGLU and the LM head's linear + cross-entropy as the kernels.rowwise Triton
+    functions (CUDA only), minilora's PyTorch autograd functions and the plain reference compositions."""
     eps = 1e-5
     impls = {
         "rms_norm": {"torch": lambda x, w: ops._RMSNorm.apply(x, w, eps),
                      "ref": lambda x, w: ops.rms_norm_ref(x, w, eps)},
         "swiglu": {"torch": ops._SwiGLU.apply, "ref": ops.swiglu_ref},
+        "lm_loss": {"torch": _lm_loss("torch"), "ref": _lm_loss_ref},
     }
     if rowwise is not None and (device.type == "cuda" or rowwise.INTERPRET):
         impls["rms_norm"]["triton"] = lambda x, w: rowwise.rms_norm(x, w, eps)
         impls["swiglu"]["triton"] = rowwise.swiglu
+        impls["lm_loss"]["triton"] = _lm_loss("triton")
     return impls
 
 
@@ -156,15 +182,21 @@ def bench_rowwise(tokens: int, hidden: int, inter: int, dtype: torch.dtype, devi
     size = torch.empty(0, dtype=dtype).element_size()
     x, gx, w = rand(tokens, hidden), rand(tokens, hidden), rand(hidden, scale=0.1, offset=1.0)
     gate, up, gh = rand(tokens, inter, scale=2.0), rand(tokens, inter), rand(tokens, inter)
+    head, targets = rand(LM_VOCAB, hidden, scale=hidden ** -0.5), torch.randint(0, LM_VOCAB, (tokens,), generator=gen)
+    logits_bytes = tokens * LM_VOCAB * size
     cases = {  # op -> (impl group, inputs, which inputs are trained, output gradient, minimum bytes fwd / fwd+bwd)
         "rms_norm": ("rms_norm", (x, w), (True, False), gx, (2 * tokens * hidden * size, 5 * tokens * hidden * size)),
         "rms_norm+dw": ("rms_norm", (x, w), (True, True), gx, (2 * tokens * hidden * size, 5 * tokens * hidden * size)),
         "swiglu": ("swiglu", (gate, up), (True, True), gh, (3 * tokens * inter * size, 8 * tokens * inter * size)),
+        # two GEMMs and the rows between them; "GB/s" counts the logits written and read once each way
+        "lm_loss": ("lm_loss", (x, head, targets.to(device)), (True, False, False), torch.ones((), device=device),
+                    (2 * logits_bytes, 4 * logits_bytes)),
     }
     impls = rowwise_impls(device)
     rows = []
     for op, (group, inputs, trained, grad, (bytes_fwd, bytes_fwdbwd)) in cases.items():
-        leaves = [t.detach().clone().requires_grad_(flag) for t, flag in zip(inputs, trained)]
+        leaves = [t.detach().clone().requires_grad_(flag) if t.is_floating_point() else t
+                  for t, flag in zip(inputs, trained)]
         want = None
         for impl, fn in impls[group].items():
             def forward() -> None:
@@ -182,7 +214,8 @@ def bench_rowwise(tokens: int, hidden: int, inter: int, dtype: torch.dtype, devi
                 want = got  # the first implementation, "torch"
             err = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(got, want))
             fwd_ms, fwdbwd_ms = measure(forward), measure(forward_backward)
-            rows.append({"op": op, "impl": impl, "tokens": tokens, "width": inputs[0].shape[1],
+            width = LM_VOCAB if op == "lm_loss" else inputs[0].shape[1]
+            rows.append({"op": op, "impl": impl, "tokens": tokens, "width": width,
                          "fwd_ms": fwd_ms, "fwdbwd_ms": fwdbwd_ms,
                          "fwd_gbps": bytes_fwd / fwd_ms / 1e6, "fwdbwd_gbps": bytes_fwdbwd / fwdbwd_ms / 1e6,
                          "max_rel_err_vs_torch": err})
@@ -344,8 +377,10 @@ def main(argv: list[str] | None = None) -> dict:
         result["rowwise_rows"] = bench_rowwise(t, h, i, dtype, device, rw_measure)
         result["rowwise_speedups"] = rowwise_speedups(result["rowwise_rows"])
         timing = "GPU time per call, L2 flushed" if gpu else "wall time per call"
-        result["table_markdown"] += (f"\n\nRMSNorm and SwiGLU ({args.dtype}, {timing}): kernels.rowwise (triton) vs "
-                                     f"minilora.ops (torch) and the plain compositions (ref)\n\n"
+        result["table_markdown"] += (f"\n\nRMSNorm, SwiGLU and the LM head + cross-entropy (lm_loss, vocabulary "
+                                     f"{LM_VOCAB}; width = vocabulary) ({args.dtype}, {timing}): kernels.rowwise "
+                                     f"(triton) vs minilora's PyTorch functions (torch) and the plain compositions "
+                                     f"(ref)\n\n"
                                      f"{rowwise_table(result['rowwise_rows'])}")
         print(f"done row-wise ops T={t} H={h} I={i}", file=sys.stderr, flush=True)
     print(result["table_markdown"])
