@@ -1,4 +1,4 @@
-"""RMSNorm and SwiGLU in Triton, forward and backward, and cross-entropy rows (CUDA; CPU only under
+"""RMSNorm, SwiGLU and RoPE in Triton, forward and backward, and cross-entropy rows (CUDA; CPU only under
 ``TRITON_INTERPRET=1``).
 
 Both ops are memory-bound: each kernel reads its inputs once, computes in fp32 registers and writes its outputs
@@ -22,6 +22,13 @@ SwiGLU, elementwise over ``[rows, N]`` (a flat 1-D range when every tensor is co
 
     forward   h = silu(gate) * up                                    saves gate and up only
     backward  dgate = g * up * sig * (1 + gate * (1 - sig)),  dup = g * silu(gate),  sig = sigmoid(gate)
+
+RoPE on a packed q|k|v projection ``[B, T, (H + 2 Hkv) D]`` (as ``minilora.ops._QKVRoPE`` on the CPU):
+
+    forward   q [B, H, T, D] and k [B, Hkv, T, D] rotated (rotate-half, tables rounded to the input dtype as HF),
+              v [B, Hkv, T, D] copied: a program per token and block of heads reads its part of the row once
+    backward  the inverse rotation of dq and dk and the copy of dv into one packed gradient (the packed
+              projection's backward takes it as it is), with the same grid
 
 Cross-entropy rows, for the chunked LM head of ``minilora.losses`` (the linear + cross-entropy fusion: the logits
 GEMMs stay cuBLAS's, the rows between them take one kernel):
@@ -53,6 +60,8 @@ DW_PROGRAMS_PER_SM = 2  # RMSNorm weight-gradient programs per SM (each holds a 
 INTERPRET_DW_PROGRAMS = 3  # under the interpreter: few programs, so that each loops over several rows
 SWIGLU_BLOCK = 1024  # elements per SwiGLU program
 SWIGLU_WARPS = 4
+QKV_ROPE_ELEMENTS = 2048  # elements per RoPE program (LLaMA-7B: 16 heads of 128)
+QKV_ROPE_WARPS = 4
 CE_BLOCK = 2048  # logits columns per step of a cross-entropy row's loop
 CE_WARPS = 8
 
@@ -147,6 +156,49 @@ def _swiglu_bwd_kernel(G, GATE, UP, DGATE, DUP, N, n_blocks, stride_g, stride_ga
         tl.store(DGATE + row * N + cols, dgate.to(DGATE.dtype.element_ty), mask=inside)
     if HAS_DUP:
         tl.store(DUP + row * N + cols, (g * a * sig).to(DUP.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _qkv_rope_kernel(PACKED, Q, K, V, COS, SIN, T, H, HKV, stride_pb, stride_pt,
+                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                     BACKWARD: tl.constexpr, D: tl.constexpr, BLOCK_NH: tl.constexpr):
+    """One token (b, t) and BLOCK_NH of its packed head slots (H of q, HKV of k, HKV of v): forward, PACKED[b, t]
+    -> rotated Q[b, :, t], K[b, :, t] and V[b, :, t]; backward, the inverse rotation of Q and K and the copy of V
+    -> PACKED[b, t]. Rows of D elements, unit stride."""
+    pid = tl.program_id(0)
+    b = (pid // T).to(tl.int64)
+    t = (pid % T).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_NH + tl.arange(0, BLOCK_NH)[:, None]
+    cols = tl.arange(0, D)[None, :]
+    swap = (cols + D // 2) % D  # the partner element of the rotate-half pair
+    is_q = heads < H
+    is_k = (heads >= H) & (heads < H + HKV)
+    is_v = (heads >= H + HKV) & (heads < H + 2 * HKV)
+    packed = PACKED + b * stride_pb + t * stride_pt + heads * D
+    q = Q + b * stride_qb + heads * stride_qh + t * stride_qt
+    k = K + b * stride_kb + (heads - H) * stride_kh + t * stride_kt
+    v = V + b * stride_vb + (heads - H - HKV) * stride_vh + t * stride_vt
+    if BACKWARD:
+        x = (tl.load(q + cols, mask=is_q, other=0.0) + tl.load(k + cols, mask=is_k, other=0.0)
+             + tl.load(v + cols, mask=is_v, other=0.0)).to(tl.float32)
+        xs = (tl.load(q + swap, mask=is_q, other=0.0) + tl.load(k + swap, mask=is_k, other=0.0)).to(tl.float32)
+        sign = -1.0
+    else:
+        inside = heads < H + 2 * HKV
+        x = tl.load(packed + cols, mask=inside, other=0.0).to(tl.float32)
+        xs = tl.load(packed + swap, mask=is_q | is_k, other=0.0).to(tl.float32)
+        sign = 1.0
+    # the tables rounded to the data's dtype first, as HF's rope does
+    c = tl.load(COS + t * D + cols).to(PACKED.dtype.element_ty).to(tl.float32)
+    s = tl.load(SIN + t * D + cols).to(PACKED.dtype.element_ty).to(tl.float32)
+    rot = tl.where(cols < D // 2, -xs, xs)  # rotate_half(x) = [-x2, x1]
+    y = tl.where(is_v, x, x * c + sign * rot * s).to(PACKED.dtype.element_ty)
+    if BACKWARD:
+        tl.store(packed + cols, y, mask=heads < H + 2 * HKV)
+    else:
+        tl.store(q + cols, y, mask=is_q)
+        tl.store(k + cols, y, mask=is_k)
+        tl.store(v + cols, y, mask=is_v)
 
 
 @triton.jit
@@ -290,6 +342,70 @@ def swiglu_backward(g: Tensor, gate: Tensor, up: Tensor, need_dgate: bool, need_
             gg, a, b, a if dgate is None else dgate, a if dup is None else dup, n, n_blocks, sg, sa, sb,
             HAS_DGATE=need_dgate, HAS_DUP=need_dup, BLOCK=SWIGLU_BLOCK, num_warps=SWIGLU_WARPS)
     return dgate, dup
+
+
+def qkv_rope_supported(qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int) -> bool:
+    """Whether ``qkv_rope`` takes these: a packed [B, T, (H + 2 Hkv) D] projection with a unit-stride last dim, D a
+    power of two (8..256), and [T, D] tables (else ``minilora.ops``' PyTorch path)."""
+    if qkv.dim() != 3 or qkv.dtype not in DTYPES or qkv.stride(-1) != 1 or H < 1 or Hkv < 1:
+        return False
+    B, T, N = qkv.shape
+    D = N // (H + 2 * Hkv)
+    return (D * (H + 2 * Hkv) == N and 8 <= D <= 256 and D & (D - 1) == 0 and T > 0 and B > 0
+            and cos.shape == sin.shape == (T, D) and cos.device == sin.device == qkv.device)
+
+
+def qkv_rope_heads(slots: int, d: int) -> int:
+    """Packed head slots per RoPE program: about QKV_ROPE_ELEMENTS elements (a power of two, at most all slots)."""
+    return min(triton.next_power_of_2(slots), max(1, QKV_ROPE_ELEMENTS // d))
+
+
+def _qkv_rope_launch(packed: Tensor, parts: tuple[Tensor, Tensor, Tensor], cos: Tensor, sin: Tensor, H: int,
+                     Hkv: int, backward: bool) -> None:
+    B, T, N = packed.shape
+    D = N // (H + 2 * Hkv)
+    q, k, v = parts
+    block = qkv_rope_heads(H + 2 * Hkv, D)
+    with _device_ctx(packed):
+        _qkv_rope_kernel[(B * T, triton.cdiv(H + 2 * Hkv, block))](
+            packed, q, k, v, cos.float().contiguous(), sin.float().contiguous(), T, H, Hkv,
+            packed.stride(0), packed.stride(1), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            BACKWARD=backward, D=D, BLOCK_NH=block, num_warps=QKV_ROPE_WARPS)
+
+
+class QKVRoPEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, N = qkv.shape
+        D = N // (H + 2 * Hkv)
+        parts = tuple(torch.empty(B, n, T, D, dtype=qkv.dtype, device=qkv.device) for n in (H, Hkv, Hkv))
+        _qkv_rope_launch(qkv, parts, cos, sin, H, Hkv, backward=False)
+        ctx.save_for_backward(cos, sin)
+        ctx.dims = (H, Hkv)
+        return parts
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gq: Tensor | None, gk: Tensor | None, gv: Tensor | None):
+        cos, sin = ctx.saved_tensors
+        H, Hkv = ctx.dims
+        g = next(t for t in (gq, gk, gv) if t is not None)
+        B, _, T, D = g.shape
+        parts = tuple(torch.zeros(B, n, T, D, dtype=g.dtype, device=g.device) if x is None
+                      else x if x.stride(-1) == 1 else x.contiguous() for x, n in ((gq, H), (gk, Hkv), (gv, Hkv)))
+        d = torch.empty(B, T, (H + 2 * Hkv) * D, dtype=g.dtype, device=g.device)
+        _qkv_rope_launch(d, parts, cos, sin, H, Hkv, backward=True)
+        return d, None, None, None, None
+
+
+def qkv_rope(qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(rope(q) [B, H, T, D], rope(k) [B, Hkv, T, D], v [B, Hkv, T, D]), contiguous, from a packed q|k|v
+    projection (see ``qkv_rope_supported``); differentiable in ``qkv``."""
+    if not qkv_rope_supported(qkv, cos, sin, H, Hkv):
+        raise ValueError(f"kernels.rowwise.qkv_rope: unsupported qkv {qkv.dtype} {tuple(qkv.shape)} (strides "
+                         f"{qkv.stride()}) with H={H}, Hkv={Hkv}, tables {tuple(cos.shape)}")
+    _check_device(qkv)
+    return QKVRoPEFunction.apply(qkv, cos, sin, H, Hkv)
 
 
 def cross_entropy_supported(logits: Tensor, y: Tensor) -> bool:

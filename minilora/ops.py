@@ -21,8 +21,8 @@ passes over memory, which is what limits these ops on a CPU:
 
 For bf16 tensors on the CPU the elementwise parts run in ``kernels/cpu.c`` instead (one pass each way, fp32 math,
 one rounding; ``MINILORA_CPU_KERNELS=off`` keeps the PyTorch code below): RMSNorm with a frozen weight, RoPE,
-SwiGLU, the causal softmax of the GEMM attention and the AMX attention. On CUDA, RMSNorm and SwiGLU use
-``kernels.rowwise`` (Triton).
+SwiGLU, the causal softmax of the GEMM attention and the AMX attention. On CUDA, RMSNorm, SwiGLU and the packed
+q|k|v RoPE use ``kernels.rowwise`` (Triton).
 
 ``MINILORA_ATTENTION=sdpa|matmul|auto`` (default ``auto``) forces the attention implementation (``matmul``: the
 CPU training attention, AMX where it can run; ``sdpa`` also turns the AMX kernels off).
@@ -273,11 +273,15 @@ def qkv_attention(qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int, mask:
 
 def qkv_rope(qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int) -> tuple[Tensor, Tensor, Tensor]:
     """(rope(q) [B, H, T, D], rope(k) [B, Hkv, T, D], v [B, Hkv, T, D]) from a packed q|k|v projection
-    [B, T, (H + 2 Hkv) D]: ``_QKVRoPE`` for bf16 on the CPU, else a split and ``rope``."""
+    [B, T, (H + 2 Hkv) D]: ``_QKVRoPE`` for bf16 on the CPU, ``kernels.rowwise.qkv_rope`` (Triton) on CUDA, else
+    a split and ``rope``."""
     B, T, N = qkv.shape
     D = N // (H + 2 * Hkv)
     if qkv.stride(-1) == 1 and cos.shape == sin.shape == (T, D) and cpu_kernels.enabled(qkv):
         return _QKVRoPE.apply(qkv, cos, sin, H, Hkv)
+    triton_ops = _triton_rowwise(qkv)
+    if triton_ops is not None and triton_ops.qkv_rope_supported(qkv, cos, sin, H, Hkv):
+        return triton_ops.qkv_rope(qkv, cos, sin, H, Hkv)
     q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
     return (rope(q.view(B, T, H, D), cos, sin), rope(k.view(B, T, Hkv, D), cos, sin),
             v.view(B, T, Hkv, D).transpose(1, 2))

@@ -45,7 +45,9 @@ ROW_WIDTHS = (576, 4096, 8192)  # kernels.rowwise RMSNorm: SmolLM2's and LLaMA-7
 # kernels.rowwise variants: (HAS_DX, HAS_DW) of the RMSNorm backward, (HAS_DGATE, HAS_DUP) of the SwiGLU backward
 ROWWISE_VARIANTS = {"rms_norm_bwd": {"dx-dw": (True, True), "dx": (True, False)},
                     "swiglu_bwd": {"both": (True, True), "dup": (False, True)},
-                    "ce_rows": {"grad": True, "loss": False}}  # WRITE_GRAD of the cross-entropy rows
+                    "ce_rows": {"grad": True, "loss": False},  # WRITE_GRAD of the cross-entropy rows
+                    "qkv_rope": {"fwd": False, "bwd": True}}  # BACKWARD of the packed q|k|v RoPE
+QKV_ROPE_HEAD_DIMS = (64, 128)  # SmolLM2's, LLaMA's
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class Case:
         if self.kernel == "dropout":
             return f"dropout-sm{self.target}-{self.dtype}"
         if self.kernel.startswith("rms_norm"):
+            return f"{self.kernel}-sm{self.target}-{self.dtype}-d{self.width}-{self.variant}"
+        if self.kernel == "qkv_rope":
             return f"{self.kernel}-sm{self.target}-{self.dtype}-d{self.width}-{self.variant}"
         if self.kernel.startswith("swiglu") or self.kernel == "ce_rows":
             return f"{self.kernel}-sm{self.target}-{self.dtype}-{self.variant}"
@@ -92,6 +96,8 @@ def cases() -> list[Case]:
             out.append(Case("swiglu_fwd", target, dtype, variant="h"))
             out += [Case("swiglu_bwd", target, dtype, variant=v) for v in ROWWISE_VARIANTS["swiglu_bwd"]]
             out += [Case("ce_rows", target, dtype, variant=v) for v in ROWWISE_VARIANTS["ce_rows"]]
+            out += [Case("qkv_rope", target, dtype, variant=v, width=d) for v in ROWWISE_VARIANTS["qkv_rope"]
+                    for d in QKV_ROPE_HEAD_DIMS]
     return out
 
 
@@ -148,6 +154,13 @@ def _rowwise_source(case: Case) -> tuple[ASTSource, dict]:
                "stride_up": "i32"}
         consts = {"BLOCK": rowwise.SWIGLU_BLOCK}
         aligned = ["GATE", "UP", "H", "N", "stride_gate", "stride_up"]
+    elif case.kernel == "qkv_rope":
+        strides = [f"stride_{x}{y}" for x in "qkv" for y in "bht"]
+        sig = {"PACKED": ptr, "Q": ptr, "K": ptr, "V": ptr, "COS": f32, "SIN": f32, "T": "i32", "H": "i32",
+               "HKV": "i32", "stride_pb": "i32", "stride_pt": "i32", **{name: "i32" for name in strides}}
+        consts = {"BACKWARD": ROWWISE_VARIANTS["qkv_rope"][case.variant], "D": case.width,
+                  "BLOCK_NH": rowwise.qkv_rope_heads(96, case.width)}  # LLaMA-7B: 32 + 2 x 32 head slots
+        aligned = ["PACKED", "Q", "K", "V", "COS", "SIN", "stride_pb", "stride_pt"] + strides
     elif case.kernel == "ce_rows":
         sig = {"LOGITS": ptr, "Y": "*i64", "LOSS": f32, "V": "i32", "stride_l": "i32"}
         consts = {"WRITE_GRAD": ROWWISE_VARIANTS["ce_rows"][case.variant], "BLOCK": rowwise.CE_BLOCK}
@@ -161,7 +174,8 @@ def _rowwise_source(case: Case) -> tuple[ASTSource, dict]:
     sig.update({name: "constexpr" for name in consts})
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     warps = (rowwise.rms_norm_warps(consts["BLOCK_D"]) if case.kernel.startswith("rms_norm")
-             else rowwise.CE_WARPS if case.kernel == "ce_rows" else rowwise.SWIGLU_WARPS)
+             else rowwise.CE_WARPS if case.kernel == "ce_rows"
+             else rowwise.QKV_ROPE_WARPS if case.kernel == "qkv_rope" else rowwise.SWIGLU_WARPS)
     return ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), {"num_warps": warps}
 
 

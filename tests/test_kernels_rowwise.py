@@ -201,6 +201,55 @@ def test_rowwise_model_same_as_pytorch_ops(monkeypatch: pytest.MonkeyPatch) -> N
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def _rope_tables(T: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    freqs = torch.outer(torch.arange(T, dtype=torch.float64), inv)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def _qkv_flat(fn, H: int, Hkv: int):
+    """``fn(qkv, cos, sin, H, Hkv)`` -> (q, k, v) as one flat tensor, for ``check_against_reference``."""
+    def run(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t.reshape(-1) for t in fn(qkv, cos, sin, H, Hkv)])
+    return run
+
+
+def _qkv_rope_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, H: int, Hkv: int):
+    B, T, N = qkv.shape
+    D = N // (H + 2 * Hkv)
+    q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
+    return (ops.rope_ref(q.reshape(B, T, H, D), cos, sin), ops.rope_ref(k.reshape(B, T, Hkv, D), cos, sin),
+            v.reshape(B, T, Hkv, D).transpose(1, 2))
+
+
+# (B, T, H, Hkv, D): GQA and MHA, head dims 8..128, packed head counts not a power of two, and 40 slots of 128
+# (three programs of 16 per token, the last one partial)
+QKV_ROPE_DIMS = [(2, 5, 4, 2, 16), (1, 3, 6, 6, 8), (2, 4, 9, 3, 64), (1, 2, 4, 1, 128), (1, 2, 24, 8, 128)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dims", QKV_ROPE_DIMS, ids=lambda d: "b{}t{}h{}kv{}d{}".format(*d))
+def test_rowwise_qkv_rope_matches_reference(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, dims: tuple) -> None:
+    """``ops.qkv_rope`` on a packed q|k|v projection (Triton in the interpreter child and on CUDA) against split +
+    ``rope_ref`` in float64 and in the input dtype, outputs and the packed gradient; the outputs are contiguous."""
+    B, T, H, Hkv, D = dims
+    g = torch.Generator().manual_seed(D + H)
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D, generator=g).to(dtype).requires_grad_()
+    cos, sin = _rope_tables(T, D)
+    calls = []
+    if rowwise is not None:
+        real = rowwise.qkv_rope
+        monkeypatch.setattr(rowwise, "qkv_rope", lambda *a: calls.append(1) or real(*a))
+    grad = torch.randn(B * T * (H + 2 * Hkv) * D, generator=g).to(dtype)
+    check_against_reference(_qkv_flat(ops.qkv_rope, H, Hkv), _qkv_flat(_qkv_rope_ref, H, Hkv),
+                            [qkv, cos, sin], grad, f"qkv_rope {dims}")
+    assert bool(calls) == IN_INTERPRETER_CHILD
+    q, k, v = ops.qkv_rope(qkv.detach(), cos, sin, H, Hkv)
+    assert q.shape == (B, H, T, D) and k.shape == v.shape == (B, Hkv, T, D)
+    assert q.is_contiguous() and k.is_contiguous()
+
+
 triton_here = pytest.mark.skipif(not (IN_INTERPRETER_CHILD or HAS_CUDA_TRITON),
                                  reason="the Triton kernel runs in the interpreter child (test_interpreter_suite) "
                                         "or on CUDA")
@@ -296,6 +345,21 @@ cuda_only = pytest.mark.skipif(not HAS_CUDA_TRITON, reason="needs CUDA and trito
 
 def _on_cuda(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.detach().cuda().requires_grad_(t.requires_grad) for t in tensors]
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("dims", [(2, 512, 32, 32, 128), (4, 256, 9, 3, 64), (1, 33, 32, 8, 128)],
+                         ids=["llama7b", "smollm2", "gqa-odd-t"])
+def test_cuda_qkv_rope(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, dims: tuple) -> None:
+    """The compiled RoPE at LLaMA-7B and SmolLM2 shapes, bf16 included, against split + rope_ref."""
+    B, T, H, Hkv, D = dims
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D, generator=g).to(dtype).cuda().requires_grad_()
+    cos, sin = (t.cuda() for t in _rope_tables(T, D))
+    grad = torch.randn(qkv.numel(), generator=g).to(dtype).cuda()
+    check_against_reference(_qkv_flat(ops.qkv_rope, H, Hkv), _qkv_flat(_qkv_rope_ref, H, Hkv),
+                            [qkv, cos, sin], grad, f"cuda qkv_rope {dims}")
 
 
 @cuda_only

@@ -9,9 +9,10 @@ Layers (two adapters, r = 16 + 8 by default, everything in one dtype, adapters t
 GPU targets (checked on every shape): fused fwd <= 1.08x bare, >= 1.25x faster than peft; fwd+bwd >= 1.2x faster.
 
 ``--rowwise`` (opt-in; ``--rowwise-only`` skips the LoRA layers) also times RMSNorm (weight frozen as in LoRA
-training, and trained: ``rms_norm+dw``), SwiGLU and the frozen LM head's linear + cross-entropy (``lm_loss``,
-vocabulary 32,000: the two GEMMs with the Triton cross-entropy rows between them, or PyTorch's ops), forward and
-forward+backward, at ``--rowwise-dims`` (default
+training, and trained: ``rms_norm+dw``), SwiGLU, the frozen LM head's linear + cross-entropy (``lm_loss``,
+vocabulary 32,000: the two GEMMs with the Triton cross-entropy rows between them, or PyTorch's ops) and RoPE on a
+packed q|k|v projection (``qkv_rope``, heads of 128; width = the packed row), forward and forward+backward, at
+``--rowwise-dims`` (default
 LLaMA-7B: 8*512 tokens, hidden 4096, intermediate 11008): ``triton`` (kernels.rowwise, CUDA only) against
 ``torch`` (minilora.ops' autograd functions as they run: on a bf16 CPU tensor that is kernels/cpu.c, unless
 MINILORA_CPU_KERNELS=off; tools/bench_cpu_kernels.py compares those two) and ``ref`` (the plain compositions
@@ -57,6 +58,7 @@ ROWWISE_GPU_DIMS = (8 * 512, 4096, 11008)  # (tokens, hidden, intermediate) of L
 ROWWISE_CPU_DIMS = (512, 1024, 2816)
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2 (H200: 60 MB)
 LM_VOCAB = 32000  # the LM head + cross-entropy row: LLaMA's vocabulary
+ROPE_HEAD_DIM = 128  # the RoPE row: LLaMA's head size
 
 
 def make_layers(k: int, n: int, ranks: list[int], dtype: torch.dtype, device: torch.device
@@ -154,6 +156,28 @@ def _lm_loss_ref(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy((h @ w.T).float(), y, reduction="sum")
 
 
+def _qkv_rope_ref(qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Split + the plain rotate-half composition; v as a strided view."""
+    B, T, N = qkv.shape
+    D = N // (H + 2 * Hkv)
+    q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
+    return (ops.rope_ref(q.reshape(B, T, H, D), cos, sin), ops.rope_ref(k.reshape(B, T, Hkv, D), cos, sin),
+            v.reshape(B, T, Hkv, D).transpose(1, 2))
+
+
+def _qkv_rope_torch(qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int) -> tuple[Tensor, Tensor, Tensor]:
+    """minilora.ops.qkv_rope without Triton (on a bf16 CPU tensor: kernels/cpu.c)."""
+    before = os.environ.get("MINILORA_KERNELS")
+    os.environ["MINILORA_KERNELS"] = "torch"
+    try:
+        return ops.qkv_rope(qkv, cos, sin, H, Hkv)
+    finally:
+        if before is None:
+            os.environ.pop("MINILORA_KERNELS")
+        else:
+            os.environ["MINILORA_KERNELS"] = before
+
+
 def rowwise_impls(device: torch.device) -> dict[str, dict[str, Callable[..., Tensor]]]:
     """{op: {impl: fn}}: RMSNorm, SwiGLU and the LM head's linear + cross-entropy as the kernels.rowwise Triton
     functions (CUDA only), minilora's PyTorch autograd functions and the plain reference compositions."""
@@ -163,11 +187,13 @@ def rowwise_impls(device: torch.device) -> dict[str, dict[str, Callable[..., Ten
                      "ref": lambda x, w: ops.rms_norm_ref(x, w, eps)},
         "swiglu": {"torch": ops._SwiGLU.apply, "ref": ops.swiglu_ref},
         "lm_loss": {"torch": _lm_loss("torch"), "ref": _lm_loss_ref},
+        "qkv_rope": {"torch": _qkv_rope_torch, "ref": _qkv_rope_ref},
     }
     if rowwise is not None and (device.type == "cuda" or rowwise.INTERPRET):
         impls["rms_norm"]["triton"] = lambda x, w: rowwise.rms_norm(x, w, eps)
         impls["swiglu"]["triton"] = rowwise.swiglu
         impls["lm_loss"]["triton"] = _lm_loss("triton")
+        impls["qkv_rope"]["triton"] = rowwise.qkv_rope
     return impls
 
 
@@ -184,6 +210,14 @@ def bench_rowwise(tokens: int, hidden: int, inter: int, dtype: torch.dtype, devi
     gate, up, gh = rand(tokens, inter, scale=2.0), rand(tokens, inter), rand(tokens, inter)
     head, targets = rand(LM_VOCAB, hidden, scale=hidden ** -0.5), torch.randint(0, LM_VOCAB, (tokens,), generator=gen)
     logits_bytes = tokens * LM_VOCAB * size
+    seq = min(tokens, 512)  # RoPE on a packed q|k|v of LLaMA-7B's layout: heads of 128, as many k/v as q heads
+    heads, n_seq = max(1, hidden // ROPE_HEAD_DIM), max(1, tokens // seq)
+    qkv = rand(n_seq, seq, 3 * heads * ROPE_HEAD_DIM)
+    inv = 1.0 / 10000 ** (torch.arange(0, ROPE_HEAD_DIM, 2, dtype=torch.float32) / ROPE_HEAD_DIM)
+    angles = torch.outer(torch.arange(seq, dtype=torch.float32), inv).repeat(1, 2)
+    cos, sin = angles.cos().to(device), angles.sin().to(device)
+    gqkv = tuple(rand(n_seq, heads, seq, ROPE_HEAD_DIM) for _ in range(3))
+    qkv_bytes = qkv.numel() * size
     cases = {  # op -> (impl group, inputs, which inputs are trained, output gradient, minimum bytes fwd / fwd+bwd)
         "rms_norm": ("rms_norm", (x, w), (True, False), gx, (2 * tokens * hidden * size, 5 * tokens * hidden * size)),
         "rms_norm+dw": ("rms_norm", (x, w), (True, True), gx, (2 * tokens * hidden * size, 5 * tokens * hidden * size)),
@@ -191,6 +225,7 @@ def bench_rowwise(tokens: int, hidden: int, inter: int, dtype: torch.dtype, devi
         # two GEMMs and the rows between them; "GB/s" counts the logits written and read once each way
         "lm_loss": ("lm_loss", (x, head, targets.to(device)), (True, False, False), torch.ones((), device=device),
                     (2 * logits_bytes, 4 * logits_bytes)),
+        "qkv_rope": ("qkv_rope", (qkv, cos, sin), (True, False, False), gqkv, (2 * qkv_bytes, 4 * qkv_bytes)),
     }
     impls = rowwise_impls(device)
     rows = []
@@ -198,7 +233,9 @@ def bench_rowwise(tokens: int, hidden: int, inter: int, dtype: torch.dtype, devi
         leaves = [t.detach().clone().requires_grad_(flag) if t.is_floating_point() else t
                   for t, flag in zip(inputs, trained)]
         want = None
-        for impl, fn in impls[group].items():
+        for impl, fn0 in impls[group].items():
+            fn = (lambda *a, fn0=fn0: fn0(*a, heads, heads)) if op == "qkv_rope" else fn0
+
             def forward() -> None:
                 with torch.no_grad():
                     fn(*inputs)
@@ -206,15 +243,19 @@ def bench_rowwise(tokens: int, hidden: int, inter: int, dtype: torch.dtype, devi
             def forward_backward() -> None:
                 for t in leaves:
                     t.grad = None
-                fn(*leaves).backward(grad)
+                out = fn(*leaves)
+                torch.autograd.backward(out if isinstance(out, tuple) else (out,),
+                                        grad if isinstance(grad, tuple) else (grad,))
 
             forward_backward()
-            got = [fn(*inputs).float()] + [t.grad.float() for t in leaves if t.requires_grad]
+            out = fn(*inputs)
+            flat = torch.cat([o.float().reshape(-1) for o in out]) if isinstance(out, tuple) else out.float()
+            got = [flat] + [t.grad.float() for t in leaves if t.requires_grad]
             if want is None:
                 want = got  # the first implementation, "torch"
             err = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(got, want))
             fwd_ms, fwdbwd_ms = measure(forward), measure(forward_backward)
-            width = LM_VOCAB if op == "lm_loss" else inputs[0].shape[1]
+            width = LM_VOCAB if op == "lm_loss" else inputs[0].shape[-1]
             rows.append({"op": op, "impl": impl, "tokens": tokens, "width": width,
                          "fwd_ms": fwd_ms, "fwdbwd_ms": fwdbwd_ms,
                          "fwd_gbps": bytes_fwd / fwd_ms / 1e6, "fwdbwd_gbps": bytes_fwdbwd / fwdbwd_ms / 1e6,
@@ -377,7 +418,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["rowwise_rows"] = bench_rowwise(t, h, i, dtype, device, rw_measure)
         result["rowwise_speedups"] = rowwise_speedups(result["rowwise_rows"])
         timing = "GPU time per call, L2 flushed" if gpu else "wall time per call"
-        result["table_markdown"] += (f"\n\nRMSNorm, SwiGLU and the LM head + cross-entropy (lm_loss, vocabulary "
+        result["table_markdown"] += (f"\n\nRMSNorm, SwiGLU, RoPE (qkv_rope) and the LM head + cross-entropy "
+                                     f"(lm_loss, vocabulary "
                                      f"{LM_VOCAB}; width = vocabulary) ({args.dtype}, {timing}): kernels.rowwise "
                                      f"(triton) vs minilora's PyTorch functions (torch) and the plain compositions "
                                      f"(ref)\n\n"
