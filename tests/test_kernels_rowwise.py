@@ -288,6 +288,21 @@ def check_cross_entropy_rows(dtype: torch.dtype, V: int, device: str) -> None:
         assert torch.equal(buf[:, V:].cpu(), wide[:, V:])  # the stride's padding is never written
 
 
+@triton_here
+def test_rowwise_lm_loss_rejects_targets_outside_the_vocabulary() -> None:
+    """The Triton rows index the logits with the targets, so they are checked first (a clear error, no fault)."""
+    from minilora import losses
+
+    head = torch.nn.Linear(8, 10, bias=False).requires_grad_(False)
+    device = "cuda" if HAS_CUDA_TRITON else "cpu"
+    head = head.to(device)
+    hidden = torch.randn(1, 4, 8, device=device, requires_grad=True)
+    for bad in (10, -5):
+        labels = torch.tensor([[0, 3, bad, 1]], device=device)
+        with pytest.raises(ValueError, match=r"target token ids must lie in \[0, 10\)"):
+            losses.lm_loss_sum(hidden, head, labels)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("trainable_head", [False, True], ids=["frozen-head", "trainable-head"])
 def test_rowwise_lm_loss_matches_reference(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
