@@ -161,3 +161,18 @@ def test_tensor_peak_counts_live_and_step_tensors() -> None:
     assert peak["static_mb"] == pytest.approx(6.0) and peak["cpu_only_mb"] == pytest.approx(2.0)
     assert peak["step_peak_mb"] == pytest.approx(3.0, abs=0.01)  # + the scalars' few bytes
     assert peak["tensor_peak_mb"] == pytest.approx(7.0, abs=0.01)
+
+
+def test_profile_lines_for_cuda_and_for_a_failed_profiler(capsys: pytest.CaptureFixture) -> None:
+    """A worker whose profiler failed keeps its numbers and says why; CUDA profiles list self CUDA time."""
+    bt = _bench_module()
+    ml = _run("minilora", None, 0.01, 2900.0)
+    ml["profile_top"] = [{"op": "fused_lora", "calls": 8, "self_cpu_ms": 0.5, "cpu_total_ms": 0.6,
+                          "self_cpu_pct": 10.0, "self_device_ms": 3.25}]
+    hf = _run("hf", "bf16w", 0.02, 5000.0)
+    hf["profile_error"] = "RuntimeError: CUPTI unavailable"
+    result = bt.finish(_meta("cuda", "llama7b"), GEMM, [ml, hf], [], echo=True)
+    out = capsys.readouterr().out
+    assert "top ops by self CUDA time): train bf16 qv minilora" in out and "3.25 ms CUDA" in out
+    assert "Profile of train bf16 qv hf bf16w failed: RuntimeError: CUPTI unavailable" in out
+    assert result["comparisons"][0]["speedup"] == pytest.approx(2.0)

@@ -579,8 +579,11 @@ def worker_train(spec: dict) -> dict:
     if spec.get("profile"):
         if float(spec["wait_quiet"]) > 0:
             wait_quiet(float(spec["wait_quiet"]), float(spec["max_others"]))
-        out["profile_top"] = _profile_step(device, step, int(spec.get("profile_rows", 30)),
-                                           spec.get("profile_file"))
+        try:  # the timed numbers above stand even where the profiler cannot run
+            out["profile_top"] = _profile_step(device, step, int(spec.get("profile_rows", 30)),
+                                               spec.get("profile_file"))
+        except Exception as exc:  # noqa: BLE001
+            out["profile_error"] = f"{type(exc).__name__}: {exc}"[:500]
     if spec.get("tensor_peak"):
         states = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
         cpu_only = []
@@ -1155,11 +1158,16 @@ def finish(meta: dict, gemm: dict, runs: list[dict], errors: list[str], echo: bo
     if echo:
         print(table, flush=True)
     for r in runs if echo else []:
+        name = f"train {r['mode']} {r['targets']} {r['side']}{' ' + r['recipe'] if r['recipe'] else ''}"
+        if r.get("profile_error"):
+            print(f"\nProfile of {name} failed: {r['profile_error']}", flush=True)
         if r.get("profile_top"):
-            print(f"\nProfile (one step, top ops by self CPU time): train {r['mode']} {r['targets']} {r['side']}"
-                  f"{' ' + r['recipe'] if r['recipe'] else ''}", flush=True)
+            cuda = "self_device_ms" in r["profile_top"][0]
+            print(f"\nProfile (one step, top ops by self {'CUDA' if cuda else 'CPU'} time): {name}", flush=True)
             for e in r["profile_top"][:15]:
-                print(f"  {e['op'][:48]:48s} {e['self_cpu_ms']:9.1f} ms {e['self_cpu_pct']:5.1f}%  calls {e['calls']}")
+                device_ms = f" {e['self_device_ms']:9.2f} ms CUDA" if cuda else ""
+                print(f"  {e['op'][:48]:48s}{device_ms} {e['self_cpu_ms']:9.1f} ms CPU {e['self_cpu_pct']:5.1f}%  "
+                      f"calls {e['calls']}")
     targets, _, applies = targets_for(settings["device"], settings.get("shape", "smollm2"))
     meta_keys = ("command", "settings", "machine", "versions", "model_note", "data")
     return {

@@ -154,8 +154,10 @@ step kernel-tests 150 env MINILORA_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_
 # The issue's GPU targets: training tokens/s and peak memory (max_memory_allocated) against transformers+PEFT, both
 # of its bf16 recipes (fp32 weights under autocast, bf16 weights), LoRA on q_proj/v_proj, batch 8 x 256, at
 # LLaMA-7B layer shapes (random weights: the real SmolLM2 file does not travel to the GPU machine); MFU too.
+# --profile: one more step per side under torch.profiler; its top ops (self CUDA time) go into the JSON, so that a
+# later session without a GPU can see where each side's time went (the full tables stay in the scratch folder).
 step train-bench 260 "$PY" tools/bench_train.py --device cuda --shape llama7b --layers 4 --modes bf16 \
-    --targets qv --rounds 1 --no-classify --json "$OUT/bench_train.json"
+    --targets qv --rounds 1 --no-classify --profile "$WORK/profile" --json "$OUT/bench_train.json"
 # --rowwise: also RMSNorm and SwiGLU (kernels.rowwise Triton vs minilora.ops' PyTorch functions).
 step kernel-bench 120 "$PY" tools/bench_kernels.py --device cuda --rowwise --json "$OUT/bench_kernels.json"
 # LoRA on every linear, and classification inference (bf16-weight recipe only).
