@@ -107,7 +107,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         buf = torch.empty(rows, V, dtype=dtype, device=h.device)
         buf32 = buf if acc == dtype else torch.empty(rows, V, dtype=acc, device=h.device)
         total = torch.zeros((), dtype=acc, device=h.device)
-        grad_h = torch.empty_like(h) if need_h else None
+        grad_h = torch.empty(h.shape, dtype=dtype, device=h.device) if need_h else None  # the GEMM's out dtype
         grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
         for i in range(0, n, rows):
             hc, yc = h[i : i + rows].to(dtype), y[i : i + rows]
@@ -135,7 +135,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 gh.mul_(inv)  # fp32 scale on the small [rows, D] block
             if need_w:
                 grad_w.addmm_(p.mul_(inv).T, hc.to(acc))
-        ctx.save_for_backward(grad_h, grad_w)
+        ctx.save_for_backward(grad_h if grad_h is None else grad_h.to(h.dtype), grad_w)
         return total.float()
 
     @staticmethod

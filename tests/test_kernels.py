@@ -207,11 +207,14 @@ def test_fused_b_rows_match_zero_padded_b(dtype: torch.dtype) -> None:
     assert_close(got[:5] + [got[5], None, got[7]], fp64_truth(padded)[:5] + [want[5], None, want[7]], dtype, "b_rows")
 
 
-def test_fused_lora_model_step_matches_pytorch(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "fp16-autocast"])
+def test_fused_lora_model_step_matches_pytorch(monkeypatch: pytest.MonkeyPatch, autocast: bool) -> None:
     """One LoRA training step of a tiny LLaMA through the dispatched kernels equals the PyTorch path: a frozen domain
     adapter on every linear and a trainable task adapter on q, v (packed with k: ``b_rows``) and down_proj; the
     loss, the task adapter's gradients and dL/d(embedding). In the interpreter child that dispatch is Triton (the
-    stacked LoRA linear and the RMSNorm / SwiGLU kernels): the GPU's code path end to end, on a CPU."""
+    stacked LoRA linear, RMSNorm, SwiGLU, the packed RoPE and the LM head's cross-entropy rows): the GPU's code path
+    end to end, on a CPU; in fp32, and under fp16 autocast as GPU training runs in bf16 (the interpreter's bf16 is
+    broken), where the two paths round differently and agree to fp16's precision."""
     from minilora.lora import add_adapter
     from minilora.losses import lm_loss_sum
     from minilora.model import LlamaConfig, Transformer
@@ -238,18 +241,23 @@ def test_fused_lora_model_step_matches_pytorch(monkeypatch: pytest.MonkeyPatch) 
         if backend:
             monkeypatch.setenv("MINILORA_KERNELS", backend)
         model.zero_grad(set_to_none=True)
-        total, count = lm_loss_sum(model.hidden_states(ids), model.lm_head, ids)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            total, count = lm_loss_sum(model.hidden_states(ids), model.lm_head, ids)
         (total / count).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append(((total / count).item(), grads))
     assert bool(calls) == IN_INTERPRETER_CHILD  # the child ran Triton; the parent only PyTorch
     (loss_k, grads_k), (loss_t, grads_t) = results
-    assert loss_k == pytest.approx(loss_t, rel=1e-5)
+    assert loss_k == pytest.approx(loss_t, rel=2e-3 if autocast else 1e-5)
     assert grads_k.keys() == grads_t.keys() and len(grads_k) == 2 * 3 * 2 + 1  # task A, B x 3 modules x 2 layers
     assert not any("domain" in n for n in grads_k)
     for name in grads_k:
         assert grads_t[name].abs().sum() > 0, name
-        torch.testing.assert_close(grads_k[name], grads_t[name], atol=1e-5, rtol=1e-4, msg=name)
+        if autocast:  # relative to the tensor's largest gradient
+            err = (grads_k[name] - grads_t[name]).abs().max() / grads_t[name].abs().max()
+            assert err <= 2e-2, (name, err.item())
+        else:
+            torch.testing.assert_close(grads_k[name], grads_t[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_weight_must_be_frozen() -> None:

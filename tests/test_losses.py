@@ -89,3 +89,28 @@ def test_bf16_autocast_close_to_reference_on_the_same_bf16_logits(monkeypatch, s
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-4, abs=1e-3)
     err = ((h.grad.float() - ref_grad).norm() / ref_grad.norm()).item()
     assert err < 0.015
+
+
+@pytest.mark.parametrize("head_trainable", [False, True])
+@pytest.mark.parametrize("cpu_kernels", ["auto", "off"])
+def test_autocast_over_fp32_weights(monkeypatch, head_trainable, cpu_kernels):
+    """fp32 hidden states and head under bf16 autocast (fp32 master weights, as Trainer(bf16=True) trains): the
+    chunk's GEMMs run in bf16 while the gradients come back in fp32, the parameters' dtype. Oracle: the full-logits
+    formula under the same autocast, to bf16's precision."""
+    monkeypatch.setenv("MINILORA_CPU_KERNELS", cpu_kernels)
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 64 * 50)
+    hidden, head, labels = _case(3)
+    head.weight.requires_grad_(head_trainable)
+    out = {}
+    for name, fn in [("fused", lambda h: losses.lm_loss_sum(h, head, labels)[0]),
+                     ("ref", lambda h: losses.lm_loss_reference(h, head, labels))]:
+        h = hidden.clone().requires_grad_(True)
+        head.weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn(h)
+        loss.backward()
+        out[name] = [loss.detach().float(), h.grad] + ([head.weight.grad.clone()] if head_trainable else [])
+    assert out["fused"][1].dtype == torch.float32 and (not head_trainable or out["fused"][2].dtype == torch.float32)
+    assert out["fused"][0].item() == pytest.approx(out["ref"][0].item(), rel=1e-3)
+    for a, b in zip(out["fused"][1:], out["ref"][1:]):
+        assert ((a - b).norm() / b.norm()).item() < 0.02
