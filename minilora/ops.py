@@ -501,6 +501,15 @@ def rope_ref(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def qkv_rope_ref(qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``qkv_rope`` as the plain composition: split the packed projection, ``rope_ref`` q and k, v as a view."""
+    B, T, N = qkv.shape
+    D = N // (H + 2 * Hkv)
+    q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
+    return (rope_ref(q.reshape(B, T, H, D), cos, sin), rope_ref(k.reshape(B, T, Hkv, D), cos, sin),
+            v.reshape(B, T, Hkv, D).transpose(1, 2))
+
+
 def swiglu_ref(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
 

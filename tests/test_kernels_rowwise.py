@@ -215,14 +215,6 @@ def _qkv_flat(fn, H: int, Hkv: int):
     return run
 
 
-def _qkv_rope_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, H: int, Hkv: int):
-    B, T, N = qkv.shape
-    D = N // (H + 2 * Hkv)
-    q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
-    return (ops.rope_ref(q.reshape(B, T, H, D), cos, sin), ops.rope_ref(k.reshape(B, T, Hkv, D), cos, sin),
-            v.reshape(B, T, Hkv, D).transpose(1, 2))
-
-
 # (B, T, H, Hkv, D): GQA and MHA, head dims 8..128, packed head counts not a power of two, and 40 slots of 128
 # (three programs of 16 per token, the last one partial)
 QKV_ROPE_DIMS = [(2, 5, 4, 2, 16), (1, 3, 6, 6, 8), (2, 4, 9, 3, 64), (1, 2, 4, 1, 128), (1, 2, 24, 8, 128)]
@@ -242,7 +234,7 @@ def test_rowwise_qkv_rope_matches_reference(monkeypatch: pytest.MonkeyPatch, dty
         real = rowwise.qkv_rope
         monkeypatch.setattr(rowwise, "qkv_rope", lambda *a: calls.append(1) or real(*a))
     grad = torch.randn(B * T * (H + 2 * Hkv) * D, generator=g).to(dtype)
-    check_against_reference(_qkv_flat(ops.qkv_rope, H, Hkv), _qkv_flat(_qkv_rope_ref, H, Hkv),
+    check_against_reference(_qkv_flat(ops.qkv_rope, H, Hkv), _qkv_flat(ops.qkv_rope_ref, H, Hkv),
                             [qkv, cos, sin], grad, f"qkv_rope {dims}")
     assert bool(calls) == IN_INTERPRETER_CHILD
     q, k, v = ops.qkv_rope(qkv.detach(), cos, sin, H, Hkv)
@@ -373,7 +365,7 @@ def test_cuda_qkv_rope(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, dims
     qkv = torch.randn(B, T, (H + 2 * Hkv) * D, generator=g).to(dtype).cuda().requires_grad_()
     cos, sin = (t.cuda() for t in _rope_tables(T, D))
     grad = torch.randn(qkv.numel(), generator=g).to(dtype).cuda()
-    check_against_reference(_qkv_flat(ops.qkv_rope, H, Hkv), _qkv_flat(_qkv_rope_ref, H, Hkv),
+    check_against_reference(_qkv_flat(ops.qkv_rope, H, Hkv), _qkv_flat(ops.qkv_rope_ref, H, Hkv),
                             [qkv, cos, sin], grad, f"cuda qkv_rope {dims}")
 
 

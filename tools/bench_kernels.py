@@ -26,6 +26,7 @@ Usage: ``PYTHONPATH=. python tools/bench_kernels.py [--device cuda] [--rowwise] 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -136,19 +137,27 @@ def gpu_timer(device: torch.device, warmup: int, iters: int) -> Callable[[Callab
     return measure
 
 
+@contextlib.contextmanager
+def _kernels_mode(mode: str):
+    """``MINILORA_KERNELS=mode`` for the calls inside (read when an op dispatches; backward passes only use what the
+    forward saved), the previous value afterwards."""
+    before = os.environ.get("MINILORA_KERNELS")
+    os.environ["MINILORA_KERNELS"] = mode
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MINILORA_KERNELS")
+        else:
+            os.environ["MINILORA_KERNELS"] = before
+
+
 def _lm_loss(kernels_mode: str) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """minilora's chunked LM head + cross-entropy (summed) under ``MINILORA_KERNELS=kernels_mode``: ``torch`` is
     its PyTorch path between the two GEMMs of each chunk, ``triton`` its Triton cross-entropy rows."""
     def fn(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
-        before = os.environ.get("MINILORA_KERNELS")
-        os.environ["MINILORA_KERNELS"] = kernels_mode  # read when the forward dispatches; backward only scales
-        try:
+        with _kernels_mode(kernels_mode):
             return losses.LinearCrossEntropy.apply(h, w, y, h.dtype)
-        finally:
-            if before is None:
-                os.environ.pop("MINILORA_KERNELS")
-            else:
-                os.environ["MINILORA_KERNELS"] = before
     return fn
 
 
@@ -156,26 +165,10 @@ def _lm_loss_ref(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy((h @ w.T).float(), y, reduction="sum")
 
 
-def _qkv_rope_ref(qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Split + the plain rotate-half composition; v as a strided view."""
-    B, T, N = qkv.shape
-    D = N // (H + 2 * Hkv)
-    q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
-    return (ops.rope_ref(q.reshape(B, T, H, D), cos, sin), ops.rope_ref(k.reshape(B, T, Hkv, D), cos, sin),
-            v.reshape(B, T, Hkv, D).transpose(1, 2))
-
-
 def _qkv_rope_torch(qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int) -> tuple[Tensor, Tensor, Tensor]:
     """minilora.ops.qkv_rope without Triton (on a bf16 CPU tensor: kernels/cpu.c)."""
-    before = os.environ.get("MINILORA_KERNELS")
-    os.environ["MINILORA_KERNELS"] = "torch"
-    try:
+    with _kernels_mode("torch"):
         return ops.qkv_rope(qkv, cos, sin, H, Hkv)
-    finally:
-        if before is None:
-            os.environ.pop("MINILORA_KERNELS")
-        else:
-            os.environ["MINILORA_KERNELS"] = before
 
 
 def rowwise_impls(device: torch.device) -> dict[str, dict[str, Callable[..., Tensor]]]:
@@ -187,7 +180,7 @@ def rowwise_impls(device: torch.device) -> dict[str, dict[str, Callable[..., Ten
                      "ref": lambda x, w: ops.rms_norm_ref(x, w, eps)},
         "swiglu": {"torch": ops._SwiGLU.apply, "ref": ops.swiglu_ref},
         "lm_loss": {"torch": _lm_loss("torch"), "ref": _lm_loss_ref},
-        "qkv_rope": {"torch": _qkv_rope_torch, "ref": _qkv_rope_ref},
+        "qkv_rope": {"torch": _qkv_rope_torch, "ref": ops.qkv_rope_ref},
     }
     if rowwise is not None and (device.type == "cuda" or rowwise.INTERPRET):
         impls["rms_norm"]["triton"] = lambda x, w: rowwise.rms_norm(x, w, eps)
