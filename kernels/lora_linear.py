@@ -10,6 +10,14 @@ ordinary K-loop over X and W adds the base GEMM, so no [M, N] LoRA temporary eve
 The shrink ``S = X A^T``, ``T = G B`` and the weight gradients are rank-sized and go to cuBLAS: each is one
 memory-bound pass over X (or G) with ~2% of the base GEMM's flops, so a second Triton kernel would buy little and
 add a second thing to tune.
+Which GEMM runs (``MINILORA_LORA_MATMUL=auto|fused|cublas``, read per call): a linear with no active adapter is
+a plain GEMM and goes to cuBLAS. A dropout-free LoRA product runs the fused kernel or cuBLAS's ``X W`` followed by
+an in-place ``addmm_(S, L)`` (one extra read and write of the [M, N] output, no temporary): ``auto`` (default) times
+both once per shape key on the device and keeps the faster, preferring the fused kernel within ``PREFER_FUSED``
+(as ``torch.backends.cudnn.benchmark`` does for convolutions; ``choices()`` lists what it picked). With dropout,
+and always under the interpreter, the fused kernel runs.
+All timing here (the choice and the autotuner's) uses CUDA events without triton.testing.do_bench's 256 MB
+L2-flush buffer, which would otherwise land in the first training step's peak memory.
 Dropout keeps a Philox seed, never a mask or a copy of X: the element (m, k) is kept iff
 ``tl.rand(seed, m * K + k) >= p``; dropout(X) is materialised transiently (shrink, dA) by ``_dropout_kernel``.
 
@@ -23,13 +31,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.reference import apply_lora_linear
+from kernels.reference import TorchOps, apply_lora_linear
 
 Cfg = tuple[int, int, int, int, int, int]  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
 
@@ -54,6 +63,9 @@ INTERPRET_CONFIG = (32, 32, 32, 4, 4, 1)  # small blocks so that awkward test sh
 MAX_BLOCK_R = 64  # rank chunk per dot; ranks above it loop
 SMEM_PER_BLOCK = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # opt-in bytes per block by compute capability
 DROPOUT_BLOCK = (32, 128)
+MATMUL_MODES = ("auto", "fused", "cublas")
+PREFER_FUSED = 0.02  # auto keeps the fused kernel unless cuBLAS + addmm_ is more than 2% faster
+BENCH_WARMUP, BENCH_REPS = 2, 10  # calls per candidate when timing (each call of a 7B-shape GEMM is ~0.1-1 ms)
 
 
 def _config(c: Cfg) -> triton.Config:
@@ -99,6 +111,23 @@ def _prune_for_device(configs: list[triton.Config], named_args: dict, **kwargs) 
     return [by_tuple[c] for c in kept]
 
 
+def event_bench(call: Callable[[], object], quantiles: Sequence[float] = (0.5, 0.2, 0.8),
+                warmup: int = BENCH_WARMUP, reps: int = BENCH_REPS) -> list[float]:
+    """Milliseconds of ``call`` on the current CUDA stream at ``quantiles`` (CUDA events around each of ``reps``
+    calls after ``warmup`` untimed ones). The autotuner's ``do_bench``: unlike triton.testing.do_bench it
+    allocates no L2-flush buffer, so tuning inside a training step adds nothing to the step's peak memory."""
+    for _ in range(warmup):
+        call()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        call()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in events)
+    return [times[min(len(times) - 1, int(q * len(times)))] for q in quantiles]
+
+
 @triton.jit
 def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """``acc + a @ b``; UPCAST computes in fp32 (the interpreter's bf16 dot is wrong)."""
@@ -108,7 +137,7 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.autotune(configs=[_config(c) for c in active_configs()], key=["M_BUCKET", "N", "K", "stride_wk"],
-                 prune_configs_by={"early_config_prune": _prune_for_device})
+                 prune_configs_by={"early_config_prune": _prune_for_device}, do_bench=event_bench)
 @triton.jit
 def _fused_lora_matmul_kernel(
     X, W, S, L, OUT, seed, p, scale,
@@ -253,8 +282,48 @@ def dropout_mask(seed: int, shape: tuple[int, int], p: float, device: torch.devi
     return dropout(torch.ones(shape, device=device, dtype=torch.float32), seed, p) != 0
 
 
+def matmul_mode() -> str:
+    """``MINILORA_LORA_MATMUL`` (default ``auto``), validated."""
+    mode = os.environ.get("MINILORA_LORA_MATMUL", "auto")
+    if mode not in MATMUL_MODES:
+        raise ValueError(f"MINILORA_LORA_MATMUL={mode!r}: expected one of {MATMUL_MODES}")
+    return mode
+
+
+_CHOICES: dict[tuple, dict] = {}  # shape key -> {"choice": "fused" | "cublas", "ms": {candidate: median ms}}
+
+
+def _choice_key(x: Tensor, w: Tensor, s: Tensor) -> tuple:
+    """What the faster candidate can depend on: device, dtype, M bucket, N, K, R and both operands' layouts."""
+    return (str(x.device), str(x.dtype).removeprefix("torch."), _m_bucket(x.shape[0]), w.shape[1], x.shape[1],
+            s.shape[1], "row" if x.stride(1) == 1 else "col", "row" if w.stride(1) == 1 else "col")
+
+
+def choose(key: tuple, candidates: dict[str, Callable[[], object]],
+           bench: Callable[[Callable[[], object]], Sequence[float]] = event_bench) -> str:
+    """The cached choice for ``key``, timing ``candidates`` ("fused", "cublas") with ``bench`` the first time."""
+    if key not in _CHOICES:
+        ms = {name: float(bench(call)[0]) for name, call in candidates.items()}
+        fused = ms["fused"] <= ms["cublas"] * (1.0 + PREFER_FUSED)
+        _CHOICES[key] = {"choice": "fused" if fused else "cublas", "ms": ms}
+    return _CHOICES[key]["choice"]
+
+
+def choices() -> list[dict]:
+    """What ``auto`` picked in this process, one row per shape key (for benchmark reports)."""
+    names = ("device", "dtype", "m_bucket", "n", "k", "r", "x_layout", "w_layout")
+    return [{**dict(zip(names, key)), "choice": c["choice"], **{f"{n}_ms": round(v, 4) for n, v in c["ms"].items()}}
+            for key, c in _CHOICES.items()]
+
+
+def _cublas_matmul(x: Tensor, w: Tensor, s: Tensor | None, l: Tensor | None) -> Tensor:
+    """``x @ w (+ s @ l)`` with cuBLAS: the GEMM, then the rank-sized product added in place."""
+    return TorchOps().fused_matmul(x, w, s, l)
+
+
 class TritonOps:
-    """The Triton backend for ``LoRALinearFunction``: seed-based dropout and the fused matmul kernel."""
+    """The Triton backend for ``LoRALinearFunction``: seed-based dropout and the fused matmul kernel (or cuBLAS
+    where that is faster, see the module doc)."""
 
     def new_dropout(self, x: Tensor, p: float) -> int:
         return draw_seed()
@@ -264,6 +333,14 @@ class TritonOps:
 
     def fused_matmul(self, x: Tensor, w: Tensor, s: Tensor | None, l: Tensor | None,
                      state: int | None = None, p: float = 0.0) -> Tensor:
+        mode = matmul_mode()
+        if s is None or (state is None and mode == "cublas"):
+            return _cublas_matmul(x, w, s, l)
+        if state is None and mode == "auto" and x.is_cuda and not INTERPRET:
+            pick = choose(_choice_key(x, w, s), {"fused": lambda: fused_matmul(x, w, s, l),
+                                                  "cublas": lambda: _cublas_matmul(x, w, s, l)})
+            if pick == "cublas":
+                return _cublas_matmul(x, w, s, l)
         return fused_matmul(x, w, s, l, state, p)
 
 

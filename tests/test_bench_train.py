@@ -169,10 +169,15 @@ def test_profile_lines_for_cuda_and_for_a_failed_profiler(capsys: pytest.Capture
     ml = _run("minilora", None, 0.01, 2900.0)
     ml["profile_top"] = [{"op": "fused_lora", "calls": 8, "self_cpu_ms": 0.5, "cpu_total_ms": 0.6,
                           "self_cpu_pct": 10.0, "self_device_ms": 3.25}]
+    ml["lora_matmul_choices"] = [{"device": "cuda:0", "dtype": "bfloat16", "m_bucket": 2048, "n": 12288, "k": 4096,
+                                  "r": 32, "x_layout": "row", "w_layout": "col", "choice": "cublas",
+                                  "fused_ms": 0.412, "cublas_ms": 0.371}]
     hf = _run("hf", "bf16w", 0.02, 5000.0)
     hf["profile_error"] = "RuntimeError: CUPTI unavailable"
     result = bt.finish(_meta("cuda", "llama7b"), GEMM, [ml, hf], [], echo=True)
     out = capsys.readouterr().out
+    assert "LoRA GEMMs of train bf16 qv minilora (MINILORA_LORA_MATMUL=auto): 2048x4096->12288 cublas " \
+           "(0.412 fused, 0.371 cuBLAS ms)" in out
     assert "top ops by self CUDA time): train bf16 qv minilora" in out and "3.25 ms CUDA" in out
     assert "Profile of train bf16 qv hf bf16w failed: RuntimeError: CUPTI unavailable" in out
     assert result["comparisons"][0]["speedup"] == pytest.approx(2.0)

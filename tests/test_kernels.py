@@ -304,6 +304,61 @@ def test_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
         kernels.backend_for(x)
 
 
+def test_fused_matmul_modes_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MINILORA_LORA_MATMUL=cublas (GEMM + addmm_) gives what the fused kernel gives, forward and backward, and a
+    layer with no adapter never launches the fused kernel (in the child: the interpreted Triton kernel)."""
+    case = make_case(65, 72, 130, (16, 8), torch.float32)
+    monkeypatch.setenv("MINILORA_LORA_MATMUL", "fused")
+    fused = run(kernels.lora_linear, case)
+    monkeypatch.setenv("MINILORA_LORA_MATMUL", "cublas")
+    assert_close(run(kernels.lora_linear, case), fused, torch.float32, "cublas mode vs fused mode")
+    if kernels.backend_for(case["x"]) == "triton":
+        monkeypatch.setenv("MINILORA_LORA_MATMUL", "auto")
+        impl = kernels.triton_impl
+
+        def no_kernel(*args, **kwargs):
+            raise AssertionError("a linear without adapters launched the fused kernel")
+
+        monkeypatch.setattr(impl, "fused_matmul", no_kernel)
+        bare = make_case(33, 72, 40, (), torch.float32)
+        assert_close(run(kernels.lora_linear, bare), fp64_truth(bare), torch.float32, "no adapter vs fp64")
+
+
+@pytest.mark.skipif(kernels.triton_impl is None, reason="triton is not installed")
+def test_matmul_choice_times_once_and_prefers_fused(monkeypatch: pytest.MonkeyPatch) -> None:
+    impl = kernels.triton_impl
+    monkeypatch.setattr(impl, "_CHOICES", {})
+    calls = []
+
+    def bench(ms: dict):
+        def timed(call):
+            calls.append(call())
+            return [ms[calls[-1]], 0.0, 0.0]
+        return timed
+
+    cands = {"fused": lambda: "fused", "cublas": lambda: "cublas"}
+    assert impl.choose(("a",), cands, bench({"fused": 1.0, "cublas": 0.97})) == "cublas"  # > 2% faster
+    assert impl.choose(("b",), cands, bench({"fused": 1.0, "cublas": 0.99})) == "fused"  # within the margin
+    assert impl.choose(("c",), cands, bench({"fused": 0.5, "cublas": 1.0})) == "fused"
+    assert len(calls) == 6
+    assert impl.choose(("a",), cands, bench({"fused": 0.1, "cublas": 9.0})) == "cublas"  # cached: not timed again
+    assert len(calls) == 6
+    x, w, s = torch.empty(300, 64), torch.empty(96, 64).t(), torch.empty(300, 16)
+    key = impl._choice_key(x, w, s)
+    assert key == ("cpu", "float32", 512, 96, 64, 16, "row", "col")
+    impl._CHOICES[key] = {"choice": "fused", "ms": {"fused": 0.25, "cublas": 0.5}}
+    assert impl.choices()[-1] == {"device": "cpu", "dtype": "float32", "m_bucket": 512, "n": 96, "k": 64, "r": 16,
+                                  "x_layout": "row", "w_layout": "col", "choice": "fused", "fused_ms": 0.25,
+                                  "cublas_ms": 0.5}
+
+
+@pytest.mark.skipif(kernels.triton_impl is None, reason="triton is not installed")
+def test_matmul_mode_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MINILORA_LORA_MATMUL", "cutlass")
+    with pytest.raises(ValueError, match="MINILORA_LORA_MATMUL='cutlass': expected one of"):
+        kernels.triton_impl.matmul_mode()
+
+
 @pytest.mark.skipif(kernels.triton_impl is None or kernels.triton_impl.INTERPRET, reason="needs compiled triton")
 def test_autotune_prunes_to_device_shared_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     impl = kernels.triton_impl
@@ -340,7 +395,8 @@ CUDA_SHAPES = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: f"m{s[0]}k{s[1]}n{s[2]}r{'-'.join(map(str, s[3])) or 0}"
                          f"{'-lead' if s[4] else ''}{'-T' if s[5] else ''}")
-def test_cuda_triton_matches_reference(shape: tuple, dtype: torch.dtype) -> None:
+def test_cuda_triton_matches_reference(shape: tuple, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MINILORA_LORA_MATMUL", "fused")  # the kernel itself, not what auto would pick
     m, k, n, ranks, lead, transposed = shape
     case = make_case(m, k, n, ranks, dtype, lead=lead, transposed=transposed, device="cuda")
     got = run(kernels.triton_impl.lora_linear, case)
@@ -360,3 +416,30 @@ def test_cuda_dropout_and_autocast() -> None:
     keep = keep_mask(case["x"], p, rng_seed)
     assert abs(keep.float().mean().item() - (1 - p)) < 0.01
     assert_close(got, fp64_truth(case, keep=keep, p=p), torch.bfloat16, "cuda dropout + autocast vs fp64")
+
+
+@pytest.mark.skipif(not HAS_CUDA_TRITON, reason="needs CUDA and triton (not interpreted)")
+def test_cuda_auto_choice_is_correct_and_adds_no_peak_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` times the fused kernel against cuBLAS on the first call of a shape (and the autotuner its configs):
+    the result matches the reference either way, both choices (forward and dX) are recorded, and that first call
+    peaks no higher than a later one plus 32 MB (triton.testing.do_bench would add its 256 MB flush buffer)."""
+    impl = kernels.triton_impl
+    monkeypatch.setenv("MINILORA_LORA_MATMUL", "auto")
+    monkeypatch.setattr(impl, "_CHOICES", {})
+    case = make_case(1536, 2048, 3072, (16,), torch.bfloat16, device="cuda", seed=5)
+
+    def peak_mb() -> tuple[list, float]:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = run(impl.lora_linear, case)
+        torch.cuda.synchronize()
+        return out, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+    first, first_mb = peak_mb()
+    again, again_mb = peak_mb()
+    assert_close(first, run(reference.lora_linear, case), torch.bfloat16, "auto vs cuBLAS reference")
+    assert_close(again, first, torch.bfloat16, "second call vs first")
+    picked = impl.choices()
+    assert len(picked) == 2 and all(c["fused_ms"] > 0 and c["cublas_ms"] > 0 for c in picked), picked
+    assert first_mb <= again_mb + 32, f"first call peaked {first_mb:.0f} MB, later ones {again_mb:.0f} MB"

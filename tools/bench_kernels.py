@@ -4,8 +4,10 @@ Layers (two adapters, r = 16 + 8 by default, everything in one dtype, adapters t
   bare         y = x W^T                                             (the floor: cuBLAS / oneDNN)
   peft         y = base(x); y = y + B_i(A_i(x)) * s_i per adapter    (separate linears, [M, N] temporaries)
   addmm        kernels.reference: y = x W^T; y.addmm_(x A^T, B^T)    (unsloth-style, adapters concatenated)
-  ours         kernels.lora_linear (Triton on CUDA; on CPU it is the addmm path)
-  ours-bare    kernels.lora_linear with no adapter (CUDA only: Triton's GEMM against cuBLAS's)
+  ours         kernels.lora_linear as training runs it (on CUDA MINILORA_LORA_MATMUL=auto: per shape the faster
+               of the fused Triton kernel and the addmm path, timed on first use; on CPU the addmm path)
+  fused        kernels.lora_linear with MINILORA_LORA_MATMUL=fused (CUDA only: the fused Triton kernel always)
+  fused-bare   the fused kernel with no adapter, forward only (CUDA only: Triton's GEMM against cuBLAS's)
 GPU targets (checked on every shape): fused fwd <= 1.08x bare, >= 1.25x faster than peft; fwd+bwd >= 1.2x faster.
 
 ``--rowwise`` (opt-in; ``--rowwise-only`` skips the LoRA layers) also times RMSNorm (weight frozen as in LoRA
@@ -84,7 +86,12 @@ def make_layers(k: int, n: int, ranks: list[int], dtype: torch.dtype, device: to
         "ours": lambda x: kernels.lora_linear(x, w, a, b, s),
     }
     if device.type == "cuda" and kernels.triton_impl is not None:
-        layers["ours-bare"] = lambda x: kernels.lora_linear(x, w, [], [], [])
+        def fused(x: Tensor) -> Tensor:
+            with _env("MINILORA_LORA_MATMUL", "fused"):
+                return kernels.lora_linear(x, w, a, b, s)
+
+        layers["fused"] = fused
+        layers["fused-bare"] = lambda x: kernels.triton_impl.fused_matmul(x, w.t(), None, None)
     return layers, a + b
 
 
@@ -138,25 +145,26 @@ def gpu_timer(device: torch.device, warmup: int, iters: int) -> Callable[[Callab
 
 
 @contextlib.contextmanager
-def _kernels_mode(mode: str):
-    """``MINILORA_KERNELS=mode`` for the calls inside (read when an op dispatches; backward passes only use what the
-    forward saved), the previous value afterwards."""
-    before = os.environ.get("MINILORA_KERNELS")
-    os.environ["MINILORA_KERNELS"] = mode
+def _env(name: str, value: str):
+    """``name=value`` in the environment for the calls inside, the previous value afterwards. For the kernel
+    switches (MINILORA_KERNELS, MINILORA_LORA_MATMUL), read when an op dispatches: backward passes only use what
+    the forward saved."""
+    before = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop("MINILORA_KERNELS")
+            os.environ.pop(name)
         else:
-            os.environ["MINILORA_KERNELS"] = before
+            os.environ[name] = before
 
 
 def _lm_loss(kernels_mode: str) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """minilora's chunked LM head + cross-entropy (summed) under ``MINILORA_KERNELS=kernels_mode``: ``torch`` is
     its PyTorch path between the two GEMMs of each chunk, ``triton`` its Triton cross-entropy rows."""
     def fn(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
-        with _kernels_mode(kernels_mode):
+        with _env("MINILORA_KERNELS", kernels_mode):
             return losses.LinearCrossEntropy.apply(h, w, y, h.dtype)
     return fn
 
@@ -167,7 +175,7 @@ def _lm_loss_ref(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
 
 def _qkv_rope_torch(qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int) -> tuple[Tensor, Tensor, Tensor]:
     """minilora.ops.qkv_rope without Triton (on a bf16 CPU tensor: kernels/cpu.c)."""
-    with _kernels_mode("torch"):
+    with _env("MINILORA_KERNELS", "torch"):
         return ops.qkv_rope(qkv, cos, sin, H, Hkv)
 
 
@@ -303,7 +311,8 @@ def bench_shape(m: int, k: int, n: int, ranks: list[int], dtype: torch.dtype, de
             got = layer(x).float()
         err = None if name.endswith("bare") else ((got - want).abs().max() / want.abs().max()).item()
         rows.append({"m": m, "k": k, "n": n, "impl": name, "fwd_ms": measure(forward),
-                     "fwdbwd_ms": measure(forward_backward), "max_rel_err_vs_addmm": err})
+                     "fwdbwd_ms": None if name == "fused-bare" else measure(forward_backward),
+                     "max_rel_err_vs_addmm": err})
         del got
     return rows
 
@@ -335,8 +344,10 @@ def table(rows: list[dict], targets: list[dict]) -> str:
     for r in rows:
         peft, bare = by_shape[(r["m"], r["k"], r["n"], "peft")], by_shape[(r["m"], r["k"], r["n"], "bare")]
         err = "-" if r["max_rel_err_vs_addmm"] is None else f"{r['max_rel_err_vs_addmm']:.1e}"
-        lines.append(f"| {r['m']} | {r['k']} | {r['n']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} "
-                     f"| {peft['fwd_ms'] / r['fwd_ms']:.2f} | {peft['fwdbwd_ms'] / r['fwdbwd_ms']:.2f} "
+        fb = r["fwdbwd_ms"]
+        fb_ms, fb_x = ("-", "-") if fb is None else (f"{fb:.3f}", f"{peft['fwdbwd_ms'] / fb:.2f}")
+        lines.append(f"| {r['m']} | {r['k']} | {r['n']} | {r['impl']} | {r['fwd_ms']:.3f} | {fb_ms} "
+                     f"| {peft['fwd_ms'] / r['fwd_ms']:.2f} | {fb_x} "
                      f"| {r['fwd_ms'] / bare['fwd_ms']:.3f} | {err} |")
     lines += ["", f"Targets for ours (GPU): fwd/bare <= {TARGETS['fwd_vs_bare_max']}, fwd >= "
               f"{TARGETS['fwd_speedup_vs_peft_min']}x and fwd+bwd >= {TARGETS['fwdbwd_speedup_vs_peft_min']}x "
@@ -396,6 +407,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ours_backend": kernels.backend_for(torch.empty(0, device=device)),
         "dtype": args.dtype, "ranks": args.ranks, "targets": TARGETS,
         "rows": rows, "checks": targets,
+        "lora_matmul_choices": kernels.triton_impl.choices() if gpu and kernels.triton_impl is not None else [],
         "all_targets_pass": all(t[f] for t in targets for f in ("pass_fwd_vs_bare", "pass_fwd_vs_peft",
                                                                 "pass_fwdbwd_vs_peft")),
     }

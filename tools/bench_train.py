@@ -576,6 +576,10 @@ def worker_train(spec: dict) -> dict:
     out = {**info, "tokens_per_step": tokens, "step_s": run["step_s"], "tok_s": [tokens / s for s in run["step_s"]],
            "losses": run["results"], "load": run["load"], "steps_all": run["steps_all"], "waited_s": run["waited_s"],
            "memory": mem, "malloc": spec["malloc_state"]}
+    if spec["side"] == "minilora" and dev_type == "cuda":  # per GEMM shape: the fused kernel or cuBLAS + addmm_
+        from kernels import triton_impl
+
+        out["lora_matmul_choices"] = triton_impl.choices() if triton_impl is not None else []
     if spec.get("profile"):
         if float(spec["wait_quiet"]) > 0:
             wait_quiet(float(spec["wait_quiet"]), float(spec["max_others"]))
@@ -1159,6 +1163,10 @@ def finish(meta: dict, gemm: dict, runs: list[dict], errors: list[str], echo: bo
         print(table, flush=True)
     for r in runs if echo else []:
         name = f"train {r['mode']} {r['targets']} {r['side']}{' ' + r['recipe'] if r['recipe'] else ''}"
+        if r.get("lora_matmul_choices"):
+            picks = ", ".join(f"{c['m_bucket']}x{c['k']}->{c['n']} {c['choice']} ({c['fused_ms']:.3f} fused, "
+                              f"{c['cublas_ms']:.3f} cuBLAS ms)" for c in r["lora_matmul_choices"])
+            print(f"\nLoRA GEMMs of {name} (MINILORA_LORA_MATMUL=auto): {picks}", flush=True)
         if r.get("profile_error"):
             print(f"\nProfile of {name} failed: {r['profile_error']}", flush=True)
         if r.get("profile_top"):
