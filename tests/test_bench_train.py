@@ -10,6 +10,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -181,3 +182,15 @@ def test_profile_lines_for_cuda_and_for_a_failed_profiler(capsys: pytest.Capture
     assert "top ops by self CUDA time): train bf16 qv minilora" in out and "3.25 ms CUDA" in out
     assert "Profile of train bf16 qv hf bf16w failed: RuntimeError: CUPTI unavailable" in out
     assert result["comparisons"][0]["speedup"] == pytest.approx(2.0)
+
+
+def test_cuda_peak_covers_warmup_and_timed_steps() -> None:
+    """The targets' CUDA peak is the larger of the warm-up's (kernel tuning) and the timed steps'; both are kept."""
+    bt = _bench_module()
+    fake = SimpleNamespace(cuda=SimpleNamespace(max_memory_allocated=lambda device: 3 * 2**20))
+    both = bt._memory_phase_end(fake, "cuda:0", False, 5.0)
+    assert (both["cuda_peak_mb"], both["cuda_peak_warmup_mb"], both["cuda_peak_timed_mb"]) == (5.0, 5.0, 3.0)
+    assert bt._memory_phase_end(fake, "cuda:0", False, 2.0)["cuda_peak_mb"] == 3.0
+    plain = bt._memory_phase_end(fake, "cuda:0", False)
+    assert plain["cuda_peak_mb"] == 3.0 and "cuda_peak_timed_mb" not in plain
+    assert "cuda_peak_mb" not in bt._memory_phase_end(fake, "cpu", False, None)

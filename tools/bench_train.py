@@ -478,10 +478,16 @@ def _memory_phase_start(torch, device: str) -> bool:
     return reset_hwm()
 
 
-def _memory_phase_end(torch, device: str, hwm_reset: bool) -> dict:
+def _memory_phase_end(torch, device: str, hwm_reset: bool, warmup_peak_mb: float | None = None) -> dict:
+    """The phase's peaks. On CUDA ``cuda_peak_mb`` covers warm-up and timed steps (the measure the targets use);
+    with the warm-up's own peak (``_timed_loop`` resets the counter after it) each part is also given alone, which
+    separates one-time costs such as kernel tuning from a step's."""
     out = {"peak_rss_mb": maxrss_mb(), "phase_peak_rss_mb": (_status_kb("VmHWM") or 0) / 1024 if hwm_reset else None}
     if device.startswith("cuda"):
-        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        timed = torch.cuda.max_memory_allocated(device) / 2**20
+        out["cuda_peak_mb"] = max(timed, warmup_peak_mb or 0.0)
+        if warmup_peak_mb is not None:
+            out["cuda_peak_warmup_mb"], out["cuda_peak_timed_mb"] = warmup_peak_mb, timed
     return out
 
 
@@ -515,6 +521,11 @@ def _timed_loop(torch, spec: dict, step) -> dict:
     settle()
     for _ in range(int(spec["warmup"])):
         results.append(step())
+    warmup_peak_mb = None
+    if device.startswith("cuda"):  # see _memory_phase_end
+        torch.cuda.synchronize()
+        warmup_peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
     clean = 0
     while clean < int(spec["steps"]):
         load = CpuLoad()
@@ -534,6 +545,7 @@ def _timed_loop(torch, spec: dict, step) -> dict:
         clean += 1
     used = [x for x in all_steps if not x["contended"]] or all_steps
     return {"step_s": [x["s"] for x in used], "steps_all": all_steps, "waited_s": waited,
+            "warmup_peak_mb": warmup_peak_mb,
             "load": {"others_cores": max((x["others_cores"] or 0.0) for x in used),
                      "contended_steps_kept": sum(x["contended"] for x in used),
                      "contended_steps_redone": sum(x["contended"] for x in all_steps) - sum(x["contended"] for x in used)},
@@ -571,7 +583,7 @@ def worker_train(spec: dict) -> dict:
     mem["after_load_mb"] = rss_mb()
     hwm = _memory_phase_start(torch, device)
     run = _timed_loop(torch, spec, step)
-    mem.update(_memory_phase_end(torch, device, hwm))
+    mem.update(_memory_phase_end(torch, device, hwm, run["warmup_peak_mb"]))
     tokens = ids.numel()
     out = {**info, "tokens_per_step": tokens, "step_s": run["step_s"], "tok_s": [tokens / s for s in run["step_s"]],
            "losses": run["results"], "load": run["load"], "steps_all": run["steps_all"], "waited_s": run["waited_s"],
@@ -652,7 +664,7 @@ def worker_cls(spec: dict) -> dict:
     mem["after_load_mb"] = rss_mb()
     hwm = _memory_phase_start(torch, device)
     run = _timed_loop(torch, spec, step)
-    mem.update(_memory_phase_end(torch, device, hwm))
+    mem.update(_memory_phase_end(torch, device, hwm, run["warmup_peak_mb"]))
     tokens = ids.numel()
     return {**info, "params": total, "tokens_per_step": tokens, "step_s": run["step_s"],
             "tok_s": [tokens / s for s in run["step_s"]], "load": run["load"], "steps_all": run["steps_all"],
