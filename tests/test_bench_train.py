@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +195,39 @@ def test_cuda_peak_covers_warmup_and_timed_steps() -> None:
     plain = bt._memory_phase_end(fake, "cuda:0", False)
     assert plain["cuda_peak_mb"] == 3.0 and "cuda_peak_timed_mb" not in plain
     assert "cuda_peak_mb" not in bt._memory_phase_end(fake, "cpu", False, None)
+
+
+def test_minilora_worker_reruns_with_torch_kernels_after_a_cuda_failure(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
+    """On CUDA a failed minilora worker runs once more with MINILORA_KERNELS=torch; the failure is kept in the
+    errors and the rerun's setup says so. Other sides, CPU runs and an explicit MINILORA_KERNELS=torch do not."""
+    bt = _bench_module()
+
+    class FakeLauncher(bt.Launcher):
+        def __init__(self) -> None:
+            self.specs: list[dict] = []
+
+        def __call__(self, spec: dict) -> dict:
+            self.specs.append(spec)
+            return {"tok_s": [1.0]} if spec.get("kernels") else {"error": "worker failed (exit 1)", "log_tail": "..."}
+
+    monkeypatch.delenv("MINILORA_KERNELS", raising=False)
+    launch, errors = FakeLauncher(), []
+    r = launch.fallback({"side": "minilora", "device": "cuda"}, errors, "train-bf16-qv-minilora round 1")
+    assert [s.get("kernels") for s in launch.specs] == [None, "torch"]
+    assert r["tok_s"] == [1.0] and r["triton_error"] == "worker failed (exit 1)"
+    assert errors == ["train-bf16-qv-minilora round 1: worker failed (exit 1) with the Triton kernels; rerun with "
+                      "MINILORA_KERNELS=torch"]
+    for spec in ({"side": "hf", "device": "cuda"}, {"side": "minilora", "device": "cpu"}):
+        launch, errors = FakeLauncher(), []
+        assert "error" in launch.fallback(spec, errors, "x") and len(launch.specs) == 1 and errors == []
+    monkeypatch.setenv("MINILORA_KERNELS", "torch")
+    launch = FakeLauncher()
+    assert "error" in launch.fallback({"side": "minilora", "device": "cuda"}, [], "x") and len(launch.specs) == 1
+
+    monkeypatch.setitem(bt.WORKERS, "fake", lambda spec: {"setup": "minilora", "seen": os.environ["MINILORA_KERNELS"]})
+    monkeypatch.setenv("MINILORA_KERNELS", "auto")
+    out = tmp_path / "w.json"
+    assert bt.run_worker_main(["kind=fake", "kernels=torch", f"out={out}"]) == 0
+    assert json.loads(out.read_text()) == {"setup": "minilora [MINILORA_KERNELS=torch: the Triton run failed]",
+                                           "seen": "torch"}

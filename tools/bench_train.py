@@ -687,7 +687,11 @@ def parse_worker_spec(items: list[str]) -> dict:
 def run_worker_main(items: list[str]) -> int:
     spec = parse_worker_spec(items)
     os.environ.setdefault("TQDM_DISABLE", "1")
+    if spec.get("kernels"):  # the rerun after a Triton failure (Launcher.fallback)
+        os.environ["MINILORA_KERNELS"] = spec["kernels"]
     out = WORKERS[spec["kind"]](spec)
+    if spec.get("kernels"):
+        out["setup"] = f"{out.get('setup', '')} [MINILORA_KERNELS={spec['kernels']}: the Triton run failed]"
     atomic_write_json(Path(spec["out"]), out)
     return 0
 
@@ -726,6 +730,17 @@ class Launcher:
               f"failed (exit {rc}) after {wall:.0f}s"
         print(f"ERROR: {msg}\n{tail}", file=sys.stderr, flush=True)
         return {"error": msg, "log_tail": tail, "worker_wall_s": wall}
+
+    def fallback(self, spec: dict, errors: list[str], name: str) -> dict:
+        """A worker's result; a minilora worker on CUDA that fails with the Triton kernels runs once more with
+        MINILORA_KERNELS=torch (cuBLAS and PyTorch ops), so that one failing kernel still leaves GPU figures. The
+        failure goes into ``errors`` and the result's setup says which kernels ran."""
+        r = self(spec)
+        if ("error" in r and spec.get("side") == "minilora" and str(spec.get("device", "")).startswith("cuda")
+                and os.environ.get("MINILORA_KERNELS", "auto") != "torch"):
+            errors.append(f"{name}: {r['error']} with the Triton kernels; rerun with MINILORA_KERNELS=torch")
+            r = {**self({**spec, "kernels": "torch"}), "triton_error": r["error"], "triton_log_tail": r["log_tail"]}
+        return r
 
 
 def log(msg: str) -> None:
@@ -1124,7 +1139,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -
                     spec.update(profile=1, profile_file=str(args.profile.resolve() / f"{name}.txt"))
                 if args.tensor_peak:
                     spec.update(tensor_peak=1)
-                r = launch(spec)
+                r = launch.fallback(spec, errors, f"{name} round {rnd + 1}")
                 r.update(kind="train", mode=mode, targets=tg, side=side, recipe=recipe, round=rnd)
                 runs.append(r)
                 if "error" in r:
@@ -1139,7 +1154,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -
         if not args.no_classify:
             for side in ("minilora", "hf"):
                 spec = {**base, "kind": "cls", "side": side, "steps": args.cls_steps, "warmup": 1}
-                r = launch(spec)
+                r = launch.fallback(spec, errors, f"classify-{side} round {rnd + 1}")
                 r.update(kind="cls", mode="bf16", targets=None, side=side, recipe=None, round=rnd)
                 runs.append(r)
                 checkpoint()
