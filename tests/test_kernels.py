@@ -353,6 +353,13 @@ def test_matmul_choice_times_once_and_prefers_fused(monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.skipif(kernels.triton_impl is None, reason="triton is not installed")
+def test_autotuner_times_without_a_flush_buffer() -> None:
+    """The fused kernel's autotuner benchmarks with ``event_bench`` (see test_cuda_auto_choice_... on a GPU)."""
+    impl = kernels.triton_impl
+    assert impl._fused_lora_matmul_kernel.do_bench is impl.event_bench
+
+
+@pytest.mark.skipif(kernels.triton_impl is None, reason="triton is not installed")
 def test_matmul_mode_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MINILORA_LORA_MATMUL", "cutlass")
     with pytest.raises(ValueError, match="MINILORA_LORA_MATMUL='cutlass': expected one of"):
