@@ -54,3 +54,24 @@ def test_bench_kernels_rowwise_triton_interpreted(tmp_path: Path) -> None:
         assert impls[(op, "triton")]["max_rel_err_vs_torch"] < 1e-4, op
         assert impls[(op, "ref")]["max_rel_err_vs_torch"] < 1e-4, op
     assert impls[("lm_loss", "triton")]["width"] == bench_kernels.LM_VOCAB
+
+
+@pytest.mark.bench
+def test_bench_kernels_lora_triton_interpreted(tmp_path: Path) -> None:
+    """The LoRA section with the Triton kernels under the interpreter (fp32, tiny): the fused rows (the kernel
+    always, and its bare GEMM, forward only) agree with the addmm path and the table prints them."""
+    pytest.importorskip("triton")
+    conftest._skip_broken_interpreter()
+    ROOT = conftest.ROOT
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_kernels.py"), "--device", "cpu",
+                           "--tokens", "33", "--shapes", "40x72", "--ranks", "8", "4", "--dtype", "fp32",
+                           "--warmup", "1", "--iters", "2", "--json", str(out)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"bare", "peft", "addmm", "ours", "fused", "fused-bare"}
+    assert rows["fused"]["max_rel_err_vs_addmm"] < 1e-5 and rows["fused"]["fwdbwd_ms"] > 0
+    assert rows["fused-bare"]["fwdbwd_ms"] is None and rows["fused-bare"]["fwd_ms"] > 0
+    assert "| 33 | 40 | 72 | fused-bare |" in proc.stdout

@@ -6,8 +6,9 @@ Layers (two adapters, r = 16 + 8 by default, everything in one dtype, adapters t
   addmm        kernels.reference: y = x W^T; y.addmm_(x A^T, B^T)    (unsloth-style, adapters concatenated)
   ours         kernels.lora_linear as training runs it (on CUDA MINILORA_LORA_MATMUL=auto: per shape the faster
                of the fused Triton kernel and the addmm path, timed on first use; on CPU the addmm path)
-  fused        kernels.lora_linear with MINILORA_LORA_MATMUL=fused (CUDA only: the fused Triton kernel always)
-  fused-bare   the fused kernel with no adapter, forward only (CUDA only: Triton's GEMM against cuBLAS's)
+  fused        kernels.lora_linear with MINILORA_LORA_MATMUL=fused: the fused Triton kernel always
+  fused-bare   the fused kernel with no adapter, forward only: Triton's GEMM against cuBLAS's
+               (these two on CUDA, and on CPU under TRITON_INTERPRET=1 for the tests)
 GPU targets (checked on every shape): fused fwd <= 1.08x bare, >= 1.25x faster than peft; fwd+bwd >= 1.2x faster.
 
 ``--rowwise`` (opt-in; ``--rowwise-only`` skips the LoRA layers) also times RMSNorm (weight frozen as in LoRA
@@ -85,10 +86,10 @@ def make_layers(k: int, n: int, ranks: list[int], dtype: torch.dtype, device: to
         "addmm": lambda x: reference.lora_linear(x, w, a, b, s),
         "ours": lambda x: kernels.lora_linear(x, w, a, b, s),
     }
-    if device.type == "cuda" and kernels.triton_impl is not None:
-        def fused(x: Tensor) -> Tensor:
+    if kernels.triton_impl is not None and (device.type == "cuda" or kernels.triton_impl.INTERPRET):
+        def fused(x: Tensor) -> Tensor:  # under TRITON_INTERPRET=1 on CPU too (for the tests)
             with _env("MINILORA_LORA_MATMUL", "fused"):
-                return kernels.lora_linear(x, w, a, b, s)
+                return kernels.triton_impl.lora_linear(x, w, a, b, s)
 
         layers["fused"] = fused
         layers["fused-bare"] = lambda x: kernels.triton_impl.fused_matmul(x, w.t(), None, None)
