@@ -206,6 +206,7 @@ def test_minilora_worker_reruns_with_torch_kernels_after_a_cuda_failure(monkeypa
     class FakeLauncher(bt.Launcher):
         def __init__(self) -> None:
             self.specs: list[dict] = []
+            self.triton_failed = None
 
         def __call__(self, spec: dict) -> dict:
             self.specs.append(spec)
@@ -218,6 +219,9 @@ def test_minilora_worker_reruns_with_torch_kernels_after_a_cuda_failure(monkeypa
     assert r["tok_s"] == [1.0] and r["triton_error"] == "worker failed (exit 1)"
     assert errors == ["train-bf16-qv-minilora round 1: worker failed (exit 1) with the Triton kernels; rerun with "
                       "MINILORA_KERNELS=torch"]
+    r = launch.fallback({"side": "minilora", "device": "cuda"}, errors, "round 2")  # straight to torch now
+    assert [s.get("kernels") for s in launch.specs] == [None, "torch", "torch"] and len(errors) == 1
+    assert r["triton_error"] == "worker failed (exit 1)"
     for spec in ({"side": "hf", "device": "cuda"}, {"side": "minilora", "device": "cpu"}):
         launch, errors = FakeLauncher(), []
         assert "error" in launch.fallback(spec, errors, "x") and len(launch.specs) == 1 and errors == []

@@ -704,6 +704,7 @@ class Launcher:
 
     def __init__(self, tmp: Path, timeout: float):
         self.tmp, self.timeout, self.count = tmp, timeout, 0
+        self.triton_failed: str | None = None  # the first Triton failure of a minilora worker on CUDA (fallback)
 
     def __call__(self, spec: dict) -> dict:
         self.count += 1
@@ -735,9 +736,13 @@ class Launcher:
         """A worker's result; a minilora worker on CUDA that fails with the Triton kernels runs once more with
         MINILORA_KERNELS=torch (cuBLAS and PyTorch ops), so that one failing kernel still leaves GPU figures. The
         failure goes into ``errors`` and the result's setup says which kernels ran."""
+        applies = (spec.get("side") == "minilora" and str(spec.get("device", "")).startswith("cuda")
+                   and os.environ.get("MINILORA_KERNELS", "auto") != "torch")
+        if applies and self.triton_failed:  # once failed, later rounds go straight to the torch kernels
+            return {**self({**spec, "kernels": "torch"}), "triton_error": self.triton_failed}
         r = self(spec)
-        if ("error" in r and spec.get("side") == "minilora" and str(spec.get("device", "")).startswith("cuda")
-                and os.environ.get("MINILORA_KERNELS", "auto") != "torch"):
+        if applies and "error" in r:
+            self.triton_failed = r["error"]
             errors.append(f"{name}: {r['error']} with the Triton kernels; rerun with MINILORA_KERNELS=torch")
             r = {**self({**spec, "kernels": "torch"}), "triton_error": r["error"], "triton_log_tail": r["log_tail"]}
         return r
