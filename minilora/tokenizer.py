@@ -14,11 +14,13 @@ import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import gguf
 import regex
 import sentencepiece
+
+if TYPE_CHECKING:
+    import gguf
 
 # GPT-2 / HF ByteLevel pre-tokenizer regex (the trailing ``\s+`` catches whitespace before a non-space).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -283,8 +285,10 @@ class BPETokenizer(Tokenizer):
             source = str(path_or_reader)
             if not Path(source).is_file():
                 raise FileNotFoundError(f"GGUF file not found: {source}")
+            from minilora.formats import import_gguf
+
             try:
-                reader = gguf.GGUFReader(source)
+                reader = import_gguf(f"reading {source}").GGUFReader(source)
             except ValueError as e:
                 raise ValueError(f"{source}: not a readable GGUF file") from e
         else:
@@ -454,7 +458,9 @@ def _config_token(value: str | dict | None, vocab: dict[str, int]) -> int | None
 
 def _gguf_value(field: gguf.ReaderField) -> Any:
     """Python value of a GGUF ``ReaderField``: str, int, float, bool, or a list of them."""
-    string, array = gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY
+    from gguf import GGUFValueType  # the caller holds a reader, so the package is there
+
+    string, array = GGUFValueType.STRING, GGUFValueType.ARRAY
     parts = [field.parts[i] for i in field.data]
     if field.types[0] == array and field.types[-1] == string:
         return [bytes(p).decode("utf-8") for p in parts]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import save_tiny_hf, shared_path, smollm2_gguf
+from conftest import ROOT, save_tiny_hf, shared_path, smollm2_gguf
 from minilora import from_pretrained
 from minilora.generate import generate
 from minilora.model import LlamaConfig, Transformer
@@ -50,6 +53,43 @@ def test_sharded_checkpoint_loads_to_same_logits(tmp_path):
     ids = torch.randint(0, 101, (1, 20))
     with torch.no_grad():
         assert (model(ids) - ref(ids).logits).abs().max() <= 1e-4
+
+
+_WITHOUT_GGUF = """
+import runpy, sys
+sys.modules["gguf"] = None  # as if not installed: `import gguf` raises ImportError
+import torch
+import minilora.ops, minilora.train, minilora.classify, minilora.data.notes, minilora.data.tasks
+from minilora import from_pretrained
+from minilora.tokenizer import load_tokenizer
+for tool in ("tools/bench_train.py", "tools/bench_kernels.py"):  # what tools/gpu_check.sh runs
+    runpy.run_path(tool, run_name="imported")
+model, _ = from_pretrained(sys.argv[1])
+print("logits", float(model(torch.tensor([[1, 2, 3]])).abs().sum()))
+for read in (from_pretrained, load_tokenizer):
+    try:
+        read(sys.argv[2])
+    except ImportError as e:
+        print("error", e)
+"""
+
+
+def test_no_gguf_package_needed_beyond_gguf_files(tmp_path):
+    """The GPU machine's image has no ``gguf``: importing minilora, loading an HF folder and the GPU check's tools
+    must not need it; reading a .gguf file without it says which package to install."""
+    ref = save_tiny_hf(tmp_path / "hf")
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_GGUF, str(tmp_path / "hf"), str(fake)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    with torch.no_grad():
+        expected = float(ref(torch.tensor([[1, 2, 3]])).logits.abs().sum())
+    assert lines[0].startswith("logits ") and float(lines[0].split()[1]) == pytest.approx(expected, rel=1e-4)
+    errors = [line for line in lines if line.startswith("error ")]
+    assert len(errors) == 2 and all(f"reading {fake}" in e and "pip install 'gguf" in e for e in errors), lines
 
 
 def test_bf16_close_to_fp32(tmp_path):
