@@ -103,3 +103,43 @@ def tiny_lm(tmp_path_factory) -> Path:
     save_tiny_hf(d, vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_attention_heads=4,
                  num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
     return d
+
+
+GPU_IMAGE_PACKAGES = ROOT / "tools" / "gpu_image_packages.txt"
+
+_HIDE_SITE = '''"""Hide from this project's code (files under {root}) every installed third-party module whose distribution is
+not in {packages}; third-party packages' own imports are left alone (their versions differ there). Written by
+tests/conftest.py."""
+import importlib.abc, importlib.metadata, re, sys
+
+def _norm(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+_ALLOWED = {{_norm(line.strip()) for line in open({packages!r}) if line.strip() and not line.startswith("#")}}
+_DISTS = importlib.metadata.packages_distributions()
+
+class _HideMissingOnGPUImage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        top = name.partition(".")[0]
+        dists = _DISTS.get(top)
+        if not dists or top in ("minilora", "kernels") or any(_norm(d) in _ALLOWED for d in dists):
+            return None
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename.startswith("<frozen importlib"):
+            frame = frame.f_back
+        if frame is None or not frame.f_code.co_filename.startswith(({root!r}, "<string>")):
+            return None  # imported by a third-party package, not by this project (or a `python -c` of its tests)
+        raise ModuleNotFoundError(f"No module named {{name!r}} ({{dists[0]}} is not on the GPU image)", name=name)
+
+sys.meta_path.insert(0, _HideMissingOnGPUImage())
+'''
+
+
+def gpu_image_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for a child process whose project code sees only the GPU machine's packages
+    (``tools/gpu_image_packages.txt``): a ``sitecustomize`` on PYTHONPATH hides every other installed distribution
+    from imports made by files of this repository, in grandchildren too."""
+    site = tmp_path / "gpu_image_site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_HIDE_SITE.format(packages=str(GPU_IMAGE_PACKAGES), root=str(ROOT) + os.sep))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")])}

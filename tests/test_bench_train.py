@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, smollm2_gguf
+from conftest import ROOT, gpu_image_env, smollm2_gguf
 
 SCRIPT = ROOT / "tools" / "bench_train.py"
 
@@ -68,6 +68,25 @@ def test_bench_train_quick(tmp_path: Path) -> None:
     assert _positive(train["speedup"]) and _positive(train["memory_ratio"]) and train["same_trainable_params"]
     assert [c["name"] for c in data["checks"]] and all(isinstance(c["pass"], bool) for c in data["checks"])
     assert "| minilora |" in proc.stdout and "tokens/s" in data["table_markdown"]
+
+
+@pytest.mark.bench
+def test_bench_train_llama7b_shape_with_only_the_gpu_images_packages(tmp_path: Path) -> None:
+    """gpu_check's training benchmark (random weights at LLaMA-7B layer shapes, one layer here, --quick) with every
+    package the GPU machine lacks hidden from this project's code: both sides train and classify, no worker fails."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    out = tmp_path / "bench_train.json"
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--shape", "llama7b", "--layers", "1", "--modes", "bf16",
+           "--targets", "qv", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=tmp_path,
+                          env=gpu_image_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert not data["errors"], data["errors"]
+    sides = {(r["kind"], r["side"], r.get("recipe")) for r in data["rows"]}
+    assert {kind for kind, _, _ in sides} == {"train", "cls"} and len(sides) == 5, sides  # amp + bf16w on HF's side
+    assert all(_positive(r["tok_s"]) and _positive(r["peak_mb"]) for r in data["rows"])
 
 
 def _bench_module():
