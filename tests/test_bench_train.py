@@ -190,6 +190,7 @@ def test_profile_lines_for_cuda_and_for_a_failed_profiler(capsys: pytest.Capture
     ml = _run("minilora", None, 0.01, 2900.0)
     ml["profile_top"] = [{"op": "fused_lora", "calls": 8, "self_cpu_ms": 0.5, "cpu_total_ms": 0.6,
                           "self_cpu_pct": 10.0, "self_device_ms": 3.25}]
+    ml["profile_device"] = {"busy_ms": 7.5, "span_ms": 9.0, "events": 412}
     ml["lora_matmul_choices"] = [{"device": "cuda:0", "dtype": "bfloat16", "m_bucket": 2048, "n": 12288, "k": 4096,
                                   "r": 32, "x_layout": "row", "w_layout": "col", "choice": "cublas",
                                   "fused_ms": 0.412, "cublas_ms": 0.371}]
@@ -201,7 +202,25 @@ def test_profile_lines_for_cuda_and_for_a_failed_profiler(capsys: pytest.Capture
            "(0.412 fused, 0.371 cuBLAS ms)" in out
     assert "top ops by self CUDA time): train bf16 qv minilora" in out and "3.25 ms CUDA" in out
     assert "Profile of train bf16 qv hf bf16w failed: RuntimeError: CUPTI unavailable" in out
+    assert "GPU busy 7.50 ms of the profiled step (412 kernels/copies, first to last 9.00 ms) = 75% of the 10.00 ms " \
+           "median timed step" in out  # 7.5 ms of ml's 0.01 s step
     assert result["comparisons"][0]["speedup"] == pytest.approx(2.0)
+
+
+def test_device_busy_time_merges_overlapping_gpu_events() -> None:
+    """_device_busy_ms: the union of the CUDA events' intervals (hand count: [0, 4] + [2, 5] + [9, 10] = 6 us busy,
+    0..10 us span); CPU events are left out."""
+    from torch.autograd import DeviceType
+
+    bt = _bench_module()
+
+    def ev(kind, start, end):
+        return SimpleNamespace(device_type=kind, time_range=SimpleNamespace(start=start, end=end))
+
+    events = [ev(DeviceType.CUDA, 9000, 10000), ev(DeviceType.CPU, 0, 50000), ev(DeviceType.CUDA, 0, 4000),
+              ev(DeviceType.CUDA, 2000, 5000)]
+    assert bt._device_busy_ms(events) == {"busy_ms": 6.0, "span_ms": 10.0, "events": 3}
+    assert bt._device_busy_ms([ev(DeviceType.CPU, 0, 5)]) == {"busy_ms": 0.0, "span_ms": 0.0, "events": 0}
 
 
 def test_cuda_peak_covers_warmup_and_timed_steps() -> None:

@@ -420,14 +420,38 @@ def _setup_train(spec: dict, torch):
     return model, loss_fn, params, info
 
 
-def _profile_step(device: str, step, rows: int, path: str | None) -> list[dict]:
-    """Run ``step`` once under torch.profiler; write its tables to ``path`` and return the top ops."""
+def _device_busy_ms(events) -> dict:
+    """GPU time in a profile's device events (kernels, copies, memsets): ``busy_ms``, the union of their intervals
+    (overlapping streams count once), and ``span_ms``, first start to last end; ``busy_ms`` well under the step
+    time says the GPU waited on the host."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    busy, cur_start, cur_end = 0.0, None, None
+    for start, end in spans:
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                busy += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        busy += cur_end - cur_start
+    return {"busy_ms": busy / 1e3, "span_ms": (spans[-1][1] - spans[0][0]) / 1e3 if spans else 0.0,
+            "events": len(spans)}
+
+
+def _profile_step(device: str, step, rows: int, path: str | None, summary: dict | None = None) -> list[dict]:
+    """Run ``step`` once under torch.profiler; write its tables to ``path`` and return the top ops. On CUDA,
+    ``summary`` (if given) gets ``device`` (``_device_busy_ms`` of the step)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.startswith("cuda")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts, record_shapes=True) as prof:
         step()
+    if cuda and summary is not None:
+        summary["device"] = _device_busy_ms(prof.events())
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     avgs = prof.key_averages()
     total_self = sum(e.self_cpu_time_total for e in avgs) or 1.0
@@ -596,8 +620,11 @@ def worker_train(spec: dict) -> dict:
         if float(spec["wait_quiet"]) > 0:
             wait_quiet(float(spec["wait_quiet"]), float(spec["max_others"]))
         try:  # the timed numbers above stand even where the profiler cannot run
+            summary: dict = {}
             out["profile_top"] = _profile_step(device, step, int(spec.get("profile_rows", 30)),
-                                               spec.get("profile_file"))
+                                               spec.get("profile_file"), summary)
+            if "device" in summary:
+                out["profile_device"] = summary["device"]
         except Exception as exc:  # noqa: BLE001
             out["profile_error"] = f"{type(exc).__name__}: {exc}"[:500]
     if spec.get("tensor_peak"):
@@ -1208,6 +1235,11 @@ def finish(meta: dict, gemm: dict, runs: list[dict], errors: list[str], echo: bo
                 device_ms = f" {e['self_device_ms']:9.2f} ms CUDA" if cuda else ""
                 print(f"  {e['op'][:48]:48s}{device_ms} {e['self_cpu_ms']:9.1f} ms CPU {e['self_cpu_pct']:5.1f}%  "
                       f"calls {e['calls']}")
+        if r.get("profile_device") and r.get("step_s"):
+            d, step_ms = r["profile_device"], 1e3 * statistics.median(r["step_s"])
+            print(f"  GPU busy {d['busy_ms']:.2f} ms of the profiled step ({d['events']} kernels/copies, first to last "
+                  f"{d['span_ms']:.2f} ms) = {100 * d['busy_ms'] / step_ms:.0f}% of the {step_ms:.2f} ms median timed "
+                  f"step; the rest the GPU waits on the host", flush=True)
     targets, _, applies = targets_for(settings["device"], settings.get("shape", "smollm2"))
     meta_keys = ("command", "settings", "machine", "versions", "model_note", "data")
     return {
