@@ -113,9 +113,25 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def collective_device(backend: str, device: torch.device) -> torch.device:
+    """Where a tensor on ``device`` must be for a collective: NCCL takes CUDA tensors only, so a CPU tensor goes to
+    this rank's GPU under ``nccl``; gloo takes it where it is."""
+    if backend == "nccl" and device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``t`` over ranks, on ``t``'s device (``t`` itself, reduced in place, where the
+    backend takes its device; the callers' loss and token counts are CPU tensors, which NCCL does not)."""
     if world()[1] > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dev = collective_device(dist.get_backend(), t.device)
+        if dev == t.device:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        else:
+            moved = t.to(dev)
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+            t.copy_(moved)
     return t
 
 

@@ -1,4 +1,4 @@
-"""Trainer pieces tested in-process: per-prefix learning rates."""
+"""Trainer pieces tested in-process: per-prefix learning rates, where collectives put their tensors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from minilora.train import TrainConfig, Trainer, param_groups
+from minilora import train
+from minilora.train import TrainConfig, Trainer, collective_device, param_groups
 
 
 class Net(nn.Module):
@@ -50,3 +51,29 @@ def test_trainer_schedules_each_group_from_its_own_peak(tmp_path):
         tr.scheduler.step()
     assert sorted(g["lr"] for g in tr.optimizer.param_groups) == pytest.approx([1e-3, 1e-2])
     assert torch.equal(head0, net.head.weight)
+
+
+def test_collectives_take_cpu_tensors_to_the_gpu_under_nccl(monkeypatch):
+    """NCCL reduces CUDA tensors only: the trainer's CPU loss/token counts go to this rank's GPU under nccl and stay
+    where they are under gloo (the gloo path runs for real in test_train_dapt's torchrun test)."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert collective_device("nccl", torch.device("cpu")) == torch.device("cuda", 3)
+    assert collective_device("nccl", torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert collective_device("gloo", torch.device("cpu")) == torch.device("cpu")
+
+    seen = []
+
+    def fake_all_reduce(t, op=None):  # two ranks holding the same values
+        seen.append(t)
+        t.mul_(2)
+
+    monkeypatch.setattr(train, "world", lambda: (0, 2))
+    monkeypatch.setattr(train.dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(train.dist, "all_reduce", fake_all_reduce)
+    t = torch.tensor([1.5, 4.0], dtype=torch.float64)
+    assert train.all_reduce_sum(t) is t and t.tolist() == [3.0, 8.0] and seen == [t]
+    monkeypatch.setattr(train, "collective_device", lambda backend, device: torch.device("cpu", 0) if backend == "nccl"
+                        else device)  # another "device": the sum is reduced there, then copied back into t
+    monkeypatch.setattr(train.dist, "get_backend", lambda: "nccl")
+    t = torch.tensor([1.5, 4.0], dtype=torch.float64)
+    assert train.all_reduce_sum(t) is t and t.tolist() == [3.0, 8.0] and seen[-1] is not t
