@@ -75,3 +75,10 @@ def test_bench_kernels_lora_triton_interpreted(tmp_path: Path) -> None:
     assert rows["fused"]["max_rel_err_vs_addmm"] < 1e-5 and rows["fused"]["fwdbwd_ms"] > 0
     assert rows["fused-bare"]["fwdbwd_ms"] is None and rows["fused-bare"]["fwd_ms"] > 0
     assert "| 33 | 40 | 72 | fused-bare |" in proc.stdout
+
+
+def test_gpu_timer_sleeps_long_enough_to_queue_every_call() -> None:
+    """The sleep before the queued calls covers 1.5x their host time at 2 GHz, within [25 ms, 2 s]."""
+    assert bench_kernels.sleep_cycles(0.2, 50) == 50_000_000  # 15 ms of launching: the 25 ms floor
+    assert bench_kernels.sleep_cycles(1.0, 50) == 150_000_000  # 50 ms of launching -> 75 ms asleep
+    assert bench_kernels.sleep_cycles(200.0, 50) == 4_000_000_000  # capped at 2 s

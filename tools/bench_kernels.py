@@ -19,10 +19,11 @@ packed q|k|v projection (``qkv_rope``, heads of 128; width = the packed row), fo
 LLaMA-7B: 8*512 tokens, hidden 4096, intermediate 11008): ``triton`` (kernels.rowwise, CUDA only) against
 ``torch`` (minilora.ops' autograd functions as they run: on a bf16 CPU tensor that is kernels/cpu.c, unless
 MINILORA_CPU_KERNELS=off; tools/bench_cpu_kernels.py compares those two) and ``ref`` (the plain compositions
-ops.*_ref). On CUDA
-these times are GPU time per call (events around each call, L2 flushed before it, calls queued behind a sleep
-kernel so that launch overhead does not count) and GB/s counts the minimum traffic (each input read once, each
-output written once).
+ops.*_ref). GB/s counts the minimum traffic (each input read once, each output written once).
+On CUDA every time (LoRA layers and row-wise ops) is GPU time per call: events around each call, L2 flushed before
+it, calls queued behind a sleep kernel so that the host's launch and Python overhead does not count (a call that
+waits for the GPU itself, as lm_loss's check of its targets does, shows its launch gaps and prints a warning).
+On CPU it is wall time per call.
 Usage: ``PYTHONPATH=. python tools/bench_kernels.py [--device cuda] [--rowwise] [--json out.json]``.
 """
 
@@ -97,39 +98,42 @@ def make_layers(k: int, n: int, ranks: list[int], dtype: torch.dtype, device: to
 
 
 def timer(device: torch.device, warmup: int, iters: int) -> Callable[[Callable[[], object]], float]:
-    """Median milliseconds of a call: CUDA events on a GPU, perf_counter on CPU; warmup calls first."""
+    """Median wall milliseconds of a call on the CPU (perf_counter); warmup calls first. GPU: ``gpu_timer``."""
     def measure(fn: Callable[[], object]) -> float:
         for _ in range(warmup):
             fn()
         times = []
         for _ in range(iters):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
     return measure
 
 
+def sleep_cycles(host_ms_per_call: float, iters: int) -> int:
+    """GPU clock cycles to sleep while ``iters`` calls are queued: 1.5x their host time at 2 GHz (at least 25 ms,
+    at most 2 s), so that the GPU starts on the first call only once all are queued."""
+    return int(min(4e9, max(5e7, 1.5 * iters * host_ms_per_call * 2e6)))
+
+
 def gpu_timer(device: torch.device, warmup: int, iters: int) -> Callable[[Callable[[], object]], float]:
     """Median GPU milliseconds of a call: CUDA events around each call, a memset over L2_FLUSH_BYTES before each,
-    and all calls queued behind a sleep kernel so the CPU's launch overhead stays out of the events."""
+    and all calls queued behind a sleep kernel (as long as the warm-up calls' host time says queuing takes) so the
+    CPU's launch overhead stays out of the events."""
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
 
     def measure(fn: Callable[[], object]) -> float:
-        for _ in range(warmup):
+        host = []
+        for _ in range(max(warmup, 1)):
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
             fn()
+            host.append((time.perf_counter() - t0) * 1e3)  # launching only (unless fn waits for the GPU)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
         torch.cuda.synchronize(device)
         if hasattr(torch.cuda, "_sleep"):
-            torch.cuda._sleep(50_000_000)  # ~25 ms at 2 GHz: time to queue the calls below
+            torch.cuda._sleep(sleep_cycles(min(host), iters))
         slept = torch.cuda.Event()
         slept.record()
         for start, end in events:
@@ -393,7 +397,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = args.tokens or (GPU_TOKENS if gpu else CPU_TOKENS)
     warmup = args.warmup if args.warmup is not None else (10 if gpu else 5)
     iters = args.iters or (50 if gpu else 20)
-    measure = timer(device, warmup, iters)
+    # GPU: kernel times (gpu_timer), without the host's launch and Python overhead, which timer() would count
+    measure = gpu_timer(device, warmup, iters) if gpu else timer(device, warmup, iters)
     dtype = DTYPES[args.dtype]
     rows = []
     for k, n in ([] if args.rowwise_only else shapes):
@@ -420,7 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["table_markdown"] = f"{result['device']}, torch {result['torch']}, triton {result['triton']}"
     if args.rowwise or args.rowwise_only:
         t, h, i = args.rowwise_dims or (ROWWISE_GPU_DIMS if gpu else ROWWISE_CPU_DIMS)
-        rw_measure = gpu_timer(device, warmup, iters) if gpu else measure
+        rw_measure = measure
         result["rowwise_rows"] = bench_rowwise(t, h, i, dtype, device, rw_measure)
         result["rowwise_speedups"] = rowwise_speedups(result["rowwise_rows"])
         timing = "GPU time per call, L2 flushed" if gpu else "wall time per call"
