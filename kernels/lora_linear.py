@@ -1,8 +1,10 @@
 """Fused stacked-LoRA linear in Triton (CUDA; CPU only under ``TRITON_INTERPRET=1``).
 
-One kernel computes ``OUT = X W + D(S L)`` (LoRAFusion design): the fp32 accumulator starts from the rank-sized
-product ``S L`` (rank padded to a power of two >= 16 with masked loads), optionally dropout-masked, and then the
-ordinary K-loop over X and W adds the base GEMM, so no [M, N] LoRA temporary ever reaches memory. It serves
+One kernel computes ``OUT = X W + D(S L)`` (LoRAFusion design): the ordinary K-loop over X and W fills an fp32
+accumulator and the rank-sized product ``S L`` (rank padded to a power of two >= 16 with masked loads) is added to
+it before the store, so no [M, N] LoRA temporary ever reaches memory. With dropout the masked ``S L`` goes first
+(one accumulator for both terms); without, it goes last, because on Hopper a dot ahead of the K-loop makes ptxas
+serialize the loop's wgmma instructions (warning C7515; tests/test_kernels_compile.py checks). It serves
 
     forward  Y  = X W^T + S B^T               (S = dropout(X) A^T [M, R], L = B^T)
     dX          = G W   + dropout'(T A)       (T = G B [M, R], L = A; the mask is regenerated from the seed)
@@ -136,6 +138,20 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
+@triton.jit
+def _lora_dot(S, L, rows, offs_n, in_m, in_n, R, stride_sm, stride_sr, stride_lr, stride_ln, acc,
+              BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + S[rows, :R] @ L[:R, offs_n]``, BLOCK_R ranks at a time."""
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        s = tl.load(S + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                    mask=in_m[:, None] & (offs_r[None, :] < R), other=0.0)
+        lo = tl.load(L + offs_r[:, None] * stride_lr + offs_n[None, :] * stride_ln,
+                     mask=(offs_r[:, None] < R) & in_n[None, :], other=0.0)
+        acc = _dot(s, lo, acc, UPCAST, PRECISION)
+    return acc
+
+
 @triton.autotune(configs=[_config(c) for c in active_configs()], key=["M_BUCKET", "N", "K", "stride_wk"],
                  prune_configs_by={"early_config_prune": _prune_for_device}, do_bench=event_bench)
 @triton.jit
@@ -164,17 +180,11 @@ def _fused_lora_matmul_kernel(
     in_n = offs_n < N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if HAS_LORA:
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            s = tl.load(S + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                        mask=in_m[:, None] & (offs_r[None, :] < R), other=0.0)
-            lo = tl.load(L + offs_r[:, None] * stride_lr + offs_n[None, :] * stride_ln,
-                         mask=(offs_r[:, None] < R) & in_n[None, :], other=0.0)
-            acc = _dot(s, lo, acc, UPCAST, PRECISION)
-        if DROPOUT:
-            keep = tl.rand(seed, rows[:, None] * N + offs_n[None, :]) >= p
-            acc = tl.where(keep, acc * scale, 0.0)
+    if HAS_LORA and DROPOUT:  # the masked LoRA term first, so that one accumulator holds both terms
+        acc = _lora_dot(S, L, rows, offs_n, in_m, in_n, R, stride_sm, stride_sr, stride_lr, stride_ln, acc,
+                        BLOCK_R, UPCAST, PRECISION)
+        keep = tl.rand(seed, rows[:, None] * N + offs_n[None, :]) >= p
+        acc = tl.where(keep, acc * scale, 0.0)
 
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
@@ -186,6 +196,9 @@ def _fused_lora_matmul_kernel(
         acc = _dot(x, w, acc, UPCAST, PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
+    if HAS_LORA and not DROPOUT:  # after the K-loop: a dot before it makes ptxas serialize the loop's wgmma (sm_90)
+        acc = _lora_dot(S, L, rows, offs_n, in_m, in_n, R, stride_sm, stride_sr, stride_lr, stride_ln, acc,
+                        BLOCK_R, UPCAST, PRECISION)
 
     out_ptrs = OUT + rows[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
