@@ -25,7 +25,7 @@ Dropout keeps a Philox seed, never a mask or a copy of X: the element (m, k) is 
 
 Inputs may have any strides (passed to the kernels); fp32/fp16/bf16 with fp32 accumulation; fp32 dots use TF32
 exactly when ``torch.backends.cuda.matmul.allow_tf32`` is set, as torch's matmuls do. The autotuner is keyed on
-(M bucket, N, K, layout); ``MINILORA_TRITON_AUTOTUNE=0`` skips tuning (one config) to keep test compiles short.
+(M bucket, N, K, layout, variant: LoRA, dropout, rank block); ``MINILORA_TRITON_AUTOTUNE=0`` skips tuning (one config) to keep test compiles short.
 """
 
 from __future__ import annotations
@@ -152,9 +152,12 @@ def _lora_dot(S, L, rows, offs_n, in_m, in_n, R, stride_sm, stride_sr, stride_lr
     return acc
 
 
-@triton.autotune(configs=[_config(c) for c in active_configs()], key=["M_BUCKET", "N", "K", "stride_wk"],
+# Keyed on the variant too: HAS_LORA, DROPOUT and BLOCK_R change the registers and shared memory a config needs.
+# seed is not specialised (a fresh value each step would otherwise recompile when it happens to be 1 or % 16 == 0).
+@triton.autotune(configs=[_config(c) for c in active_configs()],
+                 key=["M_BUCKET", "N", "K", "stride_wk", "HAS_LORA", "DROPOUT", "BLOCK_R"],
                  prune_configs_by={"early_config_prune": _prune_for_device}, do_bench=event_bench)
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _fused_lora_matmul_kernel(
     X, W, S, L, OUT, seed, p, scale,
     M, N, K, R, M_BUCKET,
@@ -204,7 +207,7 @@ def _fused_lora_matmul_kernel(
     tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _dropout_kernel(X, OUT, seed, p, scale, M, K, stride_xm, stride_xk,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """OUT[M, K] (contiguous) = X * keep / (1 - p), keep = rand(seed, m * K + k) >= p, as in the fused kernel."""
