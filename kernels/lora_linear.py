@@ -25,7 +25,8 @@ Dropout keeps a Philox seed, never a mask or a copy of X: the element (m, k) is 
 
 Inputs may have any strides (passed to the kernels); fp32/fp16/bf16 with fp32 accumulation; fp32 dots use TF32
 exactly when ``torch.backends.cuda.matmul.allow_tf32`` is set, as torch's matmuls do. The autotuner is keyed on
-(M bucket, N, K, layout, variant: LoRA, dropout, rank block); ``MINILORA_TRITON_AUTOTUNE=0`` skips tuning (one config) to keep test compiles short.
+(M bucket, N, K, layout, variant: LoRA, dropout, rank block); ``MINILORA_TRITON_AUTOTUNE=0`` skips tuning (one
+config) to keep test compiles short.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ def import_gguf(purpose: str):
     try:
         import gguf
     except ImportError as e:
-        raise ImportError(f"{purpose} needs the 'gguf' package, which is not installed: pip install 'gguf>=0.10'") from e
+        raise ImportError(f"{purpose} needs the 'gguf' package, which is not installed: "
+                          "pip install 'gguf>=0.10'") from e
     return gguf
 
 
