@@ -79,7 +79,7 @@ def test_gpu_check_needs_only_the_gpu_images_packages(tmp_path: Path) -> None:
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "hidden: No module named 'gguf' (gguf is not on the GPU image)" in proc.stdout  # the hiding works
-    tests = ["tests/test_kernels.py", "tests/test_kernels_rowwise.py"]  # the kernel-tests step
+    tests = ["tests/test_kernels.py", "tests/test_kernels_rowwise.py", "tests/test_recipes_cuda.py"]  # its pytest steps
     proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *tests],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "error" not in proc.stdout.lower(), proc.stdout[-3000:] + proc.stderr[-2000:]

@@ -160,6 +160,10 @@ step kernel-tests 150 env MINILORA_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_
 # later session without a GPU can see where each side's time went (the full tables stay in the scratch folder).
 step train-bench 260 "$PY" tools/bench_train.py --device cuda --shape llama7b --layers 4 --modes bf16 \
     --targets qv --rounds 1 --no-classify --profile "$WORK/profile" --json "$OUT/bench_train.json"
+# The recipes with --device cuda on a tiny random LLaMA: fp32 runs match the same runs on the CPU (DAPT losses and
+# adapter, task predictions, eval.py's rescoring); a bf16 DAPT run with dropout learns and resumes.
+step recipes-cuda 100 "$PY" -m pytest tests/test_recipes_cuda.py -v -rfE -p no:cacheprovider \
+    --junitxml="$WORK/recipes-cuda.xml"
 # --rowwise: also RMSNorm and SwiGLU (kernels.rowwise Triton vs minilora.ops' PyTorch functions).
 step kernel-bench 120 "$PY" tools/bench_kernels.py --device cuda --rowwise --json "$OUT/bench_kernels.json"
 # LoRA on every linear, and classification inference (bf16-weight recipe only).
