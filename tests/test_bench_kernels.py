@@ -82,3 +82,30 @@ def test_gpu_timer_sleeps_long_enough_to_queue_every_call() -> None:
     assert bench_kernels.sleep_cycles(0.2, 50) == 50_000_000  # 15 ms of launching: the 25 ms floor
     assert bench_kernels.sleep_cycles(1.0, 50) == 150_000_000  # 50 ms of launching -> 75 ms asleep
     assert bench_kernels.sleep_cycles(200.0, 50) == 4_000_000_000  # capped at 2 s
+
+
+def test_json_is_written_after_every_shape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run stopped during its second shape (gpu_check's step timeout) leaves the first shape's rows in --json,
+    marked incomplete; a finished run is marked complete."""
+    out = tmp_path / "bench.json"
+    real = bench_kernels.bench_shape
+    calls = []
+
+    def stopped_on_second_shape(*args, **kwargs):
+        calls.append(args[:3])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench_kernels, "bench_shape", stopped_on_second_shape)
+    argv = ["--device", "cpu", "--tokens", "9", "--shapes", "16x24", "32x16", "--ranks", "4", "--warmup", "0",
+            "--iters", "1", "--json", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        bench_kernels.main(argv)
+    partial = json.loads(out.read_text())
+    assert partial["complete"] is False and "interrupted" in partial["table_markdown"]
+    assert {(r["m"], r["k"], r["n"]) for r in partial["rows"]} == {(9, 16, 24)} and len(partial["checks"]) == 1
+    monkeypatch.setattr(bench_kernels, "bench_shape", real)
+    done = bench_kernels.main(argv)
+    assert json.loads(out.read_text())["complete"] is True and len(done["checks"]) == 2
+    assert not out.with_name(out.name + ".tmp").exists()

@@ -400,46 +400,57 @@ def main(argv: list[str] | None = None) -> dict:
     # GPU: kernel times (gpu_timer), without the host's launch and Python overhead, which timer() would count
     measure = gpu_timer(device, warmup, iters) if gpu else timer(device, warmup, iters)
     dtype = DTYPES[args.dtype]
-    rows = []
+    rows: list[dict] = []
+    rowwise_rows: list[dict] | None = None
+
+    def summarize(complete: bool) -> dict:
+        targets = check_targets(rows)
+        result = {
+            "device": torch.cuda.get_device_name(device) if gpu else f"cpu ({torch.get_num_threads()} threads)",
+            "torch": torch.__version__,
+            "triton": None if kernels.triton_impl is None else kernels.triton_impl.triton.__version__,
+            "ours_backend": kernels.backend_for(torch.empty(0, device=device)),
+            "dtype": args.dtype, "ranks": args.ranks, "targets": TARGETS,
+            "rows": rows, "checks": targets,
+            "lora_matmul_choices": kernels.triton_impl.choices() if gpu and kernels.triton_impl is not None else [],
+            "all_targets_pass": all(t[f] for t in targets for f in ("pass_fwd_vs_bare", "pass_fwd_vs_peft",
+                                                                    "pass_fwdbwd_vs_peft")),
+            "complete": complete,
+        }
+        result["table_markdown"] = (
+            f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {args.dtype}, ranks "
+            f"{args.ranks}, ours = {result['ours_backend']}{'' if gpu else ' (targets are for the GPU)'}"
+            f"{'' if complete else ' (interrupted: the shapes done so far)'}\n\n{table(rows, targets)}")
+        if args.rowwise_only:
+            result["all_targets_pass"] = None
+            result["table_markdown"] = f"{result['device']}, torch {result['torch']}, triton {result['triton']}"
+        if rowwise_rows is not None:
+            result["rowwise_rows"] = rowwise_rows
+            result["rowwise_speedups"] = rowwise_speedups(rowwise_rows)
+            timing = "GPU time per call, L2 flushed" if gpu else "wall time per call"
+            result["table_markdown"] += (f"\n\nRMSNorm, SwiGLU, RoPE (qkv_rope) and the LM head + cross-entropy "
+                                         f"(lm_loss, vocabulary {LM_VOCAB}; width = vocabulary) ({args.dtype}, "
+                                         f"{timing}): kernels.rowwise (triton) vs minilora's PyTorch functions "
+                                         f"(torch) and the plain compositions (ref)\n\n"
+                                         f"{rowwise_table(rowwise_rows)}")
+        if args.json:  # after every shape too: a run stopped by a timeout keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            tmp = args.json.with_name(args.json.name + ".tmp")
+            tmp.write_text(json.dumps(result, indent=1))
+            os.replace(tmp, args.json)
+        return result
+
     for k, n in ([] if args.rowwise_only else shapes):
         for m in tokens:
             rows += bench_shape(m, k, n, args.ranks, dtype, device, measure)
             print(f"done M={m} K={k} N={n}", file=sys.stderr, flush=True)
-    targets = check_targets(rows)
-    result = {
-        "device": torch.cuda.get_device_name(device) if gpu else f"cpu ({torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-        "triton": None if kernels.triton_impl is None else kernels.triton_impl.triton.__version__,
-        "ours_backend": kernels.backend_for(torch.empty(0, device=device)),
-        "dtype": args.dtype, "ranks": args.ranks, "targets": TARGETS,
-        "rows": rows, "checks": targets,
-        "lora_matmul_choices": kernels.triton_impl.choices() if gpu and kernels.triton_impl is not None else [],
-        "all_targets_pass": all(t[f] for t in targets for f in ("pass_fwd_vs_bare", "pass_fwd_vs_peft",
-                                                                "pass_fwdbwd_vs_peft")),
-    }
-    result["table_markdown"] = (
-        f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {args.dtype}, ranks {args.ranks}, "
-        f"ours = {result['ours_backend']}{'' if gpu else ' (targets are for the GPU)'}\n\n{table(rows, targets)}")
-    if args.rowwise_only:
-        result["all_targets_pass"] = None
-        result["table_markdown"] = f"{result['device']}, torch {result['torch']}, triton {result['triton']}"
+            summarize(complete=False)
     if args.rowwise or args.rowwise_only:
         t, h, i = args.rowwise_dims or (ROWWISE_GPU_DIMS if gpu else ROWWISE_CPU_DIMS)
-        rw_measure = measure
-        result["rowwise_rows"] = bench_rowwise(t, h, i, dtype, device, rw_measure)
-        result["rowwise_speedups"] = rowwise_speedups(result["rowwise_rows"])
-        timing = "GPU time per call, L2 flushed" if gpu else "wall time per call"
-        result["table_markdown"] += (f"\n\nRMSNorm, SwiGLU, RoPE (qkv_rope) and the LM head + cross-entropy "
-                                     f"(lm_loss, vocabulary "
-                                     f"{LM_VOCAB}; width = vocabulary) ({args.dtype}, {timing}): kernels.rowwise "
-                                     f"(triton) vs minilora's PyTorch functions (torch) and the plain compositions "
-                                     f"(ref)\n\n"
-                                     f"{rowwise_table(result['rowwise_rows'])}")
+        rowwise_rows = bench_rowwise(t, h, i, dtype, device, measure)
         print(f"done row-wise ops T={t} H={h} I={i}", file=sys.stderr, flush=True)
+    result = summarize(complete=True)
     print(result["table_markdown"])
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
     return result
 
 
