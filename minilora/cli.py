@@ -52,11 +52,13 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = 
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
-    """Run a recipe's ``main``: bad input (missing files, invalid values) prints one line and exits with code 2.
+    """Run a recipe's ``main``: bad input (missing files, invalid values, a file format whose optional package is not
+    installed) prints one line and exits with code 2.
 
     Under torchrun the process group is torn down before exit on every path: a rank that leaves with a live gloo
     group can abort in its destructor ("terminate called without an active exception") and fail the launch.
     glibc's allocator is tuned first (``minilora.runtime.tune_malloc``; MINILORA_MALLOC=default leaves it)."""
+    from minilora.formats import MissingPackage
     from minilora.runtime import tune_malloc
     from minilora.train import NonFiniteLoss, shutdown_distributed
 
@@ -66,7 +68,7 @@ def run_cli(main: Callable[[], int | None]) -> None:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         code = 1
-    except (InputError, FileNotFoundError, ValueError, KeyError) as e:
+    except (InputError, FileNotFoundError, ValueError, KeyError, MissingPackage) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         code = EXIT_BAD_INPUT

@@ -90,6 +90,16 @@ def test_no_gguf_package_needed_beyond_gguf_files(tmp_path):
     assert lines[0].startswith("logits ") and float(lines[0].split()[1]) == pytest.approx(expected, rel=1e-4)
     errors = [line for line in lines if line.startswith("error ")]
     assert len(errors) == 2 and all(f"reading {fake}" in e and "pip install 'gguf" in e for e in errors), lines
+    # a recipe given a .gguf says so in one line and exits with code 2
+    notes = tmp_path / "notes.txt"
+    notes.write_text("note one\nnote two\n")
+    recipe = ("import runpy, sys; sys.modules['gguf'] = None; sys.argv = sys.argv[1:]; "
+              "runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", recipe, str(ROOT / "train_dapt.py"), "--model", str(fake), "--notes",
+                           str(notes), "--out", str(tmp_path / "out"), "--no-progress"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: reading {fake} needs the 'gguf' package, which is not installed: pip install 'gguf>=0.10'"], proc.stderr
 
 
 def test_bf16_close_to_fp32(tmp_path):

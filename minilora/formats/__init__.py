@@ -18,13 +18,17 @@ import torch
 from .llama2c import interleaved_to_rotate_half, read_llama2c
 
 
+class MissingPackage(ImportError):
+    """An optional package that this input needs is not installed (the recipes print it in one line)."""
+
+
 def import_gguf(purpose: str):
-    """The ``gguf`` package, or an ImportError that says what needed it and how to install it."""
+    """The ``gguf`` package, or a MissingPackage error that says what needed it and how to install it."""
     try:
         import gguf
     except ImportError as e:
-        raise ImportError(f"{purpose} needs the 'gguf' package, which is not installed: "
-                          "pip install 'gguf>=0.10'") from e
+        raise MissingPackage(f"{purpose} needs the 'gguf' package, which is not installed: "
+                             "pip install 'gguf>=0.10'") from e
     return gguf
 
 
@@ -36,4 +40,4 @@ def read_gguf(path: str | PathLike[str]) -> tuple[dict[str, Any], Iterator[tuple
     return _read_gguf(path)
 
 
-__all__ = ["import_gguf", "interleaved_to_rotate_half", "read_gguf", "read_llama2c"]
+__all__ = ["MissingPackage", "import_gguf", "interleaved_to_rotate_half", "read_gguf", "read_llama2c"]
