@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint exactly")
     p.add_argument("--workers", type=int, default=2, help="tokenizer worker processes")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; under torchrun "
+                   "each rank uses cuda:LOCAL_RANK)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -98,7 +99,7 @@ def perplexity_evaluator(dataset, batch_size: int, pad_id: int, device: torch.de
 def main(argv: list[str] | None = None) -> int:
     args = parse_with_config(build_parser(), argv)
     t_start = time.perf_counter()
-    device = init_distributed() if args.device is None else torch.device(args.device)
+    device = init_distributed(args.device)
     torch.manual_seed(args.seed)
     out = Path(args.out)
     demo = args.notes is None
@@ -175,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         "best_step": state.best_step,
         "train_tokens": state.tokens,
         "tokens_per_s": state.tokens / max(state.train_s, 1e-9),
-        "peak_mem_mb": peak_memory_mb(device),
+        "peak_mem_mb": peak_memory_mb(device),  # rank 0's
         "wall_s": time.perf_counter() - t_start,
+        "world_size": world()[1],
         "trainable_params": n_train,
         "trainable_percent": pct,
         "train_sequences": len(train_ds),

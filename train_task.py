@@ -31,7 +31,9 @@ from minilora.lora import (
     add_adapter, load_adapter, restore_adapter, save_adapter, set_trainable, trainable_parameters,
 )
 from minilora.metrics import UndefinedMetricError, task_auroc
-from minilora.train import TrainConfig, Trainer, barrier, init_distributed, is_main, peak_memory_mb, plot_curves
+from minilora.train import (
+    TrainConfig, Trainer, barrier, init_distributed, is_main, peak_memory_mb, plot_curves, world,
+)
 
 # Demo cohort sizes: enough that each split holds a few dozen positives of the rarer outcomes (about 8% of admissions
 # die; PMV's cohort is the ventilated quarter), so that picking the best epoch on validation is not noise.
@@ -90,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint exactly")
     p.add_argument("--workers", type=int, default=2, help="tokenizer worker processes")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; under torchrun each "
+                   "rank uses cuda:LOCAL_RANK)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -134,7 +137,7 @@ def load_data(args: argparse.Namespace, out: Path):
 def main(argv: list[str] | None = None) -> int:
     args = parse_with_config(build_parser(), argv)
     t_start = time.perf_counter()
-    device = init_distributed() if args.device is None else torch.device(args.device)
+    device = init_distributed(args.device)
     torch.manual_seed(args.seed)
     out = Path(args.out or f"runs/{args.task}")
     demo = not (args.data_dir or args.train)
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "best_step": state.best_step, "best_epoch": (state.best_step or 0) // steps_per_epoch,
         "trainable_params": n_train, "trainable_percent": pct,
         "train_tokens": state.tokens, "tokens_per_s": state.tokens / max(state.train_s, 1e-9),
-        "peak_mem_mb": peak_memory_mb(device), "wall_s": time.perf_counter() - t_start,
+        "peak_mem_mb": peak_memory_mb(device), "wall_s": time.perf_counter() - t_start, "world_size": world()[1],
         "labels": data.labels, "data_report": data.report,
         "config": {**vars(args), "max_seq_len": max_len, "epochs": epochs, "domain_adapter": domain},
     }

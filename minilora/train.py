@@ -12,6 +12,7 @@ and divided by the global number of loss terms, so N processes match one process
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -95,16 +96,42 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed() -> torch.device:
-    """Initialise the process group under torchrun (gloo on CPU, nccl on CUDA); returns this rank's device."""
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            torch.cuda.set_device(local)
-            dist.init_process_group("nccl")
-            return torch.device("cuda", local)
-        dist.init_process_group("gloo")
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+DIST_TIMEOUT_MIN = 180.0  # collectives' timeout (MINILORA_DIST_TIMEOUT_MIN): rank 0 may tokenize a corpus meanwhile
+
+
+def init_distributed(device: str | None = None) -> torch.device:
+    """This process's device, after initialising the process group under torchrun (nccl on CUDA, gloo on CPU).
+
+    ``device`` (the recipes' --device): ``cpu`` or ``cuda``; None: cuda when available. Under torchrun a rank on
+    CUDA always takes ``cuda:LOCAL_RANK`` (an explicit index is an error there). The group's timeout is
+    MINILORA_DIST_TIMEOUT_MIN minutes (default 180): the other ranks wait in a barrier while rank 0 tokenizes the
+    notes, which can outlast NCCL's default 10 minutes on a large corpus.
+    """
+    try:
+        want = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except RuntimeError:
+        raise ValueError(f"--device {device}: expected cpu or cuda") from None
+    if want.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: expected cpu or cuda")
+    if want.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is available to this process")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if want.index is not None:
+            raise ValueError(f"--device {device}: under torchrun pass --device cuda; each rank uses cuda:LOCAL_RANK")
+        if not dist.is_initialized():
+            minutes = float(os.environ.get("MINILORA_DIST_TIMEOUT_MIN", DIST_TIMEOUT_MIN))
+            timeout = datetime.timedelta(minutes=minutes)
+            if want.type == "cuda":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+                dist.init_process_group("nccl", timeout=timeout)
+            else:
+                dist.init_process_group("gloo", timeout=timeout)
+        if want.type == "cuda":
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    if want.type == "cuda":
+        return want if want.index is not None else torch.device("cuda", torch.cuda.current_device())
+    return want
 
 
 def shutdown_distributed() -> None:
@@ -260,7 +287,9 @@ class Trainer:
                 "state": asdict(self.state),
                 "rng": {
                     "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    # this device's generator only: a resume may see fewer GPUs (and the dropout seeds come
+                    # from the CPU generator above)
+                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
                     "numpy": np.random.get_state(),
                     "python": random.getstate(),
                 },
@@ -288,8 +317,11 @@ class Trainer:
         self.scheduler.load_state_dict(ck["scheduler"])
         self.state = TrainState(**ck["state"])
         torch.set_rng_state(ck["rng"]["torch"])
-        if ck["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        cuda_rng = ck["rng"]["cuda"]
+        if isinstance(cuda_rng, (list, tuple)):  # older checkpoints: one state per visible GPU
+            cuda_rng = cuda_rng[0] if cuda_rng else None
+        if cuda_rng is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda_rng)
         np.random.set_state(ck["rng"]["numpy"])
         random.setstate(ck["rng"]["python"])
         self._write_metrics(self.state.history, mode="w")  # drops lines written after the checkpoint
@@ -316,9 +348,13 @@ class Trainer:
         """bf16 autocast on this device when precision is bf16 (a no-op context otherwise)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
-    def _micro_batch(self, indices: list[int]) -> Batch:
+    def _micro_batch(self, indices: list[int]) -> Batch | None:
+        """This rank's share of a global micro-batch, on the device; None when it has no rows (a last batch
+        smaller than the number of ranks): the rank then adds nothing but still joins the step's collectives."""
         rank, size = world()
         mine = indices[rank::size]
+        if not mine:
+            return None
         batch = self.collate([self.dataset[i] for i in mine])
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
@@ -382,13 +418,18 @@ class Trainer:
                     epoch_batches = self.batches(st.epoch)
                 batch = self._micro_batch(epoch_batches[st.batch_in_epoch])
                 st.batch_in_epoch += 1
+                if batch is None:
+                    continue
                 with self.autocast():
                     loss, n = self.loss_fn(self.model, batch)
                 loss.backward()
                 loss_sum += loss.detach().double().cpu()
                 count += float(n)
                 tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-            stats = all_reduce_sum(torch.stack([loss_sum, count, torch.tensor(float(tokens), dtype=torch.float64)]))
+            # the stop flag travels with the step's sums, so that every rank stops after the same step
+            stopping = float(self._stop_signal is not None)
+            stats = all_reduce_sum(torch.stack([loss_sum, count, torch.tensor(float(tokens), dtype=torch.float64),
+                                                torch.tensor(stopping, dtype=torch.float64)]))
             mean_loss = float(stats[0] / stats[1])
             if not math.isfinite(mean_loss):
                 raise NonFiniteLoss(f"loss became {mean_loss} at step {st.step + 1}; stopped. {self._last_good()}")
@@ -414,14 +455,17 @@ class Trainer:
                 bar.update(1)
             if cfg.eval_every and st.step % cfg.eval_every == 0 and st.step < self.total_steps:
                 self.run_eval()
-            if self._stop_signal is not None:
+            if stats[3] > 0 or (world()[1] == 1 and self._stop_signal is not None):
                 self.save_checkpoint()
+                barrier()  # the other ranks leave only once rank 0 has saved (torchrun ends the group on an exit)
                 if bar is not None:
                     bar.close()
-                name = signal.Signals(self._stop_signal).name
-                print(f"\n{name} received: checkpoint saved at step {st.step} in {self.ckpt_path}; "
-                      "continue with --resume", file=sys.stderr)
-                sys.exit(128 + self._stop_signal)
+                signum = self._stop_signal or signal.SIGTERM  # a rank stopped by another rank's signal
+                if is_main():
+                    got = f"{signal.Signals(signum).name} received" if self._stop_signal else "another rank was stopped"
+                    print(f"\n{got}: checkpoint saved at step {st.step} in {self.ckpt_path}; continue with --resume",
+                          file=sys.stderr)
+                sys.exit(128 + signum)
             if cfg.save_every and st.step % cfg.save_every == 0:
                 self.save_checkpoint()
         if bar is not None:
@@ -431,6 +475,10 @@ class Trainer:
 
     def _reduce_gradients(self, total_count: float) -> None:
         """Sum gradients over ranks (one flat all-reduce) and divide by the global number of loss terms."""
+        if world()[1] > 1:  # the same flat layout on every rank, also on one that had no rows this step
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import warnings
 
 import pytest
@@ -77,3 +78,60 @@ def test_collectives_take_cpu_tensors_to_the_gpu_under_nccl(monkeypatch):
     monkeypatch.setattr(train.dist, "get_backend", lambda: "nccl")
     t = torch.tensor([1.5, 4.0], dtype=torch.float64)
     assert train.all_reduce_sum(t) is t and t.tolist() == [3.0, 8.0] and seen[-1] is not t
+
+
+def test_init_distributed_under_torchrun(monkeypatch):
+    """Under torchrun --device picks the kind only (each rank on cuda:LOCAL_RANK), the group gets the long timeout,
+    and bad devices are one-line errors."""
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("MINILORA_DIST_TIMEOUT_MIN", raising=False)
+    monkeypatch.setattr(train.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, timeout: calls.append((backend, timeout)))
+    assert train.init_distributed("cpu") == torch.device("cpu")
+    assert calls == [("gloo", datetime.timedelta(minutes=180))]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setenv("MINILORA_DIST_TIMEOUT_MIN", "5")
+    assert train.init_distributed("cuda") == torch.device("cuda", 1)
+    assert train.init_distributed(None) == torch.device("cuda", 1)  # cuda when available
+    assert calls[1:] == [("set_device", 1), ("nccl", datetime.timedelta(minutes=5))] * 2
+    with pytest.raises(ValueError, match="under torchrun pass --device cuda; each rank uses cuda:LOCAL_RANK"):
+        train.init_distributed("cuda:3")
+    for bad in ("tpu", "mps"):
+        with pytest.raises(ValueError, match=f"--device {bad}: expected cpu or cuda"):
+            train.init_distributed(bad)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda: no CUDA GPU is available"):
+        train.init_distributed("cuda")
+
+
+def test_a_stop_signal_on_another_rank_stops_this_one_after_the_same_step(monkeypatch, tmp_path, capsys):
+    """Rank 0 of two, whose peer got SIGTERM during step 3: the flag comes back in step 3's sums, so rank 0 saves
+    the step-3 checkpoint, waits at the barrier and exits as the peer does."""
+    monkeypatch.setattr(train, "world", lambda: (0, 2))
+    monkeypatch.setattr(train.dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(train.dist, "barrier", lambda: barriers.append(1))
+    sums, barriers = [], []
+
+    def two_ranks(t, op=None):
+        if t.dtype == torch.float64 and t.numel() == 4:  # the step's sums: the peer's equal share, and at step 3 its flag
+            sums.append(1)
+            t.mul_(2)
+            t[3] += float(len(sums) == 3)
+        else:  # gradients
+            t.mul_(2)
+
+    monkeypatch.setattr(train.dist, "all_reduce", two_ranks)
+    torch.manual_seed(0)
+    net = nn.Linear(3, 1)
+    cfg = TrainConfig(lr=1e-2, max_steps=10, batch_size=4, precision="fp32", progress=False, save_every=0)
+    tr = Trainer(net, cfg, [torch.randn(3) for _ in range(16)], lambda xs: {"input_ids": torch.stack(xs)},
+                 lambda m, b: (m(b["input_ids"]).pow(2).sum(), b["input_ids"].shape[0]), tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        tr.fit()
+    assert stop.value.code == 128 + 15 and len(sums) == 3 and barriers == [1]
+    assert torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)["state"]["step"] == 3
+    assert "another rank was stopped: checkpoint saved at step 3" in capsys.readouterr().err

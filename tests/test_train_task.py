@@ -91,6 +91,29 @@ def _write(path: Path, header: list[str], rows: list[list[str]]) -> Path:
     return path
 
 
+def test_torchrun_two_ranks_with_an_empty_share_match_one_process(tiny_lm, task_dir, tmp_path):
+    """2 gloo ranks, --device cpu, a batch size that leaves one row in the last batch (so rank 1 gets none at some
+    step): the run is distributed (world_size 2), does not fail, and predicts what one process does."""
+    spec = TASKS["procedures"]  # multi-label; 96 training rows
+    with open(task_dir / spec.file("train"), newline="") as fh:
+        n_train = len(list(csv.DictReader(fh)))
+    batch = next(b for b in range(3, 40) if n_train % b == 1)
+    common = ["--task", "procedures", "--data-dir", str(task_dir), "--model", str(tiny_lm), "--dropout", "0",
+              "--device", "cpu", *FAST, "--batch-size", str(batch)]  # no --r: torchrun's parser takes it for its own
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train_task.py"), *common, "--out", str(tmp_path / "one")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600, env=one_thread)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train_task.py"), *common, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=one_thread)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert (one["world_size"], two["world_size"]) == (1, 2) and one["train_tokens"] == two["train_tokens"]
+    a, b = (np.load(tmp_path / d / "predictions_test.npz") for d in ("one", "two"))
+    assert list(a["ids"]) == list(b["ids"]) and np.abs(a["probs"] - b["probs"]).max() <= 1e-4
+
+
 def test_custom_two_column_and_jsonl_tasks_report_unknown_labels(tiny_lm, tmp_path):
     rng = np.random.default_rng(0)
     words = ["fever", "cough", "chest pain", "sepsis", "fracture", "stroke"]
