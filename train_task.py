@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     last_val: dict[str, np.ndarray] = {}
 
     def evaluate(m) -> dict[str, float]:
-        last_val["probs"] = predict(m, encoded["val"], tok.pad_id, args.batch_size, device, args.precision)
+        last_val["probs"] = predict(m, encoded["val"], tok.pad_id, args.batch_size, device, args.precision,
+                                    shard=True)  # under torchrun each rank scores its share
         return {"val_auroc": auroc("val", last_val["probs"])}
 
     def write_predictions(split: str, probs: np.ndarray) -> None:

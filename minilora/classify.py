@@ -105,22 +105,30 @@ def classification_loss_sum(
 
 @torch.no_grad()
 def predict(model: Classifier, dataset, pad_id: int, batch_size: int = 16, device: torch.device | str = "cpu",
-            precision: str = "bf16", progress: bool = False) -> "np.ndarray":
-    """Probabilities [n, num_labels] (fp32, in dataset order) from length-sorted batches, sharded over no ranks."""
+            precision: str = "bf16", progress: bool = False, shard: bool = False) -> "np.ndarray":
+    """Probabilities [n, num_labels] (fp32, in dataset order) from length-sorted batches.
+
+    ``shard``: under torchrun every rank must call it; each scores every world-size-th batch and all get the whole
+    array (the same batches as one process, so the same numbers). Otherwise this process scores every row.
+    """
     import numpy as np
     from tqdm.auto import tqdm
 
     from minilora.data.tasks import collate_classification, eval_batches
+    from minilora.train import all_reduce_sum, world
 
     device = torch.device(device)
     model.eval()
     out = np.zeros((len(dataset), model.num_labels), dtype=np.float32)
     batches = eval_batches(dataset.lengths, batch_size)
+    rank, size = world() if shard else (0, 1)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        for idx in tqdm(batches, desc="predict", unit="batch", disable=not progress, leave=False):
+        for idx in tqdm(batches[rank::size], desc="predict", unit="batch", disable=not progress, leave=False):
             b = collate_classification([dataset[i] for i in idx], pad_id)
             logits = model(b["input_ids"].to(device), b["attention_mask"].to(device))
             out[idx] = model.probabilities(logits.float()).cpu().numpy()
+    if size > 1:  # each row was scored by one rank and is zero on the others: the sum is the whole array
+        out = all_reduce_sum(torch.from_numpy(out)).numpy()
     return out
 
 

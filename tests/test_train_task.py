@@ -110,8 +110,10 @@ def test_torchrun_two_ranks_with_an_empty_share_match_one_process(tiny_lm, task_
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
     assert (one["world_size"], two["world_size"]) == (1, 2) and one["train_tokens"] == two["train_tokens"]
-    a, b = (np.load(tmp_path / d / "predictions_test.npz") for d in ("one", "two"))
-    assert list(a["ids"]) == list(b["ids"]) and np.abs(a["probs"] - b["probs"]).max() <= 1e-4
+    for split in ("val", "test"):  # validation is scored by both ranks, half each
+        a, b = (np.load(tmp_path / d / f"predictions_{split}.npz") for d in ("one", "two"))
+        assert list(a["ids"]) == list(b["ids"]) and np.abs(a["probs"] - b["probs"]).max() <= 1e-4
+    assert two["val_auroc"] == pytest.approx(one["val_auroc"], abs=1e-6)
 
 
 def test_custom_two_column_and_jsonl_tasks_report_unknown_labels(tiny_lm, tmp_path):
