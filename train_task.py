@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     data, source = load_data(args, out)
     if is_main():
         print_report(data)
+        if not args.resume:
+            clear_outputs(out)
+    barrier()
     # Demo defaults: short notes, a few epochs over ~800 training notes and a faster head fit each task in under 10
     # minutes on 2 CPU cores (the slow test checks it); real data gets the paper's settings.
     max_len = args.max_seq_len or (128 if demo else 512)
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     state = trainer.fit(resume=args.resume)
     if not is_main():
         return 0
-    best = restore_best(model, out)
+    best = restore_best(model, out, task=not args.no_task_adapter, domain=bool(domain and args.domain_trainable))
     test_probs = predict(best, encoded["test"], tok.pad_id, args.batch_size, device, args.precision,
                          progress=not args.no_progress)
     write_predictions("test", test_probs)
@@ -254,10 +257,27 @@ def finite_or_none(x: float) -> float | None:
     return x if np.isfinite(x) else None
 
 
-def restore_best(model: Classifier, out: Path) -> Classifier:
-    """Put the best epoch's saved task adapter, domain adapter (if trained) and head back into ``model``."""
-    for folder, name in (("task_adapter", "task"), ("domain_adapter", "domain")):
-        if (out / folder).is_dir():
+RUN_OUTPUTS = ("task_adapter", "domain_adapter", "head", "predictions_val.npz", "predictions_test.npz", "summary.json")
+
+
+def clear_outputs(out: Path) -> None:
+    """A new (not resumed) run removes what an earlier run into the same folder left: eval.py and ``restore_best``
+    would otherwise load, say, a trained domain adapter into a run whose domain adapter was frozen. The checkpoint
+    stays (the first save replaces it), so a run started without --resume by mistake loses nothing before that."""
+    import shutil
+
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def restore_best(model: Classifier, out: Path, task: bool, domain: bool) -> Classifier:
+    """Put the best epoch's head and the adapters this run trained (``task``, ``domain``) back into ``model``."""
+    for folder, name, trained in (("task_adapter", "task", task), ("domain_adapter", "domain", domain)):
+        if trained:
             restore_adapter(model.lm, out / folder, name)
     _, weight = Classifier.read_head(out / "head")
     with torch.no_grad():

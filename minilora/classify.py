@@ -146,11 +146,13 @@ def load_classifier(run_dir: str | Path, device: torch.device | str | None = Non
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if cfg.get("precision", "bf16") == "bf16" else torch.float32
     lm, tok = from_pretrained(cfg["model"], dtype=dtype, device=device)
-    for folder, name in (("domain_adapter", "domain"), ("task_adapter", "task")):
-        if (run / folder).is_dir():
-            load_adapter(lm, run / folder, name)
-        elif folder == "domain_adapter" and cfg.get("domain_adapter"):
-            load_adapter(lm, cfg["domain_adapter"], name)
+    # the adapters the run used: its trained domain adapter (--domain-trainable) or the frozen one it was given,
+    # and its task adapter unless --no-task-adapter
+    if cfg.get("domain_adapter"):
+        trained = cfg.get("domain_trainable", (run / "domain_adapter").is_dir())
+        load_adapter(lm, run / "domain_adapter" if trained else cfg["domain_adapter"], "domain")
+    if not cfg.get("no_task_adapter", not (run / "task_adapter").is_dir()):
+        load_adapter(lm, run / "task_adapter", "task")
     head_cfg, weight = Classifier.read_head(run / "head")
     model = Classifier(lm, head_cfg["num_labels"], head_cfg["multilabel"], head_cfg["pooling"])
     with torch.no_grad():
