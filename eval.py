@@ -536,7 +536,11 @@ def read_labelled(path: Path, labels: list[str], kind: str, args: argparse.Names
     counts["rows"] = len(ids)
     if unknown:
         what = "label codes dropped" if kind == "multilabel" else "rows left out"
-        shown = ", ".join(sorted(unknown)[:5]) + (", ..." if len(unknown) > 5 else "")
+        # label values only where they look like codes: a wrong --label-col or a ragged row would put text here
+        codes = sorted(v for v in unknown if re.fullmatch(r"[\w.-]{1,20}", v))
+        shown = ", ".join(codes[:5]) + (", ..." if len(codes) > 5 else "")
+        hidden = len(unknown) - len(codes)
+        shown += (", " if shown and hidden else "") + (f"{hidden} longer values not shown" if hidden else "")
         print(f"{path}: {counts['unknown_labels']} {what}: {args.label_col!r} values not among the run's "
               f"{len(labels)} labels ({shown})", file=sys.stderr)
     if counts["empty_text"]:

@@ -338,10 +338,12 @@ def test_score_a_new_file_with_a_trained_run(tiny_lm, tmp_path, capsys):
         w.writerow(["id", "text", "label"])
         w.writerows([[f"a{i}", t, lab] for i, (t, lab) in enumerate(zip(texts, labels))])
         w.writerow(["x1", texts[0], "7"])  # a label the run never saw: counted, left out
+        w.writerow(["x3", texts[1], "on lasix, for the chf"])  # text in the label column: counted, not printed
         w.writerow(["x2", "  [** **] ", "1"])  # empty after cleaning: counted, skipped
     proc = run_eval("--run", str(run), "--test", str(test), "--n-boot", "30", "--no-progress")
     assert proc.returncode == 0, proc.stderr
-    assert "1 rows left out" in proc.stderr and "1 rows with empty text skipped" in proc.stderr
+    assert "2 rows left out" in proc.stderr and "1 rows with empty text skipped" in proc.stderr
+    assert "(7, 1 longer values not shown)" in proc.stderr and "lasix" not in proc.stderr
     assert "AUROC" in proc.stdout and "95% CI" in proc.stdout
 
     with np.load(run / "predictions_new_notes.npz") as npz:
@@ -355,7 +357,7 @@ def test_score_a_new_file_with_a_trained_run(tiny_lm, tmp_path, capsys):
     result = json.loads((run / "eval_new_notes.json").read_text())
     assert result["auroc"] == pytest.approx(skm.roc_auc_score(y, probs[:, 1]), abs=1e-12)
     assert result["ci_low"] <= result["auroc"] <= result["ci_high"]
-    assert result["counts"] == {"rows": 16, "empty_text": 1, "unknown_labels": 1}
+    assert result["counts"] == {"rows": 16, "empty_text": 1, "unknown_labels": 2}
 
     no_label = tmp_path / "no_label.csv"
     no_label.write_text('"id","text"\n"1","chest pain"\n')

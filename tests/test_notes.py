@@ -336,3 +336,18 @@ def test_mtsamples_with_tok512(tmp_path):
     assert cache.doc(0).tolist() == tok.encode(clean_note(first[1]), bos=True, eos=True)
     block = PackedDataset(cache, "train", 128)[0]["input_ids"]
     assert block[0] == tok.bos_id and len(block) == 128
+
+
+def test_folder_cache_follows_every_file_the_reader_reads(tmp_path):
+    """A notes folder is read as every .txt file in any case, and a change to any of them is a new cache."""
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "a.txt").write_text("first note")
+    (folder / "B.TXT").write_text("second note")
+    tok = byte_tokenizer()
+    first = build_token_cache([folder], tok, tmp_path / "cache", workers=1)
+    assert first.note_ids == ["B.TXT", "a.txt"]
+    (folder / "B.TXT").write_text("second note, now longer")
+    os.utime(folder / "B.TXT", ns=(1, 1))
+    changed = build_token_cache([folder], tok, tmp_path / "cache", workers=1)
+    assert changed.path != first.path and changed.doc(0).tolist() == expected_ids("second note, now longer")

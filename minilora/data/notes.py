@@ -107,6 +107,18 @@ def _kind(path: Path) -> str:
     )
 
 
+_FIELD_NAME = re.compile(r"[A-Za-z_][\w.-]{0,39}")
+
+
+def describe_fields(names: Iterable[object]) -> str:
+    """Field names for an error message, or only how many there are when one of them does not look like a name
+    (a header-less file's first row is data: note text is never printed)."""
+    names = list(names)
+    if all(isinstance(n, str) and _FIELD_NAME.fullmatch(n) for n in names):
+        return ", ".join(names) if names else "none"
+    return f"{len(names)} fields, not shown: the first row does not look like a header"
+
+
 def _open_binary(path: Path) -> IO[bytes]:
     """The file's bytes, gunzipped when its name ends in ``.gz``."""
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
@@ -119,6 +131,8 @@ def _decoded_lines(path: Path, encoding_errors: str, stats: NoteStats) -> Iterat
     try:
         with _open_binary(path) as fh:
             for number, data in enumerate(fh, 1):
+                if number == 1 and data.startswith(b"\xef\xbb\xbf"):  # a byte-order mark (Excel's UTF-8)
+                    data = data[3:]
                 try:
                     yield number, data.decode("utf-8")
                 except UnicodeDecodeError as e:
@@ -158,7 +172,8 @@ def _read_csv(path: Path, lines: Iterator[tuple[int, str]], field: str) -> Itera
         raise NotesError(f"{path}: line {line_no[0]}: malformed CSV header ({e})") from None
     header = [h.strip().lstrip("\ufeff") for h in header]
     if field not in header:
-        raise NotesError(f"{path}: no column {field!r} (available: {', '.join(header)}); choose one with text_field")
+        raise NotesError(f"{path}: no column {field!r} (available: {describe_fields(header)}); choose one with "
+                         "text_field")
     text_col = header.index(field)
     id_col = header.index(ID_FIELD) if ID_FIELD in header else None
     row_no = 0
@@ -194,7 +209,8 @@ def _read_jsonl(path: Path, lines: Iterator[tuple[int, str]], field: str) -> Ite
             raise NotesError(f"{path}: line {number}: a JSON {type(obj).__name__}, expected an object")
         if field not in obj:
             raise NotesError(
-                f"{path}: line {number}: no field {field!r} (available: {', '.join(obj)}); choose one with text_field"
+                f"{path}: line {number}: no field {field!r} (available: {describe_fields(obj)}); choose one with "
+                "text_field"
             )
         text = obj[field]
         if text is not None and not isinstance(text, str):
@@ -209,9 +225,15 @@ def _read_txt(path: Path, lines: Iterator[tuple[int, str]], field: str) -> Itera
         yield f"{path.name}:{number}", line
 
 
+def _folder_notes(path: Path) -> list[Path]:
+    """The note files of a folder, in name order: every ``.txt`` (any case) file. The reader and the token cache's
+    fingerprint both use this list, so that a change to any file the reader reads is a new cache."""
+    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".txt")
+
+
 def _read_folder(path: Path, encoding_errors: str, stats: NoteStats) -> Iterator[tuple[str, str]]:
     """One note per ``*.txt`` file, in name order; the id is the file name."""
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".txt")
+    files = _folder_notes(path)
     if not files:
         raise NotesError(f"{path}: folder has no .txt files, expected one note per .txt file")
     for file in files:
@@ -269,7 +291,7 @@ def source_fingerprint(path: Path) -> dict[str, Any]:
         st = path.stat()
         return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     h, size = hashlib.sha256(), 0
-    for p in sorted(path.glob("*.txt")):
+    for p in _folder_notes(path):
         st = p.stat()
         size += st.st_size
         h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minilora.data.notes import clean_note
+from minilora.data.notes import clean_note, describe_fields
 from minilora.data.synthetic import TASKS, task_spec
 from minilora.tokenizer import Tokenizer
 
@@ -55,11 +55,12 @@ class TaskData:
 
 def _open_text(path: Path):
     raw = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
-    return io.TextIOWrapper(raw, encoding="utf-8", newline="")
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")  # -sig: a leading byte-order mark is dropped
 
 
-def read_rows(path: Path, columns: list[str]) -> Iterator[tuple[int, dict[str, str]]]:
-    """(line number, row) from a CSV or JSONL(.gz) file, checking that ``columns`` exist."""
+def read_rows(path: Path, columns: list[str], list_sep: str = ",") -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row) from a CSV or JSONL(.gz) file, checking that ``columns`` exist and (CSV) that every row
+    has the header's number of fields. A JSON list value (multi-label codes) is joined with ``list_sep``."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if path.stat().st_size == 0:
@@ -78,17 +79,23 @@ def read_rows(path: Path, columns: list[str]) -> Iterator[tuple[int, dict[str, s
                         raise TaskDataError(f"{path}: line {i} is not valid JSON") from None
                     missing = [c for c in columns if c not in row]
                     if missing:
-                        raise TaskDataError(f"{path}: line {i} has no field {missing[0]!r} (fields: {', '.join(row)})")
+                        raise TaskDataError(f"{path}: line {i} has no field {missing[0]!r} "
+                                            f"(fields: {describe_fields(row)})")
                     yield i, {c: "" if row[c] is None else (row[c] if isinstance(row[c], str) else
-                                                           ",".join(map(str, row[c])) if isinstance(row[c], list)
+                                                           list_sep.join(map(str, row[c])) if isinstance(row[c], list)
                                                            else str(row[c])) for c in row}
             else:
                 reader = csv.DictReader(fh)
                 header = reader.fieldnames or []
                 missing = [c for c in columns if c not in header]
                 if missing:
-                    raise TaskDataError(f"{path}: missing column {missing[0]!r} (columns: {', '.join(header)})")
+                    raise TaskDataError(f"{path}: missing column {missing[0]!r} (columns: {describe_fields(header)})")
                 for row in reader:
+                    extra, short = row.get(None) or [], sum(v is None for v in row.values())
+                    if extra or short:  # DictReader files surplus fields under None and fills missing ones with None
+                        raise TaskDataError(f"{path}: line {reader.line_num}: row has "
+                                            f"{len(header) + len(extra) - short} fields, expected {len(header)} as "
+                                            "in the header (an unquoted comma or line break in the text?)")
                     yield reader.line_num, row
     except UnicodeDecodeError as e:
         raise TaskDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
@@ -124,7 +131,7 @@ def load_task_files(
     report: dict[str, dict[str, int]] = {}
     for split, path in files.items():
         rows, empty = [], 0
-        for line, row in read_rows(Path(path), [text_col, label_col]):
+        for line, row in read_rows(Path(path), [text_col, label_col], list_sep=label_sep):
             text = clean_note(row[text_col] or "")
             label = (row[label_col] or "").strip()
             if not text:
