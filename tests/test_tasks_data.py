@@ -64,3 +64,22 @@ def test_json_list_labels_use_the_label_separator(tmp_path):
     data = load_task_files(files, "t", "multilabel", label_col="codes", id_col=None, label_sep=";")
     assert data.labels == ["250", "401", "428"]
     assert data.splits["train"].targets.tolist() == [[1, 1, 0], [0, 0, 1]]
+
+
+def test_gzipped_van_aken_files_and_ndjson(tmp_path):
+    import gzip
+
+    from minilora.data.synthetic import write_task_csvs
+    from minilora.data.tasks import load_named_task
+
+    plain = tmp_path / "plain"
+    write_task_csvs(plain, "mortality", 60, seed=1)
+    zipped = tmp_path / "zipped"
+    zipped.mkdir()
+    for f in plain.iterdir():
+        (zipped / f"{f.name}.gz").write_bytes(gzip.compress(f.read_bytes()))
+    a, b = load_named_task("mortality", plain), load_named_task("mortality", zipped)
+    assert a.splits["test"].ids == b.splits["test"].ids and (a.splits["test"].targets == b.splits["test"].targets).all()
+    rows = [{"id": str(i), "text": f"note {i}", "label": str(i % 2)} for i in range(4)]
+    files = _files(tmp_path, "".join(json.dumps(r) + "\n" for r in rows), "t.ndjson")
+    assert load_task_files(files, "t", "binary").splits["train"].ids == ["0", "1", "2", "3"]

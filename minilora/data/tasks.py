@@ -65,7 +65,7 @@ def read_rows(path: Path, columns: list[str], list_sep: str = ",") -> Iterator[t
         raise FileNotFoundError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise TaskDataError(f"{path}: empty file")
-    is_jsonl = ".jsonl" in path.suffixes or ".json" in path.suffixes
+    is_jsonl = bool({".jsonl", ".json", ".ndjson"} & set(path.suffixes))
     csv.field_size_limit(2**31 - 1)
     try:
         with _open_text(path) as fh:
@@ -181,7 +181,8 @@ def van_aken_files(task: str, data_dir: Path) -> tuple[dict[str, Path], str, str
     spec = task_spec(task)
     files = {}
     for split, alt in (("train", "train"), ("val", spec.splits[1]), ("test", "test")):
-        cands = [data_dir / spec.file(s) for s in dict.fromkeys((split, alt, "dev" if split == "val" else split))]
+        names = [spec.file(s) for s in dict.fromkeys((split, alt, "dev" if split == "val" else split))]
+        cands = [data_dir / n for n in names] + [data_dir / f"{n}.gz" for n in names]  # gzipped copies too
         found = next((c for c in cands if c.is_file()), None)
         if found is None:
             raise FileNotFoundError(f"{cands[0]}: missing (expected the {task} task's {split} split in {data_dir})")
