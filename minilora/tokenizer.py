@@ -6,6 +6,7 @@ test oracles; nothing here imports them.
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import multiprocessing
@@ -375,6 +376,8 @@ class BPETokenizer(Tokenizer):
             return [vocab[word]]
         parts = list(word)
         ranks = self.ranks
+        if len(parts) > LONG_PRETOKEN:
+            parts = _merge_by_heap(parts, ranks)
         while len(parts) > 1:
             best, best_rank = None, math.inf
             for pair in zip(parts, parts[1:]):
@@ -474,6 +477,34 @@ def _gguf_value(field: gguf.ReaderField) -> Any:
 def read_gguf_tokenizer_fields(reader: gguf.GGUFReader) -> dict[str, Any]:
     """All ``tokenizer.*`` metadata of an open ``gguf.GGUFReader`` as Python values, keyed by GGUF name."""
     return {name: _gguf_value(f) for name, f in reader.fields.items() if name.startswith("tokenizer.")}
+
+
+LONG_PRETOKEN = 48  # characters: past this, one pre-token's merges go through a heap (the scan below is quadratic)
+
+
+def _merge_by_heap(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """The byte-level BPE merges of one pre-token in O(n log n): the same result as merging the lowest-ranked
+    pair everywhere, left to right, until none is left (a pair's parts come from lower-ranked merges, so pairs
+    made by a merge always rank after it). A linked list of symbols and a heap of (rank, position); an entry whose
+    pair has changed since it was pushed is skipped."""
+    n = len(parts)
+    nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
+    heap = [(r, i) for i in range(n - 1) if (r := ranks.get((parts[i], parts[i + 1]))) is not None]
+    heapq.heapify(heap)
+    while heap:
+        r, i = heapq.heappop(heap)
+        j = nxt[i]
+        if parts[i] is None or j >= n or ranks.get((parts[i], parts[j])) != r:
+            continue  # stale: i was merged into its left neighbour, or its pair changed
+        parts[i], parts[j] = parts[i] + parts[j], None
+        nxt[i] = nxt[j]
+        if nxt[i] < n:
+            prv[nxt[i]] = i
+            if (r2 := ranks.get((parts[i], parts[nxt[i]]))) is not None:
+                heapq.heappush(heap, (r2, i))
+        if prv[i] >= 0 and (r2 := ranks.get((parts[prv[i]], parts[i]))) is not None:
+            heapq.heappush(heap, (r2, prv[i]))
+    return [p for p in parts if p is not None]
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
