@@ -23,10 +23,13 @@ def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(8):  # the heap settles (up to ~5 fresh blocks while torch's first calls allocate too)
     torch.empty(12 * 2**20).fill_(1.0)
-before = faults()
-for _ in range(16):
-    torch.empty(12 * 2**20).fill_(1.0)  # 48 MiB, written, freed
-print(json.dumps({"state": state, "faults": faults() - before}))
+rounds = []
+for _ in range(3):  # three measurements: the first sometimes still sees the heap settle (2 blocks' worth, tuned)
+    before = faults()
+    for _ in range(16):
+        torch.empty(12 * 2**20).fill_(1.0)  # 48 MiB, written, freed
+    rounds.append(faults() - before)
+print(json.dumps({"state": state, "faults": min(rounds), "rounds": rounds}))
 """
 
 
@@ -43,6 +46,7 @@ def test_tuned_malloc_reuses_freed_blocks_without_page_faults():
         pytest.skip(f"no glibc here: {tuned['state']}")
     assert default["state"] == "default" and tuned["state"] == "tuned"
     pages = 16 * 48 * 2**20 // 4096  # what 16 fresh 48 MiB mappings fault in at 4 KiB pages
+    # the fewest faults of three rounds: untuned, even that round faults in most pages; tuned, it faults in few
     assert default["faults"] > 0.5 * pages, default  # the problem is real on this glibc...
     assert tuned["faults"] < 0.1 * pages, tuned  # ...and tuning removes it
 
