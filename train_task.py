@@ -146,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
         print_report(data)
         if not args.resume:
             clear_outputs(out)
-    barrier()
     # Demo defaults: short notes, a few epochs over ~800 training notes and a faster head fit each task in under 10
     # minutes on 2 CPU cores (the slow test checks it); real data gets the paper's settings.
     max_len = args.max_seq_len or (128 if demo else 512)

@@ -378,24 +378,25 @@ class BPETokenizer(Tokenizer):
         ranks = self.ranks
         if len(parts) > LONG_PRETOKEN:
             parts = _merge_by_heap(parts, ranks)
-        while len(parts) > 1:
-            best, best_rank = None, math.inf
-            for pair in zip(parts, parts[1:]):
-                rank = ranks.get(pair, math.inf)
-                if rank < best_rank:
-                    best, best_rank = pair, rank
-            if best is None:
-                break
-            first, second = best
-            merged, i = [], 0
-            while i < len(parts):
-                if i + 1 < len(parts) and parts[i] == first and parts[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
+        else:
+            while len(parts) > 1:
+                best, best_rank = None, math.inf
+                for pair in zip(parts, parts[1:]):
+                    rank = ranks.get(pair, math.inf)
+                    if rank < best_rank:
+                        best, best_rank = pair, rank
+                if best is None:
+                    break
+                first, second = best
+                merged, i = [], 0
+                while i < len(parts):
+                    if i + 1 < len(parts) and parts[i] == first and parts[i + 1] == second:
+                        merged.append(first + second)
+                        i += 2
+                    else:
+                        merged.append(parts[i])
+                        i += 1
+                parts = merged
         ids = [vocab.get(p, self.unk_id) for p in parts]
         return [i for i in ids if i is not None]
 

@@ -116,19 +116,18 @@ def init_distributed(device: str | None = None) -> torch.device:
     if want.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA GPU is available to this process")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        local = int(os.environ.get("LOCAL_RANK", 0))
         if want.index is not None:
             raise ValueError(f"--device {device}: under torchrun pass --device cuda; each rank uses cuda:LOCAL_RANK")
         if not dist.is_initialized():
             minutes = float(os.environ.get("MINILORA_DIST_TIMEOUT_MIN", DIST_TIMEOUT_MIN))
             timeout = datetime.timedelta(minutes=minutes)
             if want.type == "cuda":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+                torch.cuda.set_device(local)
                 dist.init_process_group("nccl", timeout=timeout)
             else:
                 dist.init_process_group("gloo", timeout=timeout)
-        if want.type == "cuda":
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
+        return torch.device("cuda", local) if want.type == "cuda" else torch.device("cpu")
     if want.type == "cuda":
         return want if want.index is not None else torch.device("cuda", torch.cuda.current_device())
     return want
@@ -152,12 +151,9 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """The element-wise sum of ``t`` over ranks, on ``t``'s device (``t`` itself, reduced in place, where the
     backend takes its device; the callers' loss and token counts are CPU tensors, which NCCL does not)."""
     if world()[1] > 1:
-        dev = collective_device(dist.get_backend(), t.device)
-        if dev == t.device:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        else:
-            moved = t.to(dev)
-            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        moved = t.to(collective_device(dist.get_backend(), t.device))  # t itself where it already is
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        if moved is not t:
             t.copy_(moved)
     return t
 

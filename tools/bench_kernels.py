@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -47,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
 from kernels import reference  # noqa: E402
 from minilora import losses, ops  # noqa: E402
+from minilora.cli import write_json_atomic  # noqa: E402
 
 try:
     from kernels import rowwise  # noqa: E402
@@ -97,7 +97,7 @@ def make_layers(k: int, n: int, ranks: list[int], dtype: torch.dtype, device: to
     return layers, a + b
 
 
-def timer(device: torch.device, warmup: int, iters: int) -> Callable[[Callable[[], object]], float]:
+def timer(warmup: int, iters: int) -> Callable[[Callable[[], object]], float]:
     """Median wall milliseconds of a call on the CPU (perf_counter); warmup calls first. GPU: ``gpu_timer``."""
     def measure(fn: Callable[[], object]) -> float:
         for _ in range(warmup):
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
     warmup = args.warmup if args.warmup is not None else (10 if gpu else 5)
     iters = args.iters or (50 if gpu else 20)
     # GPU: kernel times (gpu_timer), without the host's launch and Python overhead, which timer() would count
-    measure = gpu_timer(device, warmup, iters) if gpu else timer(device, warmup, iters)
+    measure = gpu_timer(device, warmup, iters) if gpu else timer(warmup, iters)
     dtype = DTYPES[args.dtype]
     rows: list[dict] = []
     rowwise_rows: list[dict] | None = None
@@ -434,10 +434,7 @@ def main(argv: list[str] | None = None) -> dict:
                                          f"(torch) and the plain compositions (ref)\n\n"
                                          f"{rowwise_table(rowwise_rows)}")
         if args.json:  # after every shape too: a run stopped by a timeout keeps what it measured
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            tmp = args.json.with_name(args.json.name + ".tmp")
-            tmp.write_text(json.dumps(result, indent=1))
-            os.replace(tmp, args.json)
+            write_json_atomic(args.json, result)
         return result
 
     for k, n in ([] if args.rowwise_only else shapes):

@@ -441,17 +441,15 @@ def _device_busy_ms(events) -> dict:
             "events": len(spans)}
 
 
-def _profile_step(device: str, step, rows: int, path: str | None, summary: dict | None = None) -> list[dict]:
-    """Run ``step`` once under torch.profiler; write its tables to ``path`` and return the top ops. On CUDA,
-    ``summary`` (if given) gets ``device`` (``_device_busy_ms`` of the step)."""
+def _profile_step(device: str, step, rows: int, path: str | None) -> tuple[list[dict], dict | None]:
+    """Run ``step`` once under torch.profiler; write its tables to ``path``; return the top ops and, on CUDA, the
+    GPU's busy time in the step (``_device_busy_ms``; None on CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.startswith("cuda")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts, record_shapes=True) as prof:
         step()
-    if cuda and summary is not None:
-        summary["device"] = _device_busy_ms(prof.events())
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     avgs = prof.key_averages()
     total_self = sum(e.self_cpu_time_total for e in avgs) or 1.0
@@ -463,7 +461,8 @@ def _profile_step(device: str, step, rows: int, path: str | None, summary: dict 
     top = sorted(avgs, key=lambda e: getattr(e, sort), reverse=True)[:rows]
     return [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
              "cpu_total_ms": e.cpu_time_total / 1e3, "self_cpu_pct": 100 * e.self_cpu_time_total / total_self,
-             **({"self_device_ms": getattr(e, "self_device_time_total", 0) / 1e3} if cuda else {})} for e in top]
+             **({"self_device_ms": getattr(e, "self_device_time_total", 0) / 1e3} if cuda else {})} for e in top], \
+        _device_busy_ms(prof.events()) if cuda else None
 
 
 def _tensor_peak(torch, step, tensors, cpu_only=()) -> dict:
@@ -620,11 +619,10 @@ def worker_train(spec: dict) -> dict:
         if float(spec["wait_quiet"]) > 0:
             wait_quiet(float(spec["wait_quiet"]), float(spec["max_others"]))
         try:  # the timed numbers above stand even where the profiler cannot run
-            summary: dict = {}
-            out["profile_top"] = _profile_step(device, step, int(spec.get("profile_rows", 30)),
-                                               spec.get("profile_file"), summary)
-            if "device" in summary:
-                out["profile_device"] = summary["device"]
+            out["profile_top"], busy = _profile_step(device, step, int(spec.get("profile_rows", 30)),
+                                                     spec.get("profile_file"))
+            if busy is not None:
+                out["profile_device"] = busy
         except Exception as exc:  # noqa: BLE001
             out["profile_error"] = f"{type(exc).__name__}: {exc}"[:500]
     if spec.get("tensor_peak"):

@@ -170,7 +170,7 @@ def _read_csv(path: Path, lines: Iterator[tuple[int, str]], field: str) -> Itera
         raise NotesError(f"{path}: empty file, expected a CSV header") from None
     except csv.Error as e:
         raise NotesError(f"{path}: line {line_no[0]}: malformed CSV header ({e})") from None
-    header = [h.strip().lstrip("\ufeff") for h in header]
+    header = [h.strip() for h in header]  # a byte-order mark went with line 1 (_decoded_lines)
     if field not in header:
         raise NotesError(f"{path}: no column {field!r} (available: {describe_fields(header)}); choose one with "
                          "text_field")
