@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.reference import TorchOps, apply_lora_linear
+from kernels.reference import TorchOps, apply_lora_linear, draw_seed
 
 Cfg = tuple[int, int, int, int, int, int]  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
 
@@ -287,11 +287,6 @@ def dropout(x: Tensor, seed: int, p: float) -> Tensor:
         _dropout_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bk))](
             x, out, seed, p, 1.0 / (1.0 - p), m, k, x.stride(0), x.stride(1), BLOCK_M=bm, BLOCK_K=bk)
     return out
-
-
-def draw_seed() -> int:
-    """A Philox seed from torch's global CPU generator (no device sync; ``torch.manual_seed`` reproduces it)."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
 def dropout_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device | str) -> Tensor:

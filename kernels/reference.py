@@ -45,9 +45,25 @@ class LoRAOps(Protocol):
         """``x @ w + D(s @ l)`` with D the dropout of ``state`` on the output's [M, N] positions (identity if None)."""
 
 
+_RANK_STRIDE = 0x9E3779B1  # not a multiple of the prime 2**31 - 1: every rank gets its own offset
+
+
+def draw_seed() -> int:
+    """A dropout seed: one draw from torch's global CPU generator, offset by this process's distributed rank.
+
+    ``torch.manual_seed`` reproduces it and no device syncs. Every rank draws the same number, so all ranks' RNG
+    states stay equal (a resume restores one saved state on all of them), yet each rank drops its own inputs.
+    """
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    dist = torch.distributed
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return (seed + rank * _RANK_STRIDE) % (2**31 - 1)
+
+
 def dropout_mask(shape: Sequence[int], p: float, device: torch.device | str = "cpu") -> Tensor:
-    """A bool keep-mask drawn from torch's global RNG (so ``torch.manual_seed`` reproduces it): keep iff U >= p."""
-    return torch.rand(tuple(shape), device=device) >= p
+    """A bool keep-mask (keep iff U >= p) with U from a generator seeded by ``draw_seed()``."""
+    gen = torch.Generator(device=device).manual_seed(draw_seed())
+    return torch.rand(tuple(shape), device=device, generator=gen) >= p
 
 
 class TorchOps:

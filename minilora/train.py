@@ -284,7 +284,7 @@ class Trainer:
                 "rng": {
                     "torch": torch.get_rng_state(),
                     # this device's generator only: a resume may see fewer GPUs (and the dropout seeds come
-                    # from the CPU generator above)
+                    # from the CPU generator above, offset by the rank: kernels.reference.draw_seed)
                     "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
                     "numpy": np.random.get_state(),
                     "python": random.getstate(),

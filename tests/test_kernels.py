@@ -86,8 +86,7 @@ def keep_mask(x2d: torch.Tensor, p: float, rng_seed: int) -> torch.Tensor:
     """The keep-mask ``kernels.lora_linear`` draws for x2d right after ``torch.manual_seed(rng_seed)``."""
     torch.manual_seed(rng_seed)
     if kernels.backend_for(x2d) == "triton":
-        impl = kernels.triton_impl
-        return impl.dropout_mask(impl.draw_seed(), tuple(x2d.shape), p, x2d.device)
+        return kernels.triton_impl.dropout_mask(reference.draw_seed(), tuple(x2d.shape), p, x2d.device)
     return reference.dropout_mask(x2d.shape, p, x2d.device)
 
 
@@ -178,6 +177,40 @@ def test_fused_dropout_grads_match_formula_with_same_mask(dtype: torch.dtype) ->
     keep = keep_mask(case["x"], p, rng_seed)
     assert 0.6 < keep.float().mean().item() < 0.8
     assert_close(got, fp64_truth(case, keep=keep, p=p), dtype, "dropout vs fp64 formula with the same mask")
+
+
+def test_fused_dropout_masks_differ_per_rank_and_keep_the_rngs_in_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun every rank starts from the same seed (and a resume restores rank 0's RNG state on all of
+    them): each rank must still drop its own inputs, while the global RNG advances alike on every rank."""
+    x = torch.ones(64, 96)
+    eye = torch.eye(96)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    outs, states = {}, {}
+    for rank in (0, 1, 2, 0):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None, r=rank: r)
+        torch.manual_seed(7)
+        y = kernels.lora_linear(x, torch.zeros(96, 96), [eye], [eye], [1.0], dropout_p=0.5, training=True)
+        assert outs.setdefault(rank, y) is y or torch.equal(outs[rank], y), f"rank {rank}: not reproducible"
+        states[rank] = torch.get_rng_state()
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        agree = ((outs[a] != 0) == (outs[b] != 0)).float().mean().item()
+        assert 0.4 < agree < 0.6, f"ranks {a} and {b}: masks agree on {agree:.0%} of inputs (independent: ~50%)"
+    assert all(torch.equal(states[0], s) for s in states.values()), "ranks' global RNG states diverged"
+
+
+def _seed_on_rank(rank: int, init_file: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(3)
+    torch.save((reference.draw_seed(), torch.get_rng_state()), f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_dropout_seed_follows_a_real_process_groups_rank(tmp_path: Path) -> None:
+    torch.multiprocessing.spawn(_seed_on_rank, args=(str(tmp_path / "init"), str(tmp_path / "seed")), nprocs=2)
+    (s0, state0), (s1, state1) = (torch.load(tmp_path / f"seed.{r}") for r in (0, 1))
+    torch.manual_seed(3)
+    assert s0 == reference.draw_seed(), "rank 0 must draw what a single process draws"
+    assert s1 != s0 and torch.equal(state0, state1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-autocast"])
