@@ -16,12 +16,15 @@ from pathlib import Path
 import torch
 
 from minilora import from_pretrained
-from minilora.cli import InputError, parse_with_config, run_cli, write_json_atomic
+from minilora.cli import (
+    PRECISION_HELP, InputError, parse_with_config, resolve_recipe_precision, run_cli, write_json_atomic,
+)
 from minilora.data.notes import build_token_cache
 from minilora.data.packing import PackedDataset, TruncatedDataset, collate
 from minilora.data.synthetic import write_dapt_corpus
 from minilora.losses import lm_loss_sum
 from minilora.lora import add_adapter, save_adapter, trainable_parameters
+from minilora.runtime import PRECISIONS
 from minilora.train import (
     TrainConfig, Trainer, all_reduce_sum, barrier, init_distributed, is_main, peak_memory_mb, plot_curves, world,
 )
@@ -62,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-ratio", type=float, default=0.0)
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="bf16 autocast (default) or fp32")
+    g.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     g.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: at the end only)")
     g.add_argument("--eval-max-seqs", type=int, default=None, help="cap on validation sequences (default: all)")
@@ -100,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_with_config(build_parser(), argv)
     t_start = time.perf_counter()
     device = init_distributed(args.device)
+    args.precision = resolve_recipe_precision(args.precision, device)
     torch.manual_seed(args.seed)
     out = Path(args.out)
     demo = args.notes is None

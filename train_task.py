@@ -22,7 +22,9 @@ import torch
 
 from minilora import from_pretrained
 from minilora.classify import Classifier, class_weights, classification_loss_sum, predict
-from minilora.cli import InputError, parse_with_config, run_cli, write_json_atomic
+from minilora.cli import (
+    PRECISION_HELP, InputError, parse_with_config, resolve_recipe_precision, run_cli, write_json_atomic,
+)
 from minilora.data.synthetic import TASKS, write_task_csvs
 from minilora.data.tasks import (
     EncodedSplit, bucketed_batches, collate_classification, load_named_task, load_task_files, print_report,
@@ -31,6 +33,7 @@ from minilora.lora import (
     add_adapter, load_adapter, restore_adapter, save_adapter, set_trainable, trainable_parameters,
 )
 from minilora.metrics import UndefinedMetricError, task_auroc
+from minilora.runtime import PRECISIONS
 from minilora.train import (
     TrainConfig, Trainer, barrier, init_distributed, is_main, peak_memory_mb, plot_curves, world,
 )
@@ -86,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-ratio", type=float, default=0.0)
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    g.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     g.add_argument("--grad-checkpointing", action="store_true")
     g.add_argument("--save-every", type=int, default=50)
     g.add_argument("--seed", type=int, default=0)
@@ -138,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_with_config(build_parser(), argv)
     t_start = time.perf_counter()
     device = init_distributed(args.device)
+    args.precision = resolve_recipe_precision(args.precision, device)
     torch.manual_seed(args.seed)
     out = Path(args.out or f"runs/{args.task}")
     demo = not (args.data_dir or args.train)

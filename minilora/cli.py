@@ -85,3 +85,18 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     os.replace(tmp, path)
     return path
+
+
+PRECISION_HELP = ("auto (default): bf16 autocast and bf16 frozen weights where bf16 matmuls are native (CUDA since "
+                  "Ampere; CPUs with AVX512-BF16 or AMX), fp32 elsewhere, where emulated bf16 is slower; or bf16, fp32")
+
+
+def resolve_recipe_precision(precision: str, device) -> str:
+    """The recipes' ``--precision``, with ``auto`` resolved for ``device`` and a note when it falls back to fp32."""
+    from minilora.runtime import resolve_precision
+    from minilora.train import is_main
+
+    resolved = resolve_precision(precision, device)
+    if precision == "auto" and resolved == "fp32" and is_main():
+        print(f"precision: fp32 (auto: no native bf16 matmul on {device}; --precision bf16 forces bf16)", file=sys.stderr)
+    return resolved

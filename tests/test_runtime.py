@@ -1,4 +1,5 @@
-"""minilora.runtime.tune_malloc: the recipes' allocator setting removes the page faults of re-allocated tensors."""
+"""minilora.runtime: the recipes' allocator setting removes the page faults of re-allocated tensors, and
+``--precision auto`` picks bf16 only where bf16 matmuls are native."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from minilora import runtime
 from minilora.cli import run_cli
@@ -66,3 +68,18 @@ def test_run_cli_tunes_malloc_before_main(monkeypatch):
         run_cli(lambda: seen.append(runtime.malloc_state()))
     assert e.value.code == 0
     assert seen[0] == "tuned" or seen[0].startswith("unavailable")
+
+
+def test_auto_precision_is_bf16_only_where_bf16_matmuls_are_native(monkeypatch):
+    for avx512_bf16, amx, want in ((False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert runtime.resolve_precision("auto", "cpu") == want
+    # CUDA: native bf16 only (a pre-Ampere GPU emulates it); a torch without the keyword answers natively
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert runtime.resolve_precision("auto", "cuda") == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert runtime.resolve_precision("auto", torch.device("cuda", 1)) == "bf16"
+    assert runtime.resolve_precision("bf16", "cpu") == "bf16" and runtime.resolve_precision("fp32", "cuda") == "fp32"
+    with pytest.raises(ValueError, match="expected one of auto, bf16, fp32"):
+        runtime.resolve_precision("fp16", "cpu")

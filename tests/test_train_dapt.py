@@ -72,6 +72,19 @@ def test_no_packing_and_toml_config(tiny_lm, notes, tmp_path):
     assert proc.returncode == 2 and "unknown setting 'learning_rate'" in proc.stderr
 
 
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the CPU's flags from /proc/cpuinfo")
+def test_precision_auto_is_bf16_only_on_a_cpu_with_native_bf16(tiny_lm, notes, tmp_path):
+    """No --precision: bf16 autocast where the CPU multiplies bf16 natively (AVX512-BF16 or AMX, read from the
+    kernel's CPU flags), else fp32, which an emulated bf16 would only slow down, with a note saying so."""
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    want = "bf16" if flags & {"avx512_bf16", "amx_bf16", "amx_tile"} else "fp32"
+    out = tmp_path / "run"
+    proc = dapt("--model", str(tiny_lm), "--notes", str(notes), "--out", str(out), "--max-steps", "1",
+                "--cache-dir", str(tmp_path / "cache"), *[a for a in FAST if a not in ("--precision", "fp32")])
+    assert json.loads((out / "summary.json").read_text())["config"]["precision"] == want
+    assert ("precision: fp32 (auto: no native bf16 matmul on cpu" in proc.stderr) == (want == "fp32")
+
+
 def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
     t0 = time.time()
     while time.time() - t0 < timeout:
