@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_with_config(build_parser(), argv)
     t_start = time.perf_counter()
     device = init_distributed(args.device)
-    args.precision = resolve_recipe_precision(args.precision, device)
+    precision_note = resolve_recipe_precision(args, device)
     torch.manual_seed(args.seed)
     out = Path(args.out)
     demo = args.notes is None
@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         st = cache.stats
         print(f"notes: {st['notes']:,} used, {st['empty']:,} empty skipped; {st['num_tokens']:,} tokens "
               f"({st['val_docs']:,} notes / {st['val_tokens']:,} tokens held out for validation)", file=sys.stderr)
+        if precision_note:
+            print(precision_note, file=sys.stderr)
     ds_cls = TruncatedDataset if args.no_packing else PackedDataset
     train_ds, val_ds = ds_cls(cache, "train", max_len), ds_cls(cache, "val", max_len)
     if len(train_ds) == 0 or len(val_ds) == 0:

@@ -141,13 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_with_config(build_parser(), argv)
     t_start = time.perf_counter()
     device = init_distributed(args.device)
-    args.precision = resolve_recipe_precision(args.precision, device)
+    precision_note = resolve_recipe_precision(args, device)
     torch.manual_seed(args.seed)
     out = Path(args.out or f"runs/{args.task}")
     demo = not (args.data_dir or args.train)
     data, source = load_data(args, out)
     if is_main():
         print_report(data)
+        if precision_note:
+            print(precision_note, file=sys.stderr)
         if not args.resume:
             clear_outputs(out)
     # Demo defaults: short notes, a few epochs over ~800 training notes and a faster head fit each task in under 10

@@ -91,12 +91,12 @@ PRECISION_HELP = ("auto (default): bf16 autocast and bf16 frozen weights where b
                   "Ampere; CPUs with AVX512-BF16 or AMX), fp32 elsewhere, where emulated bf16 is slower; or bf16, fp32")
 
 
-def resolve_recipe_precision(precision: str, device) -> str:
-    """The recipes' ``--precision``, with ``auto`` resolved for ``device`` and a note when it falls back to fp32."""
+def resolve_recipe_precision(args: argparse.Namespace, device) -> str:
+    """Resolve the recipes' ``--precision`` for ``device`` in place; returns a note to print once the inputs have
+    loaded (so a bad input still fails in one line) when ``auto`` fell back to fp32, else ``""``."""
     from minilora.runtime import resolve_precision
-    from minilora.train import is_main
 
-    resolved = resolve_precision(precision, device)
-    if precision == "auto" and resolved == "fp32" and is_main():
-        print(f"precision: fp32 (auto: no native bf16 matmul on {device}; --precision bf16 forces bf16)", file=sys.stderr)
-    return resolved
+    requested, args.precision = args.precision, resolve_precision(args.precision, device)
+    if requested == "auto" and args.precision == "fp32":
+        return f"precision: fp32 (auto: no native bf16 matmul on {device}; --precision bf16 forces bf16)"
+    return ""

@@ -80,6 +80,41 @@ def save_tiny_hf(directory: Path, seed: int = 0, max_shard_size: str | None = No
     return model
 
 
+def _train_bpe(texts: list[str], pre, vocab_size: int, specials: list[str]) -> tuple[dict[str, int], list]:
+    """Byte-level BPE merges learned greedily, ties broken by the pair itself: the same tokenizer in every run
+    (``tokenizers``' own trainer breaks ties in hash order, which changes the tiny model from run to run)."""
+    import collections
+
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    words = collections.Counter(tuple(piece) for t in texts for piece, _ in pre.pre_tokenize_str(t))
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(ByteLevel.alphabet()))}
+    merges = []
+    while len(vocab) < vocab_size:
+        pairs: collections.Counter = collections.Counter()
+        for word, n in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        a, b = max(pairs, key=lambda pair: (pairs[pair], pair))
+        merges.append((a, b))
+        vocab[a + b] = len(vocab)
+        merged = collections.Counter()
+        for word, n in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if word[i:i + 2] == (a, b):
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += n
+        words = merged
+    return vocab, merges
+
+
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory) -> Path:
     """A tiny random LLaMA with a byte-level BPE tokenizer (vocab 384) trained on synthetic notes, as an HF folder."""
@@ -90,14 +125,12 @@ def tiny_lm(tmp_path_factory) -> Path:
 
     d = tmp_path_factory.mktemp("tiny_lm")
     texts = [render_note(p, random.Random(i), "discharge") for i, p in enumerate(generate_patients(60, seed=123))]
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    pre = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    vocab, merges = _train_bpe(texts, pre, 384, ["<unk>", "<s>", "</s>"])
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre
     tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=384, special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(texts, trainer)
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
     tok.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true}')
     save_tiny_hf(d, vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_attention_heads=4,
