@@ -173,11 +173,11 @@ class AtomicOutputs:
         self.files.clear()
 
 
-def iter_note_rows(paths: list[Path], needs_subject: bool) -> Iterator[tuple[Path, dict[str, str]]]:
+def iter_note_rows(paths: list[Path], needs_subject: bool) -> Iterator[dict[str, str]]:
+    columns = ["note_id", "hadm_id", "text"] + (["subject_id"] if needs_subject else [])
     for path in paths:
-        columns = ["note_id", "hadm_id", "text"] + (["subject_id"] if needs_subject else [])
         for _, row in read_rows(path, columns):
-            yield path, row
+            yield row
 
 
 def build(args: argparse.Namespace) -> dict:
@@ -188,6 +188,7 @@ def build(args: argparse.Namespace) -> dict:
     counts: Counter[str] = Counter()
     rows: dict[str, Counter[str]] = {t: Counter() for t in TASK_NAMES}
     positives: Counter[str] = Counter()
+    train_codes: dict[str, set[str]] = {"diagnoses": set(), "procedures": set()}
     seen: set[str] = set()
     outputs = AtomicOutputs()
     try:
@@ -200,7 +201,7 @@ def build(args: argparse.Namespace) -> dict:
 
         notes = tqdm(iter_note_rows(args.notes, args.dapt_notes is not None), desc="notes", unit=" notes",
                      disable=not args.progress, file=sys.stderr)
-        for _, row in notes:
+        for row in notes:
             counts["notes"] += 1
             if args.dapt_notes is not None:
                 subject = row["subject_id"] or admissions.get(row["hadm_id"], {}).get("subject")
@@ -232,6 +233,8 @@ def build(args: argparse.Namespace) -> dict:
             for task, codes in (("diagnoses", diagnoses), ("procedures", procedures)):
                 if codes.get(row["hadm_id"]):
                     labels[task] = ",".join(sorted(codes[row["hadm_id"]]))
+                    if split == "train":
+                        train_codes[task] |= codes[row["hadm_id"]]
             for task, label in labels.items():
                 spec = TASKS[task]
                 path = args.out / f"{spec.prefix}_{split}.csv.gz"
@@ -250,15 +253,12 @@ def build(args: argparse.Namespace) -> dict:
         outputs.discard()
     counts["admissions"] = len(admissions)
     counts["admissions_without_discharge_note"] = len(admissions.keys() - seen)
-    train_labels = {t: len({c for h in seen if split_of(admissions[h]["subject"], args.seed) == "train"
-                            for c in codes.get(h, ())}) for t, codes in (("diagnoses", diagnoses),
-                                                                          ("procedures", procedures))}
     return {
         "settings": {"hosp": str(args.hosp), "notes": [str(p) for p in args.notes], "icd": args.icd,
                      "seed": args.seed, "dapt_notes": str(args.dapt_notes) if args.dapt_notes else None},
         "rows": {t: {s: rows[t][s] for s, _ in SPLITS} for t in TASK_NAMES},
         "mortality_positives": {s: positives[f"mortality/{s}"] for s, _ in SPLITS},
-        "codes_in_train": train_labels,
+        "codes_in_train": {t: len(c) for t, c in train_codes.items()},
         "counts": dict(counts),
     }
 
