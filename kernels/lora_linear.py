@@ -83,16 +83,22 @@ def active_configs() -> list[Cfg]:
     return [INTERPRET_CONFIG] if INTERPRET else TUNED_CONFIGS
 
 
-def smem_estimate(c: Cfg, itemsize: int, block_r: int) -> int:
-    """Shared-memory bytes a config needs: the pipelined X/W stages, or the rank tiles if those are larger."""
+def smem_estimate(c: Cfg, itemsize: int, block_r: int, ieee_fp32: bool = False) -> int:
+    """Shared-memory bytes a config needs, as Triton 3.6 and 3.9 allocate them on sm_80 and sm_90 (checked against
+    compiled kernels by tests/test_kernels_compile.py). Tensor-core dots (16-bit, tf32): the pipelined X/W stages, or
+    the rank tiles if larger. fp32 with IEEE dots: stages - 1 buffers, and the rank loop is pipelined too, so a rank
+    block wider than BLOCK_K sets the buffer size (128x256x32 at rank block 64 needs 288 KiB, over an H200's 227)."""
     bm, bn, bk, _, _, stages = c
+    if ieee_fp32:
+        return max(stages - 1, 1) * (bm + bn) * max(bk, block_r) * itemsize
     return max(stages * (bm + bn) * bk, (bm + bn) * block_r) * itemsize
 
 
-def prune_configs(configs: list[Cfg], itemsize: int, block_r: int, smem_limit: int) -> list[Cfg]:
+def prune_configs(configs: list[Cfg], itemsize: int, block_r: int, smem_limit: int,
+                  ieee_fp32: bool = False) -> list[Cfg]:
     """The configs that fit ``smem_limit`` (at least the smallest one, so tuning never runs out of candidates)."""
-    fits = [c for c in configs if smem_estimate(c, itemsize, block_r) <= smem_limit]
-    return fits or [min(configs, key=lambda c: smem_estimate(c, itemsize, block_r))]
+    fits = [c for c in configs if smem_estimate(c, itemsize, block_r, ieee_fp32) <= smem_limit]
+    return fits or [min(configs, key=lambda c: smem_estimate(c, itemsize, block_r, ieee_fp32))]
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,7 +114,8 @@ def _prune_for_device(configs: list[triton.Config], named_args: dict, **kwargs) 
     by_tuple = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["GROUP_M"],
                  c.num_warps, c.num_stages): c for c in configs}
     x = named_args["X"]
-    kept = prune_configs(list(by_tuple), x.element_size(), kwargs["BLOCK_R"], _smem_limit(x.device.index or 0))
+    kept = prune_configs(list(by_tuple), x.element_size(), kwargs["BLOCK_R"], _smem_limit(x.device.index or 0),
+                         ieee_fp32=x.element_size() == 4 and kwargs["PRECISION"] == "ieee")
     if not AUTOTUNE:  # one config, no benchmarking: the default where it fits this device
         kept = [DEFAULT_CONFIG] if DEFAULT_CONFIG in kept else kept[:1]
     return [by_tuple[c] for c in kept]

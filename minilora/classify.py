@@ -39,8 +39,9 @@ class Classifier(nn.Module):
         if pooling not in ("last", "mean"):
             raise ValueError(f"pooling {pooling!r}: expected 'last' or 'mean'")
         self.lm, self.num_labels, self.multilabel, self.pooling = lm, num_labels, multilabel, pooling
-        self.head = nn.Linear(lm.config.hidden_size, num_labels, bias=False, device=lm.lm_head.weight.device)
+        self.head = nn.Linear(lm.config.hidden_size, num_labels, bias=False)  # drawn on the CPU, as LoRA's A
         nn.init.normal_(self.head.weight, std=lm.config.hidden_size**-0.5)
+        self.head.to(lm.lm_head.weight.device)
 
     def set_gradient_checkpointing(self, enabled: bool = True, every: int = 1) -> None:
         self.lm.set_gradient_checkpointing(enabled, every)

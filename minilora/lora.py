@@ -61,11 +61,15 @@ class LoRALinear(nn.Module):
         self.specs: dict[str, AdapterSpec] = {}
 
     def add(self, name: str, spec: AdapterSpec, trainable: bool) -> None:
-        """Add adapter ``name``: A Kaiming-uniform as nn.Linear (and PEFT), B zero, so the output is unchanged."""
+        """Add adapter ``name``: A Kaiming-uniform as nn.Linear (and PEFT), B zero, so the output is unchanged.
+
+        A is drawn on the CPU (torch's global CPU generator) and then moved, so a seed gives the same adapter on
+        every device: a CUDA run starts where the CPU run does."""
         if name in self.specs:
             raise ValueError(f"adapter {name!r} already exists")
-        a = torch.empty(spec.r, self.in_features, device=self.weight.device, dtype=torch.float32)
+        a = torch.empty(spec.r, self.in_features, dtype=torch.float32)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        a = a.to(self.weight.device)
         b = torch.zeros(self.out_features, spec.r, device=self.weight.device, dtype=torch.float32)
         self.lora_A[name] = nn.Parameter(a, requires_grad=trainable)
         self.lora_B[name] = nn.Parameter(b, requires_grad=trainable)

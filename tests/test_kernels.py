@@ -408,12 +408,19 @@ def test_autotune_prunes_to_device_shared_memory(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(impl, "_smem_limit", lambda index: 101376)  # an RTX 30/40-class GPU
     monkeypatch.setattr(impl, "AUTOTUNE", True)
     x = torch.empty(1, dtype=torch.bfloat16)
-    kept = impl._prune_for_device(configs, {"X": x}, BLOCK_R=32)
+    kept = impl._prune_for_device(configs, {"X": x}, BLOCK_R=32, PRECISION="ieee")
     assert 0 < len(kept) < len(configs)
     assert all(c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * 2 <= 101376
                for c in kept)
+    # fp32 with IEEE dots on an H200, rank block 64: 128x256x32 needs 3 x 384 x 64 x 4 = 288 KiB (it failed there
+    # with MINILORA_TRITON_AUTOTUNE=0), so it is pruned; the 16-bit estimate would have kept it
+    monkeypatch.setattr(impl, "_smem_limit", lambda index: 232448)
+    x32 = torch.empty(1, dtype=torch.float32)
+    kept = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])
+            for c in impl._prune_for_device(configs, {"X": x32}, BLOCK_R=64, PRECISION="ieee")}
+    assert kept and (128, 256, 32) not in kept
     monkeypatch.setattr(impl, "AUTOTUNE", False)
-    assert len(impl._prune_for_device(configs, {"X": x}, BLOCK_R=32)) == 1
+    assert len(impl._prune_for_device(configs, {"X": x}, BLOCK_R=32, PRECISION="ieee")) == 1
 
 
 @pytest.mark.skipif(IN_INTERPRETER_CHILD, reason="this is the child's parent")

@@ -27,7 +27,7 @@ from triton.compiler import ASTSource  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 from kernels import rowwise  # noqa: E402
 from kernels.lora_linear import (  # noqa: E402
-    DEFAULT_CONFIG, DROPOUT_BLOCK, SMEM_PER_BLOCK, TUNED_CONFIGS, prune_configs,
+    DEFAULT_CONFIG, DROPOUT_BLOCK, SMEM_PER_BLOCK, TUNED_CONFIGS, prune_configs, smem_estimate,
 )
 
 TARGETS = (80, 90)
@@ -81,13 +81,16 @@ def cases() -> list[Case]:
     out = []
     for target in TARGETS:
         for dtype, size in ITEMSIZE.items():
-            kept = prune_configs(TUNED_CONFIGS, size, RANK_BLOCK, SMEM_PER_BLOCK[target])
+            kept = prune_configs(TUNED_CONFIGS, size, RANK_BLOCK, SMEM_PER_BLOCK[target], ieee_fp32=size == 4)
             out += [Case("fused", target, dtype, layout, c) for layout in ("fwd", "bwd") for c in kept]
             out.append(Case("dropout", target, dtype))
         out += [Case("fused", target, "bf16", layout, DEFAULT_CONFIG, variant) for layout, variant in
                 [("bwd", "dropout"), ("fwd", "nolora"), ("fwd", "rank64"), ("strided-x", "lora")]]
         fp32_config = prune_configs(TUNED_CONFIGS, 4, RANK_BLOCK, SMEM_PER_BLOCK[target])[0]
         out.append(Case("fused", target, "fp32", "fwd", fp32_config, "tf32"))
+        # ranks above 32 (48 + 40, say) take 64-wide rank blocks: in fp32 they can set the shared memory
+        out += [Case("fused", target, "fp32", "fwd", c, "rank64")
+                for c in prune_configs(TUNED_CONFIGS, 4, 64, SMEM_PER_BLOCK[target], ieee_fp32=True)]
         for dtype in ITEMSIZE:  # kernels.rowwise: RMSNorm per row width, SwiGLU (width-independent)
             for width in ROW_WIDTHS:
                 out.append(Case("rms_norm_fwd", target, dtype, variant="y", width=width))
@@ -239,6 +242,10 @@ def test_compiles_for_target(results: dict[str, dict], case: Case) -> None:
     assert res["error"] is None, res["error"]
     limit = SMEM_PER_BLOCK[case.target]
     assert res["shared"] <= limit, f"{case.id}: {res['shared']} B shared memory > {limit} B on sm_{case.target}"
+    if case.kernel == "fused":  # the autotuner prunes by this estimate, and MINILORA_TRITON_AUTOTUNE=0 trusts it
+        estimate = smem_estimate(case.config, ITEMSIZE[case.dtype], 64 if case.variant == "rank64" else RANK_BLOCK,
+                                 ieee_fp32=case.dtype == "fp32" and case.variant != "tf32")
+        assert res["shared"] <= estimate, f"{case.id}: {res['shared']} B shared memory > estimate {estimate} B"
     uses_mma = case.kernel == "fused" and (ITEMSIZE[case.dtype] == 2 or case.variant == "tf32")
     if uses_mma and case.target == 90:
         assert res["wgmma"], f"{case.id}: no wgmma in the sm_90 PTX (the main GEMM fell off Hopper's tensor cores)"
