@@ -150,9 +150,11 @@ json.dump({'python': platform.python_version(), 'torch': torch.__version__, 'tri
 # One Triton config in the correctness tests keeps compiles bounded; the benchmarks autotune (bench_kernels checks
 # the tuned kernels' outputs against the reference too). Not tests/test_kernels_compile.py: it compiles for sm_80 and
 # sm_90 ahead of time, which needs no GPU and runs in CI. -v: a line per test in steps.log as it finishes, so a step
-# cut by its timeout (the XML is written only at the end) still says which tests passed and failed.
-step kernel-tests 150 env MINILORA_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_kernels.py tests/test_kernels_rowwise.py \
-    -v -rfE -p no:cacheprovider --junitxml="$WORK/kernel-tests.xml"
+# cut by its timeout (the XML is written only at the end) still says which tests passed and failed. -n 4
+# (pytest-xdist, on the image): the time goes to compiling kernels on the CPU, one test at a time took over 150 s on
+# the first H200 run (20261130) and was cut at two thirds; four workers share the GPU.
+step kernel-tests 170 env MINILORA_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_kernels.py tests/test_kernels_rowwise.py \
+    -n 4 -v -rfE -p no:cacheprovider --junitxml="$WORK/kernel-tests.xml"
 # The issue's GPU targets: training tokens/s and peak memory (max_memory_allocated) against transformers+PEFT, both
 # of its bf16 recipes (fp32 weights under autocast, bf16 weights), LoRA on q_proj/v_proj, batch 8 x 256, at
 # LLaMA-7B layer shapes (random weights: the real SmolLM2 file does not travel to the GPU machine); MFU too.
@@ -162,7 +164,8 @@ step train-bench 260 "$PY" tools/bench_train.py --device cuda --shape llama7b --
     --targets qv --rounds 1 --no-classify --profile "$WORK/profile" --json "$OUT/bench_train.json"
 # The recipes with --device cuda on a tiny random LLaMA: fp32 runs match the same runs on the CPU (DAPT losses and
 # adapter, task predictions, eval.py's rescoring); a bf16 DAPT run with dropout learns and resumes.
-step recipes-cuda 100 "$PY" -m pytest tests/test_recipes_cuda.py -v -rfE -p no:cacheprovider \
+# -n 3: one worker per test (one at a time they took 99 s on the H200, at the old 100 s limit).
+step recipes-cuda 100 "$PY" -m pytest tests/test_recipes_cuda.py -n 3 -v -rfE -p no:cacheprovider \
     --junitxml="$WORK/recipes-cuda.xml"
 # --rowwise: also RMSNorm and SwiGLU (kernels.rowwise Triton vs minilora.ops' PyTorch functions).
 step kernel-bench 120 "$PY" tools/bench_kernels.py --device cuda --rowwise --json "$OUT/bench_kernels.json"
