@@ -27,7 +27,8 @@ from minilora.cli import (
 )
 from minilora.data.synthetic import TASKS, write_task_csvs
 from minilora.data.tasks import (
-    EncodedSplit, bucketed_batches, collate_classification, load_named_task, load_task_files, print_report,
+    EncodedSplit, bucketed_batches, collate_classification, data_source, load_named_task, load_task_files,
+    print_report,
 )
 from minilora.lora import (
     add_adapter, load_adapter, restore_adapter, save_adapter, set_trainable, trainable_parameters,
@@ -111,7 +112,8 @@ def setting_name(args: argparse.Namespace, domain: str | None) -> str:
 
 
 def load_data(args: argparse.Namespace, out: Path):
-    """The task's splits: custom files, a van Aken folder, or the synthetic demo (written once under runs/)."""
+    """The task's splits and what they are (custom, mimic, mimic-iv, demo): custom files, a van Aken folder (or
+    one tools/mimic4_tasks.py built), or the synthetic demo (written once under runs/)."""
     if args.train or args.val or args.test:
         if not (args.train and args.val and args.test):
             raise InputError("a custom task needs all of --train, --val and --test")
@@ -125,7 +127,7 @@ def load_data(args: argparse.Namespace, out: Path):
     if args.task not in TASKS:
         raise InputError(f"--task {args.task!r}: expected one of {', '.join(TASKS)} (or give --train/--val/--test)")
     if args.data_dir:
-        return load_named_task(args.task, args.data_dir), "mimic"
+        return load_named_task(args.task, args.data_dir), data_source(args.data_dir)
     demo_dir = out.parent / "demo-data" / "tasks"
     # The files are written once; a stamp of how they were drawn rewrites them when the demo cohort changes.
     stamp, drawn = demo_dir / f".{args.task}.cohort", f"patients={DEMO_PATIENTS[args.task]} seed={args.seed}\n"

@@ -11,6 +11,7 @@ import csv
 import datetime as dt
 import gzip
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import pytest
 from conftest import ROOT, shared_path
 
 from minilora.data.synthetic import TASKS
-from minilora.data.tasks import load_named_task
+from minilora.data.tasks import data_source, load_named_task
 
 _SPEC = importlib.util.spec_from_file_location("mimic4_tasks", ROOT / "tools" / "mimic4_tasks.py")
 mimic4_tasks = importlib.util.module_from_spec(_SPEC)
@@ -227,6 +228,37 @@ def test_train_task_reads_the_output(demo, task):
     data = load_named_task(task, demo["out"])
     assert sum(len(s.ids) for s in data.splits.values()) == sum(map(len, _task(demo, task).values()))
     assert data.kind == TASKS[task].kind and all(not r.get("empty_text") for r in data.report.values())
+
+
+def test_the_output_is_known_as_mimic_iv_and_other_folders_as_mimic(demo, tmp_path):
+    assert data_source(demo["out"]) == "mimic-iv"
+    assert data_source(tmp_path) == "mimic"  # van Aken's folder: no summary.json
+    (tmp_path / "summary.json").write_text('{"source": "elsewhere"}')
+    assert data_source(tmp_path) == "mimic"
+    (tmp_path / "summary.json").write_text("[not json")
+    assert data_source(tmp_path) == "mimic"
+
+
+def test_a_run_on_the_output_is_reported_as_mimic_iv_beside_the_paper(demo, tiny_lm, tmp_path):
+    """train_task.py on the built folder records data "mimic-iv"; eval.py shows the paper's MIMIC-III numbers
+    beside it, under the MIMIC-IV note."""
+    run = tmp_path / "mor"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train_task.py"), "--task", "mortality", "--data-dir", str(demo["out"]),
+         "--model", str(tiny_lm), "--out", str(run), "--r", "4", "--alpha", "8", "--max-seq-len", "48",
+         "--batch-size", "16", "--precision", "fp32", "--no-progress", "--workers", "1", "--epochs", "1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["data"] == "mimic-iv"
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(run), "--out", str(tmp_path / "report"),
+                           "--n-boot", "20", "--no-progress"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [(r["data"], r["column"], r["paper_auroc"]) for r in rep["runs"]] == [
+        ("mimic-iv", "MOR", pytest.approx(0.7489))]  # the paper's "LLaMA + LoRA" MOR
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "Data: MIMIC-IV (tasks built by tools/mimic4_tasks.py)" in md
+    assert "| paper: LLaMA + LoRA | MIMIC-III | 74.89 |" in md
 
 
 def _run_tool(*args: str) -> subprocess.CompletedProcess:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from minilora.cli import InputError, run_cli, write_json_atomic
 from minilora.data.synthetic import ADMISSION_SECTIONS, TASKS, remove_death_mentions
-from minilora.data.tasks import read_rows
+from minilora.data.tasks import MIMIC4_SOURCE, read_rows
 
 SPLITS = (("train", 0.7), ("val", 0.8), ("test", 1.0))  # upper bounds of the hash's unit interval
 TASK_NAMES = ("mortality", "los", "diagnoses", "procedures")
@@ -254,6 +254,7 @@ def build(args: argparse.Namespace) -> dict:
     counts["admissions"] = len(admissions)
     counts["admissions_without_discharge_note"] = len(admissions.keys() - seen)
     return {
+        "source": MIMIC4_SOURCE,  # train_task.py labels runs on this folder "mimic-iv" (minilora.data.tasks)
         "settings": {"hosp": str(args.hosp), "notes": [str(p) for p in args.notes], "icd": args.icd,
                      "seed": args.seed, "dapt_notes": str(args.dapt_notes) if args.dapt_notes else None},
         "rows": {t: {s: rows[t][s] for s, _ in SPLITS} for t in TASK_NAMES},

@@ -199,6 +199,19 @@ def load_named_task(task: str, data_dir: str | Path) -> TaskData:
     return load_task_files(files, task_spec(task).name, kind, label_col=label_col)
 
 
+MIMIC4_SOURCE = "MIMIC-IV"  # the "source" in summary.json of a folder that tools/mimic4_tasks.py built
+
+
+def data_source(data_dir: str | Path) -> str:
+    """What a --data-dir holds, for eval.py's report: ``mimic-iv`` when tools/mimic4_tasks.py built it (its
+    summary.json says so), else ``mimic`` (van Aken's MIMIC-III files, which the paper's numbers are for)."""
+    try:
+        summary = json.loads((Path(data_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return "mimic"
+    return "mimic-iv" if isinstance(summary, dict) and summary.get("source") == MIMIC4_SOURCE else "mimic"
+
+
 def print_report(data: TaskData) -> None:
     """Counts per split on stderr (never text): rows, empty texts skipped, unseen labels."""
     for split, r in data.report.items():
