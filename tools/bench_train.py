@@ -376,11 +376,21 @@ def _setup_train(spec: dict, torch):
             total_loss, count = lm_loss_sum(model.hidden_states(ids), model.lm_head, ids)
             return total_loss / count
 
+        if spec.get("cuda_graph"):  # lm_loss_sum's label check and masking wait for the GPU, which a capture
+            # cannot; the benchmark's ids are all in range and none is ignored
+            from minilora.losses import LinearCrossEntropy, _compute_dtype
+
+            def loss_fn(ids):  # noqa: F811 (the same sums as lm_loss_sum with no ignored labels)
+                h = model.hidden_states(ids)[:, :-1].reshape(-1, model.config.hidden_size)
+                y = ids[:, 1:].reshape(-1)
+                return LinearCrossEntropy.apply(h, model.lm_head.weight, y, _compute_dtype(h)) / y.numel()
+
         from minilora import ops
 
         seq = int(torch.load(spec["data_file"]).shape[1])
         probe = torch.empty(1, 1, seq, 1, device=spec["device"], requires_grad=True)
-        info = {"setup": RECIPE_TEXT[f"minilora/{mode}"],
+        info = {"setup": RECIPE_TEXT[f"minilora/{mode}"] + (", the step replayed as one CUDA graph"
+                                                            if spec.get("cuda_graph") else ""),
                 "attention": {"matmul": "minilora GEMM attention (training), SDPA (inference)",
                               "sdpa": "torch SDPA"}[ops.attention_backend(probe)]}
         if device == "cpu" and mode == "bf16":
@@ -575,6 +585,34 @@ def _timed_loop(torch, spec: dict, step) -> dict:
             "results": results}
 
 
+def _graph_step(torch, forward_backward, opt, warmup: int = 3):
+    """A step function that replays forward, backward and ``opt.step()`` as one CUDA graph: the step's GPU work
+    with no host overhead between its kernels (--cuda-graph). The first call runs ``warmup`` eager steps on a side
+    stream (they tune the Triton kernels and pick the LoRA GEMMs, which the capture must not do), then captures
+    one, as in PyTorch's whole-network capture: grads set to None before the capture, so that the graph's
+    backward writes them afresh on every replay."""
+    state: dict = {}
+
+    def step() -> float:
+        if not state:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    forward_backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            torch.cuda.current_stream().wait_stream(side)
+            state["graph"] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(state["graph"]):
+                state["loss"] = forward_backward()
+                opt.step()
+        state["graph"].replay()
+        return float(state["loss"])
+
+    return step
+
+
 def worker_train(spec: dict) -> dict:
     mem: dict[str, Any] = {"inherited_maxrss_mb": maxrss_mb()}
     torch = _import_torch(spec)
@@ -591,17 +629,25 @@ def worker_train(spec: dict) -> dict:
     ids = torch.load(spec["data_file"]).to(device)
     model, loss_fn, params, info = _setup_train(spec, torch)
     # both sides: fused AdamW, the HF Trainer's default optimizer ("adamw_torch_fused") and minilora's Trainer's
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    graph = bool(spec.get("cuda_graph")) and spec["side"] == "minilora"
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=graph)
     autocast = spec["mode"] == "bf16"
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
 
-    def step() -> float:
-        with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=autocast):
+    def forward_backward():  # no autocast cache under a graph (PyTorch's advice for capture with autocast)
+        with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=autocast, cache_enabled=not graph):
             loss = loss_fn(ids)
         loss.backward()
+        return loss.detach()
+
+    def step() -> float:
+        loss = forward_backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return float(loss)
+
+    if graph:
+        step = _graph_step(torch, forward_backward, opt)
 
     mem["after_load_mb"] = rss_mb()
     hwm = _memory_phase_start(torch, device)
@@ -762,7 +808,7 @@ class Launcher:
         MINILORA_KERNELS=torch (cuBLAS and PyTorch ops), so that one failing kernel still leaves GPU figures. The
         failure goes into ``errors`` and the result's setup says which kernels ran."""
         applies = (spec.get("side") == "minilora" and str(spec.get("device", "")).startswith("cuda")
-                   and os.environ.get("MINILORA_KERNELS", "auto") != "torch")
+                   and os.environ.get("MINILORA_KERNELS", "auto") != "torch" and not spec.get("cuda_graph"))
         if applies and self.triton_failed:  # once failed, later rounds go straight to the torch kernels
             return {**self({**spec, "kernels": "torch"}), "triton_error": self.triton_failed}
         r = self(spec)
@@ -829,6 +875,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "and report the peak bytes held by tensors (what torch.cuda.max_memory_allocated measures): "
                         "on a CPU, a forecast of the GPU's memory ratio; with --shape llama7b, run it under "
                         "MINILORA_ATTENTION=sdpa, the attention minilora trains with on a GPU")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="minilora's training step (forward, backward, AdamW) captured once after its warm-up and "
+                        "replayed as one CUDA graph: the step's GPU time without the host's, to size how much of "
+                        "the eager step is host overhead (--device cuda; no LoRA dropout here)")
     p.add_argument("--max-others-load", type=float, default=0.25, metavar="CORES",
                    help="a timed step during which other processes used more CPU than this is redone (default 0.25)")
     p.add_argument("--wait-quiet", type=float, metavar="S",
@@ -862,6 +912,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
+    if args.cuda_graph and args.device != "cuda":
+        p.error("--cuda-graph needs --device cuda")
     if args.tensor_peak and args.device == "cuda":
         p.error("--tensor-peak is for CPU runs (a forecast); on CUDA the peak memory is max_memory_allocated already")
     if args.gemm_size is None:
@@ -1139,7 +1191,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -
     runs: list[dict] = []
     gemm_runs: list[dict] = []
     common = {**base, "steps": args.steps, "warmup": args.warmup, "rank": args.rank, "alpha": args.alpha,
-              "checkpointing": args.checkpointing}
+              "checkpointing": args.checkpointing, "cuda_graph": 1 if args.cuda_graph else None}
     command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(
         [sys.executable, str(Path(__file__).resolve()), *argv])
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("worker", "report")}

@@ -5,8 +5,8 @@
 #
 # Usage, from anywhere, on a CUDA machine (no pip install needed: the repo runs from source with PYTHONPATH):
 #   tools/gpu_check.sh [OUT_DIR]        default OUT_DIR: benchmarks/results/<YYYYMMDD>-<gpu name>
-# On a lent device machine, write under the folder that comes back: `bash tools/gpu_check.sh "$OUT/h200"` (7 files:
-# steps.log, summary.json, summary.md and four benchmark JSONs), then copy them to benchmarks/results/ here.
+# On a lent device machine, write under the folder that comes back: `bash tools/gpu_check.sh "$OUT/h200"` (8 files:
+# steps.log, summary.json, summary.md and five benchmark JSONs), then copy them to benchmarks/results/ here.
 # Budget: GPU_CHECK_BUDGET seconds in all (default 540: a lent GPU gives one command 10 minutes, start-up apart).
 # Each step runs under `timeout`, its own limit cut to what is left of the budget (less a reserve for the summary);
 # a step with under 30 s left is skipped. GPU_CHECK_ONLY="NAME ..." runs only the steps named (e.g. to redo one). A failing, timed-out or skipped step is recorded and the next one runs
@@ -169,6 +169,10 @@ step recipes-cuda 100 "$PY" -m pytest tests/test_recipes_cuda.py -n 3 -v -rfE -p
     --junitxml="$WORK/recipes-cuda.xml"
 # --rowwise: also RMSNorm and SwiGLU (kernels.rowwise Triton vs minilora.ops' PyTorch functions).
 step kernel-bench 120 "$PY" tools/bench_kernels.py --device cuda --rowwise --json "$OUT/bench_kernels.json"
+# The same training step with minilora's side replayed as one CUDA graph (its eager step kept the H200 busy only 70%
+# of the time on the first run, 20261130): the step's speed with no host overhead between its kernels.
+step train-bench-graph 90 "$PY" tools/bench_train.py --device cuda --shape llama7b --layers 4 --modes bf16 \
+    --targets qv --rounds 1 --hf-bf16 bf16w --no-classify --cuda-graph --json "$OUT/bench_train_graph.json"
 # LoRA on every linear, and classification inference (bf16-weight recipe only).
 step train-bench-all 120 "$PY" tools/bench_train.py --device cuda --shape llama7b --layers 4 --modes bf16 \
     --targets all --rounds 1 --hf-bf16 bf16w --json "$OUT/bench_train_all.json"
