@@ -145,6 +145,26 @@ def test_gpu_targets_apply_to_llama7b_on_cuda(ml_step: float, ml_peak: float, pa
     assert "(target >= 1.8x) " + ("PASS" if speed["pass"] else "FAIL") in result["table_markdown"]
 
 
+def test_mfu_is_against_the_gemm_rate_of_the_rows_precision() -> None:
+    """bf16 rows against the bf16 GEMM rate, fp32 rows against the fp32 rate: on a CPU without native bf16
+    (bf16 32 GFLOP/s, fp32 132 here, as measured on one) an fp32 step is not 200% of anything."""
+    bt = _bench_module()
+    gemm = {"n": 2048, "bf16_gflops": 32.0, "fp32_gflops": 132.0,
+            "runs": [{"round": 0, "bf16_gflops": 32.0, "fp32_gflops": 132.0}]}
+    runs = []
+    for mode in ("bf16", "fp32"):
+        for side in ("minilora", "hf"):
+            r = _run(side, None, 16.0 if mode == "fp32" else 60.0, 4000.0)
+            runs.append({**r, "mode": mode, "params": 134_515_008, "matmul_params": 134_515_008})
+    result = bt.finish(_meta("cpu", "smollm2"), gemm, runs, [], echo=False)
+    rows = {(r["mode"], r["side"]): r for r in result["rows"]}
+    for (mode, side), row in rows.items():
+        step = 16.0 if mode == "fp32" else 60.0
+        rate = 132e9 if mode == "fp32" else 32e9
+        assert row["mfu_gemm"] == mode and row["mfu"] == pytest.approx(4 * 134_515_008 * 2048 / step / rate)
+    assert rows[("fp32", "minilora")]["mfu"] == pytest.approx(0.5218, abs=1e-4)  # not 215% (bf16 rate)
+
+
 def test_cpu_forecast_of_llama7b_uses_tensor_peaks() -> None:
     """On the CPU at LLaMA-7B shapes the GPU targets are informational, and with --tensor-peak the memory checks use
     the allocator-level peaks (the forecast of the CUDA figure) rather than RSS."""

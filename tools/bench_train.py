@@ -25,9 +25,9 @@ Each measurement runs in its own subprocess (this script with ``--worker``), so 
 is tiny), ``after imports`` is its RSS once torch and the side's libraries are imported, ``train-phase peak`` is
 the high-water RSS of the timed phase alone (reset through /proc/self/clear_refs after loading). On CUDA the
 peak memory is torch.cuda.max_memory_allocated() of the training phase.
-MFU = 4 x parameters x tokens/s / measured bf16 GEMM rate (2048^3 on CPU, 8192^3 on CUDA, measured every round;
-each round's tokens/s is divided by that round's rate, then the median is taken); ``MFU*`` counts only parameters
-used in matmuls (drops an untied input embedding).
+MFU = 4 x parameters x tokens/s / measured GEMM rate of the row's precision (bf16; fp32 for fp32 rows; 2048^3 on
+CPU, 8192^3 on CUDA, measured every round; each round's tokens/s is divided by that round's rate, then the median
+is taken); ``MFU*`` counts only parameters used in matmuls (drops an untied input embedding).
 Targets (bf16, q_proj/v_proj, against the faster transformers recipe): SmolLM2 on a CPU, minilora >= 2.0x the
 training tokens/s of transformers+PEFT, <= 0.7x its peak memory, MFU >= 50%; LLaMA-7B shapes on a GPU (H200),
 >= 1.8x the tokens/s at <= 0.6x the peak memory. A run on the other device shows them as informational.
@@ -952,8 +952,11 @@ def summarize(runs: list[dict], gemm: dict, device: str, shape: str = "smollm2")
         if r["kind"] in ("train", "cls"):
             groups.setdefault(_side_key(r), []).append(r)
     rows = []
-    bf16_rate, fp32_rate = gemm.get("bf16_gflops"), gemm.get("fp32_gflops")
-    rate_by_round = {g.get("round"): g["bf16_gflops"] for g in gemm.get("runs", []) if "error" not in g}
+    # MFU against the GEMM rate of the arithmetic the row runs: bf16 (autocast) rows and classification against
+    # the bf16 rate, fp32 rows against the fp32 rate (on a CPU without native bf16 the bf16 rate is the slower one)
+    rates = {m: gemm.get(f"{m}_gflops") for m in MODES}
+    rate_by_round = {m: {g.get("round"): g.get(f"{m}_gflops") for g in gemm.get("runs", []) if "error" not in g}
+                     for m in MODES}
     for key, rs in groups.items():
         ok = [r for r in rs if "error" not in r]
         kind, mode, targets, side, recipe = key
@@ -985,17 +988,19 @@ def summarize(runs: list[dict], gemm: dict, device: str, shape: str = "smollm2")
                 cpu_only_mb=median([r["tensor_peak"].get("cpu_only_mb", 0.0) for r in ok if r.get("tensor_peak")]),
             )
             flops_per_token = (4 if kind == "train" else 2)
-            if bf16_rate and row["params"]:
+            rate_mode = "fp32" if mode == "fp32" else "bf16"
+            if rates[rate_mode] and row["params"]:
                 # each round's tokens/s against that round's GEMM rate (the machine's speed drifts), then the median
-                paired = [(t, rate_by_round[r.get("round")]) for t, r in zip(row["tok_s_per_round"], ok)
-                          if t and rate_by_round.get(r.get("round"))]
+                by_round = rate_by_round[rate_mode]
+                paired = [(t, by_round[r.get("round")]) for t, r in zip(row["tok_s_per_round"], ok)
+                          if t and by_round.get(r.get("round"))]
+                row["mfu_gemm"] = rate_mode
                 row["mfu_per_round"] = [flops_per_token * row["params"] * t / (g * 1e9) for t, g in paired]
-                row["mfu_vs_median_gemm"] = flops_per_token * row["params"] * row["tok_s"] / (bf16_rate * 1e9)
+                row["mfu_vs_median_gemm"] = (flops_per_token * row["params"] * row["tok_s"]
+                                             / (rates[rate_mode] * 1e9))
                 row["mfu"] = median(row["mfu_per_round"]) or row["mfu_vs_median_gemm"]
                 if row["matmul_params"]:
                     row["mfu_matmul"] = row["mfu"] * row["matmul_params"] / row["params"]
-            if mode == "fp32" and fp32_rate and row["params"]:
-                row["mfu_vs_fp32_gemm"] = flops_per_token * row["params"] * row["tok_s"] / (fp32_rate * 1e9)
             if kind == "train":
                 losses = [x for r in ok for x in r["losses"]]
                 row["loss_first_last"] = [losses[0], losses[-1]]
@@ -1144,7 +1149,8 @@ def render(summary: dict, gemm: dict, meta: dict) -> str:
               "Per-round ratios use clean steps only ('-': none)."]
     lines += ["peak MB: ru_maxrss of the side's own process (nothing subtracted) on CPU, "
               "torch.cuda.max_memory_allocated of the training phase on CUDA. MFU = 4 (training) or 2 (forward) x "
-              "parameters x tokens/s / bf16 GEMM rate (each round against its own GEMM measurement, then the median); "
+              "parameters x tokens/s / the GEMM rate of the row's precision (bf16, fp32 for fp32 rows; each round against "
+              "its own GEMM measurement, then the median); "
               "MFU* counts matmul parameters only."]
     return "\n".join(lines)
 

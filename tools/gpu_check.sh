@@ -164,7 +164,7 @@ step train-bench 260 "$PY" tools/bench_train.py --device cuda --shape llama7b --
     --targets qv --rounds 1 --no-classify --profile "$WORK/profile" --json "$OUT/bench_train.json"
 # The recipes with --device cuda on a tiny random LLaMA: fp32 runs match the same runs on the CPU (DAPT losses and
 # adapter, task predictions, eval.py's rescoring); a bf16 DAPT run with dropout learns and resumes.
-# -n 3: one worker per test (one at a time they took 99 s on the H200, at the old 100 s limit).
+# -n 3: one worker per test (one at a time they took 99 s of the 100 s limit on the H200).
 step recipes-cuda 100 "$PY" -m pytest tests/test_recipes_cuda.py -n 3 -v -rfE -p no:cacheprovider \
     --junitxml="$WORK/recipes-cuda.xml"
 # --rowwise: also RMSNorm and SwiGLU (kernels.rowwise Triton vs minilora.ops' PyTorch functions).
