@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="mortality",
                    help=f"one of {', '.join(TASKS)}, or a name for a custom task given by --train/--val/--test")
     p.add_argument("--data-dir", default=None,
-                   help="folder with the van Aken / BEEP CSVs (default: the synthetic demo task)")
+                   help="folder with the van Aken / BEEP CSVs, or one tools/mimic4_tasks.py built from MIMIC-IV "
+                        "(default: the synthetic demo task)")
     p.add_argument("--train", default=None, help="custom task: training CSV/JSONL")
     p.add_argument("--val", default=None, help="custom task: validation CSV/JSONL")
     p.add_argument("--test", default=None, help="custom task: test CSV/JSONL")
