@@ -247,8 +247,10 @@ def _m_bucket(m: int) -> int:
 
 
 def fused_matmul(x: Tensor, w: Tensor, s: Tensor | None, l: Tensor | None,
-                 seed: int | None = None, p: float = 0.0) -> Tensor:
-    """``x @ w + D(s @ l)`` for 2-D x [M, K], w [K, N], s [M, R], l [R, N] (any strides), D the seed's dropout."""
+                 seed: int | None = None, p: float = 0.0, config: Cfg | None = None) -> Tensor:
+    """``x @ w + D(s @ l)`` for 2-D x [M, K], w [K, N], s [M, R], l [R, N] (any strides), D the seed's dropout.
+    ``config`` runs that (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) instead of the autotuner's pick (for
+    ``tools/bench_kernels.py --sweep``)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"fused_matmul: need x [M, K] and w [K, N], got {tuple(x.shape)} and {tuple(w.shape)}")
     (m, k), n = x.shape, w.shape[1]
@@ -268,14 +270,17 @@ def fused_matmul(x: Tensor, w: Tensor, s: Tensor | None, l: Tensor | None,
     r = s.shape[1] if has_lora else 0
     s, l = (s, l) if has_lora else (x, w)  # never read when HAS_LORA is False
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    kernel, forced = _fused_lora_matmul_kernel, {}
+    if config is not None:  # the jitted function under the autotuner, with the config's meta-parameters
+        kernel, forced = _fused_lora_matmul_kernel.fn, _config(config).all_kwargs()
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _fused_lora_matmul_kernel[grid](
+        kernel[grid](
             x, w, s, l, out, seed or 0, p, 1.0 / (1.0 - p),
             m, n, k, r, _m_bucket(m),
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
             l.stride(0), l.stride(1), out.stride(0), out.stride(1),
             HAS_LORA=has_lora, DROPOUT=seed is not None, BLOCK_R=min(MAX_BLOCK_R, max(16, triton.next_power_of_2(r))),
-            UPCAST=INTERPRET and x.dtype == torch.bfloat16, PRECISION=_dot_precision(x.dtype),
+            UPCAST=INTERPRET and x.dtype == torch.bfloat16, PRECISION=_dot_precision(x.dtype), **forced,
         )
     return out
 

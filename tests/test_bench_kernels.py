@@ -77,6 +77,41 @@ def test_bench_kernels_lora_triton_interpreted(tmp_path: Path) -> None:
     assert "| 33 | 40 | 72 | fused-bare |" in proc.stdout
 
 
+def test_bench_kernels_config_sweep_triton_interpreted(tmp_path: Path) -> None:
+    """--sweep-only under the interpreter (fp32, tiny): every config in both W layouts computes x W + S L (against
+    float64) and is timed against cuBLAS's stand-ins; the LoRA targets are not judged."""
+    pytest.importorskip("triton")
+    conftest._skip_broken_interpreter()
+    ROOT = conftest.ROOT
+    out = tmp_path / "sweep.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_kernels.py"), "--device", "cpu", "--sweep-only",
+                           "--tokens", "33", "--shapes", "40x72", "--ranks", "8", "4", "--dtype", "fp32",
+                           "--warmup", "1", "--iters", "2", "--json", str(out)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["rows"] == [] and data["all_targets_pass"] is None and data["complete"]
+    rows = data["sweep_rows"]
+    from kernels.lora_linear import DEFAULT_CONFIG, INTERPRET_CONFIG  # the interpreter's sweep
+
+    assert sorted((r["w_layout"], tuple(r["config"])) for r in rows) == sorted(
+        (layout, cfg) for layout in ("K-contiguous", "N-contiguous") for cfg in (INTERPRET_CONFIG, DEFAULT_CONFIG))
+    for r in rows:
+        assert "error" not in r and (r["m"], r["k"], r["n"], r["r"]) == (33, 40, 72, 12)
+        assert r["max_rel_err"] < 1e-5 and r["ms"] > 0 and r["vs_cublas"] == pytest.approx(r["ms"] / r["cublas_ms"])
+    assert "| 33 | 40 | 72 | K-contiguous | 32x32x32 g4 w4 s1 |" in proc.stdout
+
+
+def test_sweep_needs_the_triton_kernels(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(conftest.ROOT / "tools" / "bench_kernels.py"), "--device", "cpu",
+                           "--sweep-only"], env={**env, "PYTHONPATH": str(conftest.ROOT)}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "--sweep needs the Triton kernels on CUDA" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_gpu_timer_sleeps_long_enough_to_queue_every_call() -> None:
     """The sleep before the queued calls covers 1.5x their host time at 2 GHz, within [25 ms, 2 s]."""
     assert bench_kernels.sleep_cycles(0.2, 50) == 50_000_000  # 15 ms of launching: the 25 ms floor

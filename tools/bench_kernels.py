@@ -11,6 +11,12 @@ Layers (two adapters, r = 16 + 8 by default, everything in one dtype, adapters t
                (these two on CUDA, and on CPU under TRITON_INTERPRET=1 for the tests)
 GPU targets (checked on every shape): fused fwd <= 1.08x bare, >= 1.25x faster than peft; fwd+bwd >= 1.2x faster.
 
+``--sweep`` (CUDA; CPU under TRITON_INTERPRET=1 for the tests) times the fused kernel's forward with the adapters
+at each candidate config (the autotuner's, ``SWEEP_EXTRA`` and what fits the device's shared memory), for W
+K-contiguous (the forward's ``weight.t()``) and N-contiguous (the backward's ``weight``), against cuBLAS's bare
+GEMM and cuBLAS + ``addmm_`` in the same layout: which config, if any, brings the fused GEMM to cuBLAS's speed
+(default M 2048, K = N = 4096; ``--sweep-only`` skips the other sections).
+
 ``--rowwise`` (opt-in; ``--rowwise-only`` skips the LoRA layers) also times RMSNorm (weight frozen as in LoRA
 training, and trained: ``rms_norm+dw``), SwiGLU, the frozen LM head's linear + cross-entropy (``lm_loss``,
 vocabulary 32,000: the two GEMMs with the Triton cross-entropy rows between them, or PyTorch's ops) and RoPE on a
@@ -64,6 +70,12 @@ ROWWISE_CPU_DIMS = (512, 1024, 2816)
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2 (H200: 60 MB)
 LM_VOCAB = 32000  # the LM head + cross-entropy row: LLaMA's vocabulary
 ROPE_HEAD_DIM = 128  # the RoPE row: LLaMA's head size
+# --sweep's configs beyond the autotuner's (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages): deeper K tiles
+# (longer contiguous runs of a K-contiguous W), more stages, other launch groupings
+SWEEP_EXTRA = [(128, 256, 128, 8, 8, 2), (128, 128, 128, 8, 8, 3), (256, 128, 128, 8, 8, 2),
+               (128, 256, 64, 8, 8, 4), (256, 128, 64, 8, 8, 4), (128, 128, 64, 8, 8, 5), (128, 256, 64, 4, 8, 3),
+               (128, 256, 64, 16, 8, 3), (64, 256, 64, 8, 4, 4)]
+SWEEP_SHAPE = (2048, 4096, 4096)  # (M, K, N): LLaMA-7B's attention projections at 8 x 256 tokens
 
 
 def make_layers(k: int, n: int, ranks: list[int], dtype: torch.dtype, device: torch.device
@@ -322,6 +334,62 @@ def bench_shape(m: int, k: int, n: int, ranks: list[int], dtype: torch.dtype, de
     return rows
 
 
+def sweep_configs(device: torch.device, itemsize: int, block_r: int) -> list[tuple]:
+    """The sweep's configs that fit the device (under the interpreter: the interpreter's and the default one)."""
+    lora = kernels.triton_impl
+    if lora.INTERPRET:
+        return [lora.INTERPRET_CONFIG, lora.DEFAULT_CONFIG]
+    candidates = list(dict.fromkeys(lora.TUNED_CONFIGS + SWEEP_EXTRA))
+    return lora.prune_configs(candidates, itemsize, block_r, lora._smem_limit(device.index or 0))
+
+
+def bench_sweep(m: int, k: int, n: int, ranks: list[int], dtype: torch.dtype, device: torch.device,
+                measure: Callable[[Callable[[], object]], float], rows: list[dict],
+                on_row: Callable[[], None] = lambda: None) -> list[dict]:
+    """Forward times of the fused kernel at each config, both W layouts, against cuBLAS (bare, + addmm_),
+    appended to ``rows`` (``on_row`` after each, so that a run cut short keeps them)."""
+    lora = kernels.triton_impl
+    gen = torch.Generator().manual_seed(0)
+    r = sum(ranks)
+    weight = (torch.randn(n, k, generator=gen) * k ** -0.5).to(device, dtype)
+    x = torch.randn(m, k, generator=gen).to(device, dtype)
+    s = (torch.randn(m, r, generator=gen) * 0.1).to(device, dtype)  # the shrink x A^T, scaled
+    l = (torch.randn(r, n, generator=gen) * r ** -0.5).to(device, dtype)  # B^T
+    block_r = min(lora.MAX_BLOCK_R, max(16, 1 << (r - 1).bit_length()))
+    for layout, w in (("K-contiguous", weight.t()), ("N-contiguous", weight.t().contiguous())):
+        want = (x.double() @ w.double() + s.double() @ l.double()).float()
+        bare_ms = measure(lambda: torch.mm(x, w))
+        addmm_ms = measure(lambda: lora._cublas_matmul(x, w, s, l))
+        for cfg in sweep_configs(device, x.element_size(), block_r):
+            row = {"m": m, "k": k, "n": n, "r": r, "w_layout": layout, "config": list(cfg), "cublas_ms": bare_ms,
+                   "cublas_addmm_ms": addmm_ms}
+            try:
+                got = lora.fused_matmul(x, w, s, l, config=cfg).float()
+                row["max_rel_err"] = ((got - want).abs().max() / want.abs().max()).item()
+                row["ms"] = measure(lambda c=cfg: lora.fused_matmul(x, w, s, l, config=c))
+                row.update(vs_cublas=row["ms"] / bare_ms, vs_cublas_addmm=row["ms"] / addmm_ms)
+            except Exception as exc:  # noqa: BLE001 (a config the compiler rejects is a result too)
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            rows.append(row)
+            on_row()
+    return rows
+
+
+def sweep_table(rows: list[dict]) -> str:
+    """Per shape and W layout, the configs fastest first, against cuBLAS."""
+    lines = ["| M | K | N | W | config (BM, BN, BK, group, warps, stages) | fused fwd ms | / cuBLAS | "
+             "/ cuBLAS + addmm_ | rel err |", "|" + "---|" * 9]
+    key = lambda r: (r["m"], r["k"], r["n"], r["w_layout"], r.get("ms", float("inf")))  # noqa: E731
+    for r in sorted(rows, key=key):
+        cfg = "x".join(map(str, r["config"][:3])) + " g{} w{} s{}".format(*r["config"][3:])
+        if "error" in r:
+            lines.append(f"| {r['m']} | {r['k']} | {r['n']} | {r['w_layout']} | {cfg} | {r['error']} | | | |")
+            continue
+        lines.append(f"| {r['m']} | {r['k']} | {r['n']} | {r['w_layout']} | {cfg} | {r['ms']:.4f} "
+                     f"| {r['vs_cublas']:.3f} | {r['vs_cublas_addmm']:.3f} | {r['max_rel_err']:.1e} |")
+    return "\n".join(lines)
+
+
 def check_targets(rows: list[dict]) -> list[dict]:
     """Per shape: ours against bare and peft, with pass/fail for each GPU target."""
     out = []
@@ -382,6 +450,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rowwise-only", action="store_true", help="--rowwise without the LoRA layers")
     p.add_argument("--rowwise-dims", type=int, nargs=3, metavar=("TOKENS", "HIDDEN", "INTERMEDIATE"),
                    help="row-wise op sizes (default: 4096 4096 11008 on GPU, 512 1024 2816 on CPU)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also time the fused kernel's forward at every candidate config, both W layouts, against "
+                        "cuBLAS (M 2048, K = N = 4096, or the first --tokens and --shapes)")
+    p.add_argument("--sweep-only", action="store_true", help="--sweep without the other sections")
     return p.parse_args(argv)
 
 
@@ -402,6 +474,11 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = DTYPES[args.dtype]
     rows: list[dict] = []
     rowwise_rows: list[dict] | None = None
+    sweep_rows: list[dict] | None = None
+    if (args.sweep or args.sweep_only) and (kernels.triton_impl is None or not (gpu or kernels.triton_impl.INTERPRET)):
+        print("bench_kernels.py: --sweep needs the Triton kernels on CUDA (or TRITON_INTERPRET=1)", file=sys.stderr)
+        raise SystemExit(2)
+    lora_section = not (args.rowwise_only or args.sweep_only)
 
     def summarize(complete: bool) -> dict:
         targets = check_targets(rows)
@@ -421,7 +498,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {args.dtype}, ranks "
             f"{args.ranks}, ours = {result['ours_backend']}{'' if gpu else ' (targets are for the GPU)'}"
             f"{'' if complete else ' (interrupted: the shapes done so far)'}\n\n{table(rows, targets)}")
-        if args.rowwise_only:
+        if not lora_section:
             result["all_targets_pass"] = None
             result["table_markdown"] = f"{result['device']}, torch {result['torch']}, triton {result['triton']}"
         if rowwise_rows is not None:
@@ -433,11 +510,16 @@ def main(argv: list[str] | None = None) -> dict:
                                          f"{timing}): kernels.rowwise (triton) vs minilora's PyTorch functions "
                                          f"(torch) and the plain compositions (ref)\n\n"
                                          f"{rowwise_table(rowwise_rows)}")
+        if sweep_rows is not None:
+            result["sweep_rows"] = sweep_rows
+            result["table_markdown"] += (f"\n\nThe fused kernel's forward ({args.dtype}, rank {sum(args.ranks)}) at "
+                                         "each config against cuBLAS in the same W layout, fastest first\n\n"
+                                         f"{sweep_table(sweep_rows)}")
         if args.json:  # after every shape too: a run stopped by a timeout keeps what it measured
             write_json_atomic(args.json, result)
         return result
 
-    for k, n in ([] if args.rowwise_only else shapes):
+    for k, n in (shapes if lora_section else []):
         for m in tokens:
             rows += bench_shape(m, k, n, args.ranks, dtype, device, measure)
             print(f"done M={m} K={k} N={n}", file=sys.stderr, flush=True)
@@ -446,6 +528,12 @@ def main(argv: list[str] | None = None) -> dict:
         t, h, i = args.rowwise_dims or (ROWWISE_GPU_DIMS if gpu else ROWWISE_CPU_DIMS)
         rowwise_rows = bench_rowwise(t, h, i, dtype, device, measure)
         print(f"done row-wise ops T={t} H={h} I={i}", file=sys.stderr, flush=True)
+    if args.sweep or args.sweep_only:
+        m = args.tokens[0] if args.tokens else SWEEP_SHAPE[0]
+        k, n = shapes[0] if args.shapes else SWEEP_SHAPE[1:]
+        sweep_rows = []
+        bench_sweep(m, k, n, args.ranks, dtype, device, measure, sweep_rows, on_row=lambda: summarize(complete=False))
+        print(f"done sweep M={m} K={k} N={n}", file=sys.stderr, flush=True)
     result = summarize(complete=True)
     print(result["table_markdown"])
     return result

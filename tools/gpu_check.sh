@@ -5,8 +5,8 @@
 #
 # Usage, from anywhere, on a CUDA machine (no pip install needed: the repo runs from source with PYTHONPATH):
 #   tools/gpu_check.sh [OUT_DIR]        default OUT_DIR: benchmarks/results/<YYYYMMDD>-<gpu name>
-# On a lent device machine, write under the folder that comes back: `bash tools/gpu_check.sh "$OUT/h200"` (8 files:
-# steps.log, summary.json, summary.md and five benchmark JSONs), then copy them to benchmarks/results/ here.
+# On a lent device machine, write under the folder that comes back: `bash tools/gpu_check.sh "$OUT/h200"` (9 files:
+# steps.log, summary.json, summary.md and six benchmark JSONs), then copy them to benchmarks/results/ here.
 # Budget: GPU_CHECK_BUDGET seconds in all (default 540: a lent GPU gives one command 10 minutes, start-up apart).
 # Each step runs under `timeout`, its own limit cut to what is left of the budget (less a reserve for the summary);
 # a step with under 30 s left is skipped. GPU_CHECK_ONLY="NAME ..." runs only the steps named (e.g. to redo one). A failing, timed-out or skipped step is recorded and the next one runs
@@ -179,5 +179,9 @@ step train-bench-all 120 "$PY" tools/bench_train.py --device cuda --shape llama7
 # Longer sequences (8 x 1024 tokens): activations outweigh the weights, which both sides hold alike.
 step train-bench-seq1024 90 "$PY" tools/bench_train.py --device cuda --shape llama7b --layers 4 --modes bf16 \
     --targets qv --rounds 1 --seq 1024 --hf-bf16 bf16w --no-classify --json "$OUT/bench_train_seq1024.json"
+# Last: which Triton config, if any, brings the fused GEMM to cuBLAS's speed when W is K-contiguous (the forward),
+# where the first run's autotuned kernel ran at 0.65-0.72x cuBLAS (issue 3's fwd <= 1.08x bare target needs it).
+step kernel-sweep 90 "$PY" tools/bench_kernels.py --device cuda --sweep-only --warmup 3 --iters 20 \
+    --json "$OUT/bench_kernels_sweep.json"
 summarize
 echo "wrote $OUT/summary.md and summary.json"
