@@ -241,6 +241,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
+def rank_block(r: int) -> int:
+    """BLOCK_R for a stacked rank r: a power of two >= 16, at most MAX_BLOCK_R (wider ranks loop)."""
+    return min(MAX_BLOCK_R, max(16, triton.next_power_of_2(r)))
+
+
 def _m_bucket(m: int) -> int:
     """Autotune key for M: a power of two in [16, 16384], so varying batch lengths reuse tuned configs."""
     return min(max(triton.next_power_of_2(m), 16), 16384)
@@ -279,7 +284,7 @@ def fused_matmul(x: Tensor, w: Tensor, s: Tensor | None, l: Tensor | None,
             m, n, k, r, _m_bucket(m),
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
             l.stride(0), l.stride(1), out.stride(0), out.stride(1),
-            HAS_LORA=has_lora, DROPOUT=seed is not None, BLOCK_R=min(MAX_BLOCK_R, max(16, triton.next_power_of_2(r))),
+            HAS_LORA=has_lora, DROPOUT=seed is not None, BLOCK_R=rank_block(r),
             UPCAST=INTERPRET and x.dtype == torch.bfloat16, PRECISION=_dot_precision(x.dtype), **forced,
         )
     return out

@@ -355,12 +355,11 @@ def bench_sweep(m: int, k: int, n: int, ranks: list[int], dtype: torch.dtype, de
     x = torch.randn(m, k, generator=gen).to(device, dtype)
     s = (torch.randn(m, r, generator=gen) * 0.1).to(device, dtype)  # the shrink x A^T, scaled
     l = (torch.randn(r, n, generator=gen) * r ** -0.5).to(device, dtype)  # B^T
-    block_r = min(lora.MAX_BLOCK_R, max(16, 1 << (r - 1).bit_length()))
     for layout, w in (("K-contiguous", weight.t()), ("N-contiguous", weight.t().contiguous())):
         want = (x.double() @ w.double() + s.double() @ l.double()).float()
         bare_ms = measure(lambda: torch.mm(x, w))
         addmm_ms = measure(lambda: lora._cublas_matmul(x, w, s, l))
-        for cfg in sweep_configs(device, x.element_size(), block_r):
+        for cfg in sweep_configs(device, x.element_size(), lora.rank_block(r)):
             row = {"m": m, "k": k, "n": n, "r": r, "w_layout": layout, "config": list(cfg), "cublas_ms": bare_ms,
                    "cublas_addmm_ms": addmm_ms}
             try:
