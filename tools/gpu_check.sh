@@ -173,15 +173,16 @@ step kernel-bench 120 "$PY" tools/bench_kernels.py --device cuda --rowwise --jso
 # of the time on the first run, 20261130): the step's speed with no host overhead between its kernels.
 step train-bench-graph 90 "$PY" tools/bench_train.py --device cuda --shape llama7b --layers 4 --modes bf16 \
     --targets qv --rounds 1 --hf-bf16 bf16w --no-classify --cuda-graph --json "$OUT/bench_train_graph.json"
+# Which Triton config, if any, brings the fused GEMM to cuBLAS's speed when W is K-contiguous (the forward), where
+# the first run's autotuned kernel ran at 0.65-0.72x cuBLAS (issue 3's fwd <= 1.08x bare target needs it).
+step kernel-sweep 90 "$PY" tools/bench_kernels.py --device cuda --sweep-only --warmup 3 --iters 20 \
+    --json "$OUT/bench_kernels_sweep.json"
+# Measured once already (20261130), so after the new questions above:
 # LoRA on every linear, and classification inference (bf16-weight recipe only).
 step train-bench-all 120 "$PY" tools/bench_train.py --device cuda --shape llama7b --layers 4 --modes bf16 \
     --targets all --rounds 1 --hf-bf16 bf16w --json "$OUT/bench_train_all.json"
 # Longer sequences (8 x 1024 tokens): activations outweigh the weights, which both sides hold alike.
 step train-bench-seq1024 90 "$PY" tools/bench_train.py --device cuda --shape llama7b --layers 4 --modes bf16 \
     --targets qv --rounds 1 --seq 1024 --hf-bf16 bf16w --no-classify --json "$OUT/bench_train_seq1024.json"
-# Last: which Triton config, if any, brings the fused GEMM to cuBLAS's speed when W is K-contiguous (the forward),
-# where the first run's autotuned kernel ran at 0.65-0.72x cuBLAS (issue 3's fwd <= 1.08x bare target needs it).
-step kernel-sweep 90 "$PY" tools/bench_kernels.py --device cuda --sweep-only --warmup 3 --iters 20 \
-    --json "$OUT/bench_kernels_sweep.json"
 summarize
 echo "wrote $OUT/summary.md and summary.json"
