@@ -242,6 +242,8 @@ class Transformer(nn.Module):
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         self.pack_projections()
+        if "_graphs" in self.__dict__:  # a CUDA graph reads the weights where they were
+            self.__dict__["_graphs"].drop()
         return self
 
     def rope(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,7 +262,18 @@ class Transformer(nn.Module):
             block.checkpoint = enabled and i % every == 0
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-norm hidden states [B, T, D]; ``attention_mask`` [B, T] (1 = token, 0 = right padding)."""
+        """Final-norm hidden states [B, T, D]; ``attention_mask`` [B, T] (1 = token, 0 = right padding).
+        In training with decoder graphs enabled (``minilora.graphs``) an unmasked batch may replay a CUDA graph."""
+        graphs = self.__dict__.get("_graphs")
+        if graphs is not None and attention_mask is None and self.training and torch.is_grad_enabled():
+            h = graphs(input_ids)
+            if h is not None:
+                return h
+        return self.eager_hidden_states(input_ids, attention_mask)
+
+    def eager_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                            ) -> torch.Tensor:
+        """``hidden_states`` run op by op."""
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(T, input_ids.device)

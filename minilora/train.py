@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from minilora import graphs
+
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
 
@@ -55,6 +57,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "bf16"  # bf16 autocast, or fp32
     grad_checkpointing: bool = False
+    cuda_graph: bool = False  # replay the decoder's forward and backward as CUDA graphs (minilora.graphs)
     eval_every: int = 0  # optimizer steps between evaluations (0: only at the end)
     save_every: int = 50  # optimizer steps between resumable checkpoints
     log_every: int = 1
@@ -265,6 +268,7 @@ class Trainer:
         self._stop_signal: int | None = None
         if hasattr(model, "set_gradient_checkpointing"):
             model.set_gradient_checkpointing(cfg.grad_checkpointing)
+        self.graphs = graphs.enable(model, self.device) if cfg.cuda_graph else None
 
     # ---- checkpointing ----
 
@@ -341,18 +345,22 @@ class Trainer:
         self._stop_signal = signum
 
     def autocast(self):
-        """bf16 autocast on this device when precision is bf16 (a no-op context otherwise)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+        """bf16 autocast on this device when precision is bf16 (a no-op context otherwise); without its weight
+        cache under CUDA graphs (which ``make_graphed_callables`` requires; the frozen weights are bf16 already)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16",
+                              cache_enabled=not self.cfg.cuda_graph)
 
-    def _micro_batch(self, indices: list[int]) -> Batch | None:
-        """This rank's share of a global micro-batch, on the device; None when it has no rows (a last batch
-        smaller than the number of ranks): the rank then adds nothing but still joins the step's collectives."""
+    def _micro_batch(self, indices: list[int]) -> tuple[Batch | None, int]:
+        """This rank's share of a global micro-batch, on the device, and its number of tokens (counted before the
+        copy, so that the host never waits for the device); (None, 0) when it has no rows (a last batch smaller
+        than the number of ranks): the rank then adds nothing but still joins the step's collectives."""
         rank, size = world()
         mine = indices[rank::size]
         if not mine:
-            return None
+            return None, 0
         batch = self.collate([self.dataset[i] for i in mine])
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, tokens
 
     def run_eval(self) -> dict[str, float]:
         if self.evaluate is None:
@@ -412,7 +420,7 @@ class Trainer:
                     st.epoch += 1
                     st.batch_in_epoch = 0
                     epoch_batches = self.batches(st.epoch)
-                batch = self._micro_batch(epoch_batches[st.batch_in_epoch])
+                batch, n_tokens = self._micro_batch(epoch_batches[st.batch_in_epoch])
                 st.batch_in_epoch += 1
                 if batch is None:
                     continue
@@ -421,7 +429,7 @@ class Trainer:
                 loss.backward()
                 loss_sum += loss.detach().double().cpu()
                 count += float(n)
-                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                tokens += n_tokens
             # the stop flag travels with the step's sums, so that every rank stops after the same step
             stopping = float(self._stop_signal is not None)
             stats = all_reduce_sum(torch.stack([loss_sum, count, torch.tensor(float(tokens), dtype=torch.float64),

@@ -312,6 +312,9 @@ def test_collate_pads_right_with_masks():
     assert out["labels"].tolist() == [[5, 6, 7], [8, -100, -100]]
     assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert all(t.dtype == torch.int64 for t in out.values())
+    full = collate([batch[0], {"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor([1, 2, 3])}], pad_id=0)
+    assert set(full) == {"input_ids", "labels"}  # no padding, no mask
+    assert full["input_ids"].tolist() == [[5, 6, 7], [1, 2, 3]]
 
 
 def test_epoch_order_is_a_deterministic_permutation():

@@ -376,20 +376,15 @@ def _setup_train(spec: dict, torch):
             total_loss, count = lm_loss_sum(model.hidden_states(ids), model.lm_head, ids)
             return total_loss / count
 
-        if spec.get("cuda_graph"):  # lm_loss_sum's label check and masking wait for the GPU, which a capture
-            # cannot; the benchmark's ids are all in range and none is ignored
-            from minilora.losses import LinearCrossEntropy, _compute_dtype
+        if spec.get("cuda_graph"):  # as train_dapt.py --cuda-graph: the decoder's forward and backward replayed
+            from minilora import graphs
 
-            def loss_fn(ids):  # noqa: F811 (the same sums as lm_loss_sum with no ignored labels)
-                h = model.hidden_states(ids)[:, :-1].reshape(-1, model.config.hidden_size)
-                y = ids[:, 1:].reshape(-1)
-                return LinearCrossEntropy.apply(h, model.lm_head.weight, y, _compute_dtype(h)) / y.numel()
-
+            graphs.enable(model, device)
         from minilora import ops
 
         seq = int(torch.load(spec["data_file"]).shape[1])
         probe = torch.empty(1, 1, seq, 1, device=spec["device"], requires_grad=True)
-        info = {"setup": RECIPE_TEXT[f"minilora/{mode}"] + (", the step replayed as one CUDA graph"
+        info = {"setup": RECIPE_TEXT[f"minilora/{mode}"] + (", the decoder replayed as CUDA graphs"
                                                             if spec.get("cuda_graph") else ""),
                 "attention": {"matmul": "minilora GEMM attention (training), SDPA (inference)",
                               "sdpa": "torch SDPA"}[ops.attention_backend(probe)]}
@@ -585,34 +580,6 @@ def _timed_loop(torch, spec: dict, step) -> dict:
             "results": results}
 
 
-def _graph_step(torch, forward_backward, opt, warmup: int = 3):
-    """A step function that replays forward, backward and ``opt.step()`` as one CUDA graph: the step's GPU work
-    with no host overhead between its kernels (--cuda-graph). The first call runs ``warmup`` eager steps on a side
-    stream (they tune the Triton kernels and pick the LoRA GEMMs, which the capture must not do), then captures
-    one, as in PyTorch's whole-network capture: grads set to None before the capture, so that the graph's
-    backward writes them afresh on every replay."""
-    state: dict = {}
-
-    def step() -> float:
-        if not state:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    forward_backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-            torch.cuda.current_stream().wait_stream(side)
-            state["graph"] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(state["graph"]):
-                state["loss"] = forward_backward()
-                opt.step()
-        state["graph"].replay()
-        return float(state["loss"])
-
-    return step
-
-
 def worker_train(spec: dict) -> dict:
     mem: dict[str, Any] = {"inherited_maxrss_mb": maxrss_mb()}
     torch = _import_torch(spec)
@@ -630,24 +597,18 @@ def worker_train(spec: dict) -> dict:
     model, loss_fn, params, info = _setup_train(spec, torch)
     # both sides: fused AdamW, the HF Trainer's default optimizer ("adamw_torch_fused") and minilora's Trainer's
     graph = bool(spec.get("cuda_graph")) and spec["side"] == "minilora"
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=graph)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     autocast = spec["mode"] == "bf16"
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
 
-    def forward_backward():  # no autocast cache under a graph (PyTorch's advice for capture with autocast)
+    def step() -> float:  # no autocast cache with graphs (make_graphed_callables requires it; minilora.graphs)
         with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=autocast, cache_enabled=not graph):
             loss = loss_fn(ids)
         loss.backward()
-        return loss.detach()
-
-    def step() -> float:
-        loss = forward_backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss)
 
-    if graph:
-        step = _graph_step(torch, forward_backward, opt)
 
     mem["after_load_mb"] = rss_mb()
     hwm = _memory_phase_start(torch, device)
@@ -657,6 +618,8 @@ def worker_train(spec: dict) -> dict:
     out = {**info, "tokens_per_step": tokens, "step_s": run["step_s"], "tok_s": [tokens / s for s in run["step_s"]],
            "losses": run["results"], "load": run["load"], "steps_all": run["steps_all"], "waited_s": run["waited_s"],
            "memory": mem, "malloc": spec["malloc_state"]}
+    if graph:  # whether the graph ran, and how often
+        out["cuda_graph"] = model.__dict__["_graphs"].status()
     if spec["side"] == "minilora" and dev_type == "cuda":  # per GEMM shape: the fused kernel or cuBLAS + addmm_
         from kernels import triton_impl
 
@@ -876,9 +839,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "on a CPU, a forecast of the GPU's memory ratio; with --shape llama7b, run it under "
                         "MINILORA_ATTENTION=sdpa, the attention minilora trains with on a GPU")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="minilora's training step (forward, backward, AdamW) captured once after its warm-up and "
-                        "replayed as one CUDA graph: the step's GPU time without the host's, to size how much of "
-                        "the eager step is host overhead (--device cuda; no LoRA dropout here)")
+                   help="minilora's decoder forward and backward replayed as CUDA graphs, as train_dapt.py "
+                        "--cuda-graph runs them (minilora.graphs; the loss and AdamW stay eager): the step without "
+                        "most of its host overhead (--device cuda)")
     p.add_argument("--max-others-load", type=float, default=0.25, metavar="CORES",
                    help="a timed step during which other processes used more CPU than this is redone (default 0.25)")
     p.add_argument("--wait-quiet", type=float, metavar="S",
@@ -1282,6 +1245,10 @@ def finish(meta: dict, gemm: dict, runs: list[dict], errors: list[str], echo: bo
             picks = ", ".join(f"{c['m_bucket']}x{c['k']}->{c['n']} {c['choice']} ({c['fused_ms']:.3f} fused, "
                               f"{c['cublas_ms']:.3f} cuBLAS ms)" for c in r["lora_matmul_choices"])
             print(f"\nLoRA GEMMs of {name} (MINILORA_LORA_MATMUL=auto): {picks}", flush=True)
+        if r.get("cuda_graph"):
+            g = r["cuda_graph"]
+            print(f"\nCUDA graph of {name}: " + (f"shape {g['shape']}, replayed {g['replays']} times" if g["captured"]
+                  else f"NOT captured, the steps ran eagerly ({g['error'] or 'no shape seen twice'})"), flush=True)
         if r.get("profile_error"):
             print(f"\nProfile of {name} failed: {r['profile_error']}", flush=True)
         if r.get("profile_top"):

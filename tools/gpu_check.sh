@@ -165,12 +165,12 @@ step train-bench 260 "$PY" tools/bench_train.py --device cuda --shape llama7b --
 # The recipes with --device cuda on a tiny random LLaMA: fp32 runs match the same runs on the CPU (DAPT losses and
 # adapter, task predictions, eval.py's rescoring); a bf16 DAPT run with dropout learns and resumes.
 # -n 3: one worker per test (one at a time they took 99 s of the 100 s limit on the H200).
-step recipes-cuda 100 "$PY" -m pytest tests/test_recipes_cuda.py -n 3 -v -rfE -p no:cacheprovider \
+step recipes-cuda 100 "$PY" -m pytest tests/test_recipes_cuda.py -n 4 -v -rfE -p no:cacheprovider \
     --junitxml="$WORK/recipes-cuda.xml"
 # --rowwise: also RMSNorm and SwiGLU (kernels.rowwise Triton vs minilora.ops' PyTorch functions).
 step kernel-bench 120 "$PY" tools/bench_kernels.py --device cuda --rowwise --json "$OUT/bench_kernels.json"
-# The same training step with minilora's side replayed as one CUDA graph (its eager step kept the H200 busy only 70%
-# of the time on the first run, 20261130): the step's speed with no host overhead between its kernels.
+# The same training step with minilora's decoder replayed as CUDA graphs, as train_dapt.py --cuda-graph trains (its
+# eager step kept the H200 busy only 70% of the time on the first run, 20261130): the step without most host overhead.
 step train-bench-graph 90 "$PY" tools/bench_train.py --device cuda --shape llama7b --layers 4 --modes bf16 \
     --targets qv --rounds 1 --hf-bf16 bf16w --no-classify --cuda-graph --json "$OUT/bench_train_graph.json"
 # Which Triton config, if any, brings the fused GEMM to cuBLAS's speed when W is K-contiguous (the forward), where

@@ -89,7 +89,10 @@ class TruncatedDataset(Dataset):
 
 
 def collate(batch: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: ``input_ids`` with ``pad_id``, ``labels`` with -100; ``attention_mask`` 1 on tokens."""
+    """Right-pad a batch: ``input_ids`` with ``pad_id``, ``labels`` with -100; ``attention_mask`` 1 on tokens.
+
+    A batch of rows of one length (packed blocks) gets no ``attention_mask``: the model then needs no check of it,
+    which on a GPU would make the host wait, and a CUDA graph can take the batch (``minilora.graphs``)."""
     if not batch:
         raise ValueError("collate needs a non-empty batch")
     width = max(len(item["input_ids"]) for item in batch)
@@ -101,4 +104,6 @@ def collate(batch: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torc
         input_ids[row, :n] = item["input_ids"]
         labels[row, :n] = item["labels"]
         attention_mask[row, :n] = 1
+    if all(len(item["input_ids"]) == width for item in batch):
+        return {"input_ids": input_ids, "labels": labels}
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
