@@ -12,15 +12,16 @@ What a graph needs, and how it is met here:
   shapes run eagerly;
 - no host synchronisation inside: the decoder has none without an attention mask (tests/test_graphs.py records
   the aten ops of a forward and backward on the Triton path to check); a batch with padding runs eagerly;
-- the same memory at every replay: tensors the graph reads that are neither inputs nor parameters (the RoPE
-  tables) are kept alive here, and moving the model (``.to()``, which re-packs its weights) drops the graph;
+- the same memory and adapters at every replay: tensors the graph reads that are neither inputs nor parameters
+  (the RoPE tables) are kept alive here; moving the model (``.to()``, which re-packs its weights) and adding,
+  merging, unmerging, freezing or unfreezing adapters (``minilora.lora``) drop the graph;
 - no random draws: LoRA dropout draws a seed on the host per call, which a graph would replay, so ``enable``
   refuses dropout; gradient checkpointing saves the RNG state, which a capture cannot read, so it is refused too;
 - no autocast weight cache (PyTorch's rule for ``make_graphed_callables``): the Trainer turns it off;
 - gradients that outlive the next replay: the graphed backward returns each parameter's gradient in the graph's
   static buffer, which autograd then makes the parameter's ``.grad`` when it had none, so the next micro-batch's
   replay overwrites it and gradient accumulation adds that micro-batch twice (pytorch/pytorch#181723). A hook on
-  each trainable parameter hands autograd a copy instead (one adapter-sized copy per step).
+  each parameter the graph differentiates hands autograd a copy instead (one adapter-sized copy per step).
 A capture that fails leaves the run eager, with one warning and the reason in ``status()``.
 """
 
@@ -63,7 +64,6 @@ def enable(model: nn.Module, device: torch.device | str,
         raise ValueError(why)
     graphs = DecoderGraphs(model, make)
     model.__dict__["_graphs"] = graphs  # a plain attribute: not a submodule, not in state_dict or .to()
-    graphs.hooks = [p.register_hook(torch.Tensor.clone) for p in model.model.parameters() if p.requires_grad]
     return graphs
 
 
@@ -92,7 +92,7 @@ class DecoderGraphs:
         self.keep: tuple = ()
         self.error: str | None = None
         self.replays = 0
-        self.hooks: list = []  # enable()'s gradient copies
+        self.hooks: dict[int, tuple] = {}  # id(parameter) -> (it, its gradient-copy hook): see the module doc
 
     @staticmethod
     def _key(ids: torch.Tensor) -> tuple:
@@ -114,8 +114,12 @@ class DecoderGraphs:
     def _capture(self, ids: torch.Tensor, key: tuple) -> None:
         make = self.make or torch.cuda.make_graphed_callables
         self.keep = self.model.rope(ids.shape[1], ids.device)  # read by the graph, never an input: kept alive
+        module = _Decoder(self.model)
+        for p in module.trainable:
+            if id(p) not in self.hooks:
+                self.hooks[id(p)] = (p, p.register_hook(torch.Tensor.clone))  # p held: its id stays its own
         try:
-            self.graphed = make(_Decoder(self.model), (ids.clone(),), allow_unused_input=True)
+            self.graphed = make(module, (ids.clone(),), allow_unused_input=True)
             self.key = key
         except Exception as exc:  # noqa: BLE001 (any capture failure: the run goes on eagerly)
             self.graphed, self.keep = None, ()
@@ -124,7 +128,8 @@ class DecoderGraphs:
                   file=sys.stderr)
 
     def drop(self) -> None:
-        """Forget the graph (the weights it reads have moved); the next shape seen twice is captured again."""
+        """Forget the graph (the weights it reads have moved, or the adapters changed); the next shape seen twice
+        is captured again."""
         self.graphed, self.key, self.keep, self.seen = None, None, (), {}
 
     def status(self) -> dict:

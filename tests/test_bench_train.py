@@ -215,10 +215,16 @@ def test_profile_lines_for_cuda_and_for_a_failed_profiler(capsys: pytest.Capture
     ml["lora_matmul_choices"] = [{"device": "cuda:0", "dtype": "bfloat16", "m_bucket": 2048, "n": 12288, "k": 4096,
                                   "r": 32, "x_layout": "row", "w_layout": "col", "choice": "cublas",
                                   "fused_ms": 0.412, "cublas_ms": 0.371}]
+    ml["cuda_graph"] = {"captured": True, "shape": [8, 256], "replays": 9, "error": None}
+    ml["memory"]["cuda_reserved_peak_mb"] = 3300.0
     hf = _run("hf", "bf16w", 0.02, 5000.0)
     hf["profile_error"] = "RuntimeError: CUPTI unavailable"
     result = bt.finish(_meta("cuda", "llama7b"), GEMM, [ml, hf], [], echo=True)
     out = capsys.readouterr().out
+    assert "CUDA graph of train bf16 qv minilora: shape [8, 256], replayed 9 times; peak reserved 3,300 MB" in out
+    ml["cuda_graph"] = {"captured": False, "shape": None, "replays": 0, "error": "RuntimeError: capture"}
+    bt.finish(_meta("cuda", "llama7b"), GEMM, [ml, hf], [], echo=True)
+    assert "minilora: NOT captured, the steps ran eagerly (RuntimeError: capture)" in capsys.readouterr().out
     assert "LoRA GEMMs of train bf16 qv minilora (MINILORA_LORA_MATMUL=auto): 2048x4096->12288 cublas " \
            "(0.412 fused, 0.371 cuBLAS ms)" in out
     assert "top ops by self CUDA time): train bf16 qv minilora" in out and "3.25 ms CUDA" in out

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_interpreter_child
-from minilora import graphs
+from minilora import graphs, lora
 from minilora.lora import add_adapter
 from minilora.model import LlamaConfig, Transformer
 from minilora.train import TrainConfig, Trainer
@@ -148,8 +148,8 @@ def test_graphs_capture_a_shape_on_its_second_call_and_replay_only_it() -> None:
         assert len(make.calls) == (0 if call == 0 else 1)
     module, sample, unused = make.calls[0]
     assert isinstance(module, graphs._Decoder) and unused
-    lora = [p for n, p in model.named_parameters() if "lora_" in n]
-    assert list(module.trainable) == lora and all(a is b for a, b in zip(module.trainable, lora))
+    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert list(module.trainable) == adapters and all(a is b for a, b in zip(module.trainable, adapters))
     assert not any(name.startswith("lm.") for name, _ in module.named_parameters())  # the model is not a child
     assert torch.equal(sample[0], ids) and sample[0] is not ids
     assert g.keep[0] is model.rope(8, ids.device)[0]  # the RoPE tables the graph reads stay alive
@@ -176,6 +176,19 @@ def test_graphs_capture_a_shape_on_its_second_call_and_replay_only_it() -> None:
     loss_and_grads(model, ids)
     assert len(make.calls) == 2 and g.status()["replays"] == 3
 
+    # a changed set of adapters drops the graph too; the new one differentiates the new trainable set
+    for change in (lambda: lora.add_adapter(model, "domain", r=2, alpha=4, targets=("q_proj",)),
+                   lambda: lora.set_trainable(model, "domain", False),
+                   lambda: lora.merge_adapter(model, "domain"), lambda: lora.unmerge_adapter(model, "domain")):
+        change()
+        assert not g.status()["captured"]
+        loss_and_grads(model, ids)
+        loss_and_grads(model, ids)  # captured again
+        assert g.status()["captured"]
+    assert len(make.calls) == 6
+    assert [p for p in make.calls[-1][0].trainable] == [p for p in model.model.parameters() if p.requires_grad]
+    assert len(make.calls[2][0].trainable) == 12 and len(make.calls[3][0].trainable) == 8  # + domain on q, then frozen
+
 
 def test_graphed_gradients_accumulate_over_micro_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two micro-batches through the graph give .grad = the sum of their gradients, as eagerly: without enable()'s
@@ -189,13 +202,13 @@ def test_graphed_gradients_accumulate_over_micro_batches(monkeypatch: pytest.Mon
     want = [p.grad.clone() for p in eager.parameters() if p.requires_grad]
     for hooks in (True, False):
         model = tiny()
-        if hooks:
-            g = graphs.enable(model, "cuda", FakeMake())
-            assert model.__dict__["_graphs"] is g and len(g.hooks) == 8  # A and B of q and v in 2 layers
-        else:
-            g = model.__dict__["_graphs"] = graphs.DecoderGraphs(model, FakeMake())
+        g = graphs.enable(model, "cuda", FakeMake())
         for x in ids[:2]:  # the first shape's second call captures
             model.hidden_states(x)
+        assert model.__dict__["_graphs"] is g and len(g.hooks) == 8  # A and B of q and v in 2 layers
+        if not hooks:
+            for _, handle in g.hooks.values():
+                handle.remove()
         model.zero_grad(set_to_none=True)
         for x in ids[1:]:
             model.hidden_states(x).square().mean().backward()

@@ -509,11 +509,14 @@ def _memory_phase_start(torch, device: str) -> bool:
 def _memory_phase_end(torch, device: str, hwm_reset: bool, warmup_peak_mb: float | None = None) -> dict:
     """The phase's peaks. On CUDA ``cuda_peak_mb`` covers warm-up and timed steps (the measure the targets use);
     with the warm-up's own peak (``_timed_loop`` resets the counter after it) each part is also given alone, which
-    separates one-time costs such as kernel tuning from a step's."""
+    separates one-time costs such as kernel tuning from a step's. ``cuda_reserved_peak_mb`` is the caching
+    allocator's peak reservation over both: a CUDA graph's private pool stays reserved between replays, and its
+    freed blocks are not counted as allocated."""
     out = {"peak_rss_mb": maxrss_mb(), "phase_peak_rss_mb": (_status_kb("VmHWM") or 0) / 1024 if hwm_reset else None}
     if device.startswith("cuda"):
         timed = torch.cuda.max_memory_allocated(device) / 2**20
         out["cuda_peak_mb"] = max(timed, warmup_peak_mb or 0.0)
+        out["cuda_reserved_peak_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
         if warmup_peak_mb is not None:
             out["cuda_peak_warmup_mb"], out["cuda_peak_timed_mb"] = warmup_peak_mb, timed
     return out
@@ -1247,8 +1250,11 @@ def finish(meta: dict, gemm: dict, runs: list[dict], errors: list[str], echo: bo
             print(f"\nLoRA GEMMs of {name} (MINILORA_LORA_MATMUL=auto): {picks}", flush=True)
         if r.get("cuda_graph"):
             g = r["cuda_graph"]
+            reserved = r.get("memory", {}).get("cuda_reserved_peak_mb")
             print(f"\nCUDA graph of {name}: " + (f"shape {g['shape']}, replayed {g['replays']} times" if g["captured"]
-                  else f"NOT captured, the steps ran eagerly ({g['error'] or 'no shape seen twice'})"), flush=True)
+                  else f"NOT captured, the steps ran eagerly ({g['error'] or 'no shape seen twice'})")
+                  + (f"; peak reserved {reserved:,.0f} MB (the graph's pool stays reserved)" if reserved else ""),
+                  flush=True)
         if r.get("profile_error"):
             print(f"\nProfile of {name} failed: {r['profile_error']}", flush=True)
         if r.get("profile_top"):
