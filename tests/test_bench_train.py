@@ -253,9 +253,11 @@ def test_device_busy_time_merges_overlapping_gpu_events() -> None:
 def test_cuda_peak_covers_warmup_and_timed_steps() -> None:
     """The targets' CUDA peak is the larger of the warm-up's (kernel tuning) and the timed steps'; both are kept."""
     bt = _bench_module()
-    fake = SimpleNamespace(cuda=SimpleNamespace(max_memory_allocated=lambda device: 3 * 2**20))
+    fake = SimpleNamespace(cuda=SimpleNamespace(max_memory_allocated=lambda device: 3 * 2**20,
+                                                max_memory_reserved=lambda device: 8 * 2**20))
     both = bt._memory_phase_end(fake, "cuda:0", False, 5.0)
     assert (both["cuda_peak_mb"], both["cuda_peak_warmup_mb"], both["cuda_peak_timed_mb"]) == (5.0, 5.0, 3.0)
+    assert both["cuda_reserved_peak_mb"] == 8.0
     assert bt._memory_phase_end(fake, "cuda:0", False, 2.0)["cuda_peak_mb"] == 3.0
     plain = bt._memory_phase_end(fake, "cuda:0", False)
     assert plain["cuda_peak_mb"] == 3.0 and "cuda_peak_timed_mb" not in plain
