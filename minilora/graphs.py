@@ -121,6 +121,8 @@ class DecoderGraphs:
         try:
             self.graphed = make(module, (ids.clone(),), allow_unused_input=True)
             self.key = key
+            if ids.is_cuda:  # the warm-up ran on a side stream, whose cached blocks the main stream cannot reuse
+                torch.cuda.empty_cache()
         except Exception as exc:  # noqa: BLE001 (any capture failure: the run goes on eagerly)
             self.graphed, self.keep = None, ()
             self.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]

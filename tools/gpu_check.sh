@@ -162,17 +162,20 @@ step kernel-tests 170 env MINILORA_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_
 # later session without a GPU can see where each side's time went (the full tables stay in the scratch folder).
 step train-bench 260 "$PY" tools/bench_train.py --device cuda --shape llama7b --layers 4 --modes bf16 \
     --targets qv --rounds 1 --no-classify --profile "$WORK/profile" --json "$OUT/bench_train.json"
+# The same with minilora's decoder replayed as CUDA graphs, as train_dapt.py --cuda-graph trains (its eager step
+# kept the H200 busy only 70% of the time on the first run, 20261130), against both transformers recipes again, in
+# one run; --profile shows how busy the GPU is then.
+step train-bench-graph 150 "$PY" tools/bench_train.py --device cuda --shape llama7b --layers 4 --modes bf16 \
+    --targets qv --rounds 1 --no-classify --cuda-graph --profile "$WORK/profile-graph" \
+    --json "$OUT/bench_train_graph.json"
 # The recipes with --device cuda on a tiny random LLaMA: fp32 runs match the same runs on the CPU (DAPT losses and
-# adapter, task predictions, eval.py's rescoring); a bf16 DAPT run with dropout learns and resumes.
-# -n 3: one worker per test (one at a time they took 99 s of the 100 s limit on the H200).
+# adapter, task predictions, eval.py's rescoring), and so does a DAPT run with --cuda-graph; a bf16 DAPT run with
+# dropout learns and resumes. -n 4: one worker per test (one at a time, three of them took 99 s of the 100 s limit
+# on the H200).
 step recipes-cuda 100 "$PY" -m pytest tests/test_recipes_cuda.py -n 4 -v -rfE -p no:cacheprovider \
     --junitxml="$WORK/recipes-cuda.xml"
 # --rowwise: also RMSNorm and SwiGLU (kernels.rowwise Triton vs minilora.ops' PyTorch functions).
 step kernel-bench 120 "$PY" tools/bench_kernels.py --device cuda --rowwise --json "$OUT/bench_kernels.json"
-# The same training step with minilora's decoder replayed as CUDA graphs, as train_dapt.py --cuda-graph trains (its
-# eager step kept the H200 busy only 70% of the time on the first run, 20261130): the step without most host overhead.
-step train-bench-graph 90 "$PY" tools/bench_train.py --device cuda --shape llama7b --layers 4 --modes bf16 \
-    --targets qv --rounds 1 --hf-bf16 bf16w --no-classify --cuda-graph --json "$OUT/bench_train_graph.json"
 # Which Triton config, if any, brings the fused GEMM to cuBLAS's speed when W is K-contiguous (the forward), where
 # the first run's autotuned kernel ran at 0.65-0.72x cuBLAS (issue 3's fwd <= 1.08x bare target needs it).
 step kernel-sweep 90 "$PY" tools/bench_kernels.py --device cuda --sweep-only --warmup 3 --iters 20 \
