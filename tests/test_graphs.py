@@ -5,8 +5,9 @@
   aten ops are recorded; the same recorder sees the attention-mask check and LoRA dropout's seed draw, which is
   why padded batches run eagerly and dropout is refused.
 - Which calls a graph takes (a shape's second call captures, other shapes, masks, eval and no-grad run eagerly;
-  ``.to()`` drops the graph; a failed capture warns and stays eager), with a stand-in for
-  ``torch.cuda.make_graphed_callables`` that runs the module it is given.
+  ``.to()`` and a changed set of adapters drop the graph; a failed capture warns and stays eager), and gradient
+  accumulation over replays, with a stand-in for ``torch.cuda.make_graphed_callables`` that returns, as PyTorch's
+  does, its output and the parameters' gradients in static buffers.
 - The refusals, the Trainer's and train_dapt.py's errors.
 tests/test_recipes_cuda.py trains with real graphs on a GPU (tools/gpu_check.sh).
 """

@@ -8,8 +8,12 @@ import dataclasses
 import gzip
 import io
 import json
+import os
 import random
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +22,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import MultiLabelBinarizer
 
+from conftest import ROOT
 from minilora.data import (
     TASKS,
     clean_note,
@@ -162,3 +167,26 @@ def _auroc(task_dir, name: str) -> float:
 @pytest.mark.parametrize("name", list(TASKS))
 def test_labels_are_learnable_but_noisy(task_dir, name):
     assert 0.6 < _auroc(task_dir, name) < 0.97
+
+
+def test_generated_files_do_not_depend_on_the_string_hash_seed(tmp_path: Path) -> None:
+    """The same seed gives byte-identical corpora and task CSVs in processes with different PYTHONHASHSEED (set
+    iteration order follows string hashes; a draw taken in that order made every run's demo data differ)."""
+    script = (
+        "import hashlib, pathlib, sys\n"
+        "from minilora.data.synthetic import TASKS, write_dapt_corpus, write_task_csvs\n"
+        "d = pathlib.Path(sys.argv[1])\n"
+        "h = hashlib.sha256(write_dapt_corpus(d / 'notes.jsonl', 60, seed=0).read_bytes())\n"
+        "for t in TASKS:\n"
+        "    for p in sorted(write_task_csvs(d / t, t, 60, seed=0).values()):\n"
+        "        h.update(p.read_bytes())\n"
+        "print(h.hexdigest())\n"
+    )
+    digests = set()
+    for hash_seed in ("1", "2", "3"):
+        out = tmp_path / hash_seed
+        proc = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=120,
+                              cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        digests.add(proc.stdout.strip())
+    assert len(digests) == 1

@@ -612,7 +612,6 @@ def worker_train(spec: dict) -> dict:
         opt.zero_grad(set_to_none=True)
         return float(loss)
 
-
     mem["after_load_mb"] = rss_mb()
     hwm = _memory_phase_start(torch, device)
     run = _timed_loop(torch, spec, step)

@@ -617,6 +617,7 @@ def _patient(rng: random.Random, subject_id: int, problem: Problem) -> Patient:
     conditions.update(problem.implies)
     if "etoh" in conditions and rng.random() < 0.3:
         conditions.add("cirrhosis")
+    conditions = sorted(conditions)  # a set's order changes with PYTHONHASHSEED, and draws below follow this order
     smoker = rng.choices(("never", "former", "current"), (5, 3, 2) if "copd" not in conditions else (1, 5, 4))[0]
     risk = sum(CONDITION_BY_KEY[k].risk for k in conditions)
     severity = rng.gauss(0, 1) + problem.severity + 0.5 * risk + 0.15 * decades
