@@ -67,6 +67,19 @@ def enable(model: nn.Module, device: torch.device | str,
     return graphs
 
 
+def of(model: nn.Module) -> "DecoderGraphs | None":
+    """The decoder graphs ``enable`` gave ``model``, or None."""
+    return model.__dict__.get("_graphs")
+
+
+def invalidate(model: nn.Module) -> None:
+    """Drop ``model``'s graph, if any: its weights moved (``.to()``) or its adapters were added, merged, unmerged,
+    frozen or unfrozen (``minilora.lora``), so a replay would run the old ones. A shape seen twice captures anew."""
+    graphs = of(model)
+    if graphs is not None:
+        graphs.drop()
+
+
 class _Decoder(nn.Module):
     """``model.hidden_states(ids)`` as a module whose parameters are the decoder's trainable ones (the adapters):
     ``make_graphed_callables`` differentiates a module's parameters. ``model`` is held, not registered."""

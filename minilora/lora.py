@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from minilora import graphs
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
@@ -191,14 +192,6 @@ def _wrap(model: nn.Module, name: str) -> LoRALinear:
     return mod
 
 
-def _adapters_changed(model: nn.Module) -> None:
-    """Adapters were added, merged, unmerged, frozen or unfrozen: a CUDA graph of the decoder (minilora.graphs)
-    replays the old set, so it is dropped (captured again once a shape is seen twice)."""
-    graphs = model.__dict__.get("_graphs")
-    if graphs is not None:
-        graphs.drop()
-
-
 def freeze_base(model: nn.Module) -> None:
     """Freeze every parameter that is not a LoRA parameter (as PEFT does); adapters keep their flags."""
     for name, p in model.named_parameters():
@@ -225,7 +218,7 @@ def add_adapter(
     for n in names:
         _wrap(model, n).add(name, AdapterSpec(r, float(alpha), dropout, use_rslora), trainable)
     freeze_base(model)
-    _adapters_changed(model)
+    graphs.invalidate(model)
     return names
 
 
@@ -245,7 +238,7 @@ def set_trainable(model: nn.Module, name: str, flag: bool) -> None:
     for _, layer in _layers_with(model, name):
         layer.lora_A[name].requires_grad_(flag)
         layer.lora_B[name].requires_grad_(flag)
-    _adapters_changed(model)
+    graphs.invalidate(model)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, float]:
@@ -263,7 +256,7 @@ def merge_adapter(model: nn.Module, name: str) -> None:
             raise ValueError(f"adapter {name!r} is already merged in {lname}")
         layer.weight.add_(layer.delta_weight(name).to(layer.weight.dtype))
         layer.specs[name].merged = True
-    _adapters_changed(model)
+    graphs.invalidate(model)
 
 
 @torch.no_grad()
@@ -274,7 +267,7 @@ def unmerge_adapter(model: nn.Module, name: str) -> None:
             raise ValueError(f"adapter {name!r} is not merged in {lname}")
         layer.weight.sub_(layer.delta_weight(name).to(layer.weight.dtype))
         layer.specs[name].merged = False
-    _adapters_changed(model)
+    graphs.invalidate(model)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -387,7 +380,7 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str, trainable: 
             layer.lora_A[name].copy_(ab["lora_A"])
             layer.lora_B[name].copy_(ab["lora_B"])
     freeze_base(model)
-    _adapters_changed(model)
+    graphs.invalidate(model)
     return sorted(pairs)
 
 

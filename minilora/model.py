@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from minilora import ops
+from minilora import graphs, ops
 from minilora.lora import linear_group, pack_linears
 
 _REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -242,8 +242,7 @@ class Transformer(nn.Module):
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         self.pack_projections()
-        if "_graphs" in self.__dict__:  # a CUDA graph reads the weights where they were
-            self.__dict__["_graphs"].drop()
+        graphs.invalidate(self)  # a CUDA graph reads the weights where they were
         return self
 
     def rope(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,9 +263,9 @@ class Transformer(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states [B, T, D]; ``attention_mask`` [B, T] (1 = token, 0 = right padding).
         In training with decoder graphs enabled (``minilora.graphs``) an unmasked batch may replay a CUDA graph."""
-        graphs = self.__dict__.get("_graphs")
-        if graphs is not None and attention_mask is None and self.training and torch.is_grad_enabled():
-            h = graphs(input_ids)
+        decoder_graphs = graphs.of(self)
+        if decoder_graphs is not None and attention_mask is None and self.training and torch.is_grad_enabled():
+            h = decoder_graphs(input_ids)
             if h is not None:
                 return h
         return self.eager_hidden_states(input_ids, attention_mask)

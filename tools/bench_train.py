@@ -621,7 +621,9 @@ def worker_train(spec: dict) -> dict:
            "losses": run["results"], "load": run["load"], "steps_all": run["steps_all"], "waited_s": run["waited_s"],
            "memory": mem, "malloc": spec["malloc_state"]}
     if graph:  # whether the graph ran, and how often
-        out["cuda_graph"] = model.__dict__["_graphs"].status()
+        from minilora import graphs
+
+        out["cuda_graph"] = graphs.of(model).status()
     if spec["side"] == "minilora" and dev_type == "cuda":  # per GEMM shape: the fused kernel or cuBLAS + addmm_
         from kernels import triton_impl
 
