@@ -1,5 +1,5 @@
-"""RMSNorm, SwiGLU and RoPE in Triton, forward and backward, and cross-entropy rows (CUDA; CPU only under
-``TRITON_INTERPRET=1``).
+"""RMSNorm (with or without the residual add before it), SwiGLU and RoPE in Triton, forward and backward, and
+cross-entropy rows (CUDA; CPU only under ``TRITON_INTERPRET=1``).
 
 Both ops are memory-bound: each kernel reads its inputs once, computes in fp32 registers and writes its outputs
 once in the input dtype. ``minilora.ops.rms_norm`` / ``minilora.ops.swiglu`` dispatch here for CUDA tensors
@@ -17,11 +17,17 @@ RMSNorm over the last dim D (1 <= D <= ``MAX_RMS_NORM_D``), the semantics of ``m
               dw = sum over rows of g * (x * rstd).to(x.dtype), only when w requires grad: P programs (about two
               per SM) each loop over rows pid, pid + P, ..., accumulate an fp32 partial [D] in registers and
               write it to a [P, D] buffer that one torch ``sum(0)`` reduces. Without dw: one program per row.
+    with the residual add before it (``add_rms_norm``: h = x + a, then the norm of h, as a pre-norm block does):
+              the forward also reads a and writes h (rounded to x's dtype, as a separate add); the backward adds
+              the gradient that reaches h along the residual stream into dh in the same pass (one rounding, and no
+              separate add of two [rows, D] gradients)
 
 SwiGLU, elementwise over ``[rows, N]`` (a flat 1-D range when every tensor is contiguous):
 
     forward   h = silu(gate) * up                                    saves gate and up only
     backward  dgate = g * up * sig * (1 + gate * (1 - sig)),  dup = g * silu(gate),  sig = sigmoid(gate)
+    packed    gate and up the two halves of one [rows, 2N] gate|up projection (``swiglu_packed``): dgate and dup
+              are written into the halves of one packed gradient, which the projection's backward takes as it is
 
 RoPE on a packed q|k|v projection ``[B, T, (H + 2 Hkv) D]`` (as ``minilora.ops._QKVRoPE`` on the CPU):
 
@@ -78,12 +84,18 @@ def rms_norm_warps(block_d: int) -> int:
 
 # ---------------------------------------------------------------- kernels
 @triton.jit
-def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, D, eps, BLOCK_D: tl.constexpr):
-    """Y[row] = W * (X[row] * rstd).to(X dtype), RSTD[row] = rsqrt(mean(X[row]^2) + eps); Y is [rows, D]."""
+def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, D, eps, A, H, stride_a, HAS_RESIDUAL: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """Y[row] = W * (X[row] * rstd).to(X dtype), RSTD[row] = rsqrt(mean(X[row]^2) + eps); Y is [rows, D].
+    HAS_RESIDUAL: the row normalised is H[row] = (X[row] + A[row]).to(X dtype), which is stored too ([rows, D])."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     inside = cols < D
     x = tl.load(X + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:  # the residual add, rounded to the stream's dtype as a separate add would be
+        h = (x + tl.load(A + row * stride_a + cols, mask=inside, other=0.0).to(tl.float32)).to(Y.dtype.element_ty)
+        tl.store(H + row * D + cols, h, mask=inside)
+        x = h.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
     n = (x * rstd).to(Y.dtype.element_ty).to(tl.float32)  # rounded to x's dtype before the weight, as HF
     w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
@@ -92,9 +104,12 @@ def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, D, eps, BLOCK_D: tl.constexpr)
 
 
 @triton.jit
-def _rms_norm_bwd_kernel(X, W, G, RSTD, DX, DW, M, D, stride_x, stride_g, P,
-                         HAS_DX: tl.constexpr, HAS_DW: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows pid, pid + P, ... < M: DX[row] (if HAS_DX) and the fp32 partial DW[pid] = sum g * xhat (if HAS_DW)."""
+def _rms_norm_bwd_kernel(X, W, G, RSTD, DX, DW, M, D, stride_x, stride_g, P, GH, stride_gh,
+                         HAS_DX: tl.constexpr, HAS_DW: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """Rows pid, pid + P, ... < M: DX[row] (if HAS_DX) and the fp32 partial DW[pid] = sum g * xhat (if HAS_DW).
+    HAS_RESIDUAL: GH[row], the gradient that reaches X along the residual stream, is added to DX[row] before its
+    one rounding."""
     pid = tl.program_id(0)
     first = pid.to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -104,6 +119,7 @@ def _rms_norm_bwd_kernel(X, W, G, RSTD, DX, DW, M, D, stride_x, stride_g, P,
     x_ptrs = X + first * stride_x + cols  # advanced by P rows per step (pointers are 64-bit, rows * D may not be)
     g_ptrs = G + first * stride_g + cols
     dx_ptrs = DX + first * D + cols
+    gh_ptrs = GH + first * stride_gh + cols
     rstd_ptr = RSTD + first
     for _ in range(pid, M, P):
         x = tl.load(x_ptrs, mask=inside, other=0.0).to(tl.float32)
@@ -112,12 +128,16 @@ def _rms_norm_bwd_kernel(X, W, G, RSTD, DX, DW, M, D, stride_x, stride_g, P,
         if HAS_DX:
             gw = g * w
             c = tl.sum(gw * x, axis=0) * (rstd * rstd * rstd / D)
-            tl.store(dx_ptrs, (gw * rstd - x * c).to(DX.dtype.element_ty), mask=inside)
+            dx = gw * rstd - x * c
+            if HAS_RESIDUAL:
+                dx += tl.load(gh_ptrs, mask=inside, other=0.0).to(tl.float32)
+            tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=inside)
         if HAS_DW:
             dw += g * (x * rstd).to(X.dtype.element_ty).to(tl.float32)
         x_ptrs += P * stride_x
         g_ptrs += P * stride_g
         dx_ptrs += P * D
+        gh_ptrs += P * stride_gh
         rstd_ptr += P
     if HAS_DW:
         tl.store(DW + first * D + cols, dw, mask=inside)
@@ -143,9 +163,10 @@ def _swiglu_fwd_kernel(GATE, UP, H, N, n_blocks, stride_gate, stride_up, BLOCK: 
 
 
 @triton.jit
-def _swiglu_bwd_kernel(G, GATE, UP, DGATE, DUP, N, n_blocks, stride_g, stride_gate, stride_up,
-                       HAS_DGATE: tl.constexpr, HAS_DUP: tl.constexpr, BLOCK: tl.constexpr):
-    """DGATE = G * UP * sig * (1 + GATE * (1 - sig)), DUP = G * silu(GATE); both [rows, N]."""
+def _swiglu_bwd_kernel(G, GATE, UP, DGATE, DUP, N, n_blocks, stride_g, stride_gate, stride_up, stride_dgate,
+                       stride_dup, HAS_DGATE: tl.constexpr, HAS_DUP: tl.constexpr, BLOCK: tl.constexpr):
+    """DGATE = G * UP * sig * (1 + GATE * (1 - sig)), DUP = G * silu(GATE); both [rows, N] with their own row
+    strides (the two halves of one packed gate|up gradient, for one)."""
     row, cols, inside = _swiglu_block(N, n_blocks, BLOCK)
     g = tl.load(G + row * stride_g + cols, mask=inside, other=0.0).to(tl.float32)
     a = tl.load(GATE + row * stride_gate + cols, mask=inside, other=0.0).to(tl.float32)
@@ -153,9 +174,9 @@ def _swiglu_bwd_kernel(G, GATE, UP, DGATE, DUP, N, n_blocks, stride_g, stride_ga
     if HAS_DGATE:
         b = tl.load(UP + row * stride_up + cols, mask=inside, other=0.0).to(tl.float32)
         dgate = g * b * sig * (1.0 + a * (1.0 - sig))
-        tl.store(DGATE + row * N + cols, dgate.to(DGATE.dtype.element_ty), mask=inside)
+        tl.store(DGATE + row * stride_dgate + cols, dgate.to(DGATE.dtype.element_ty), mask=inside)
     if HAS_DUP:
-        tl.store(DUP + row * N + cols, (g * a * sig).to(DUP.dtype.element_ty), mask=inside)
+        tl.store(DUP + row * stride_dup + cols, (g * a * sig).to(DUP.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -276,23 +297,33 @@ def swiglu_supported(gate: Tensor, up: Tensor) -> bool:
             and up.device == gate.device)
 
 
-def rms_norm_forward(x2: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(y [rows, D], rstd [rows] fp32) for a 2-D x2 with a unit-stride last dim."""
+def add_rms_norm_supported(x: Tensor, a: Tensor, weight: Tensor) -> bool:
+    """Whether ``add_rms_norm`` takes these inputs (else the add and ``rms_norm`` apart)."""
+    return (rms_norm_supported(x, weight) and a.shape == x.shape and a.dtype == x.dtype and a.device == x.device)
+
+
+def rms_norm_forward(x2: Tensor, weight: Tensor, eps: float, a2: Tensor | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """(y [rows, D], rstd [rows] fp32, h) for a 2-D x2 with a unit-stride last dim; h is the row normalised:
+    ``x2 + a2`` (a new [rows, D] tensor) when a residual ``a2`` of x2's shape is given, else x2 itself."""
     m, d = x2.shape
     y = torch.empty((m, d), device=x2.device, dtype=x2.dtype)
     rstd = torch.empty(m, device=x2.device, dtype=torch.float32)
+    h = x2 if a2 is None else torch.empty((m, d), device=x2.device, dtype=x2.dtype)
     if m == 0:
-        return y, rstd
+        return y, rstd, h
     block = rms_norm_block(d)
     with _device_ctx(x2):
         _rms_norm_fwd_kernel[(m,)](x2, weight, y, rstd, x2.stride(0), d, float(eps),
-                                   BLOCK_D=block, num_warps=rms_norm_warps(block))
-    return y, rstd
+                                   x2 if a2 is None else a2, h, 0 if a2 is None else a2.stride(0),
+                                   HAS_RESIDUAL=a2 is not None, BLOCK_D=block, num_warps=rms_norm_warps(block))
+    return y, rstd, h
 
 
-def rms_norm_backward(g2: Tensor, x2: Tensor, weight: Tensor, rstd: Tensor, need_dx: bool, need_dw: bool
-                      ) -> tuple[Tensor | None, Tensor | None]:
-    """(dx [rows, D] or None, dw [D] or None) from the output gradient g2 and the saved x2, weight, rstd."""
+def rms_norm_backward(g2: Tensor, x2: Tensor, weight: Tensor, rstd: Tensor, need_dx: bool, need_dw: bool,
+                      gh2: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """(dx [rows, D] or None, dw [D] or None) from the output gradient g2 and the saved x2, weight, rstd; ``gh2``
+    (with ``need_dx``): a gradient of x2 from elsewhere (the residual stream), added into dx."""
     m, d = x2.shape
     dx = torch.empty((m, d), device=x2.device, dtype=x2.dtype) if need_dx else None
     if m == 0 or not (need_dx or need_dw):
@@ -304,12 +335,13 @@ def rms_norm_backward(g2: Tensor, x2: Tensor, weight: Tensor, rstd: Tensor, need
     else:
         programs = min(m, INTERPRET_DW_PROGRAMS)
     partial = torch.empty((programs, d), device=x2.device, dtype=torch.float32) if need_dw else None
+    residual = need_dx and gh2 is not None
     block = rms_norm_block(d)
     with _device_ctx(x2):
         _rms_norm_bwd_kernel[(programs,)](
             x2, weight, g2, rstd, x2 if dx is None else dx, rstd if partial is None else partial,
-            m, d, x2.stride(0), g2.stride(0), programs,
-            HAS_DX=need_dx, HAS_DW=need_dw, BLOCK_D=block, num_warps=rms_norm_warps(block))
+            m, d, x2.stride(0), g2.stride(0), programs, gh2 if residual else g2, gh2.stride(0) if residual else 0,
+            HAS_DX=need_dx, HAS_DW=need_dw, HAS_RESIDUAL=residual, BLOCK_D=block, num_warps=rms_norm_warps(block))
     dw = None
     if need_dw:
         dw = (partial[0] if programs == 1 else partial.sum(0)).to(weight.dtype)
@@ -333,15 +365,23 @@ def swiglu_backward(g: Tensor, gate: Tensor, up: Tensor, need_dgate: bool, need_
     """(dgate or None, dup or None), new contiguous tensors of gate's shape."""
     dgate = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype) if need_dgate else None
     dup = torch.empty(gate.shape, device=gate.device, dtype=up.dtype) if need_dup else None
-    if gate.numel() == 0 or not (need_dgate or need_dup):
-        return dgate, dup
-    (gg, a, b), m, n, (sg, sa, sb) = _elementwise_layout(g, gate, up)
+    _swiglu_backward_into(g, gate, up, dgate, dup)
+    return dgate, dup
+
+
+def _swiglu_backward_into(g: Tensor, gate: Tensor, up: Tensor, dgate: Tensor | None, dup: Tensor | None) -> None:
+    """Write the SwiGLU gradients into ``dgate`` and ``dup`` (either None): tensors of gate's shape with unit-stride
+    rows, contiguous or the halves of one packed gradient."""
+    if gate.numel() == 0 or (dgate is None and dup is None):
+        return
+    # a missing output's slot gets the other one, which the kernel then does not write
+    outs = (dgate if dgate is not None else dup, dup if dup is not None else dgate)
+    (gg, a, b, od, ou), m, n, strides = _elementwise_layout(g, gate, up, *outs)
     n_blocks = triton.cdiv(n, SWIGLU_BLOCK)
     with _device_ctx(gate):
         _swiglu_bwd_kernel[(m * n_blocks,)](
-            gg, a, b, a if dgate is None else dgate, a if dup is None else dup, n, n_blocks, sg, sa, sb,
-            HAS_DGATE=need_dgate, HAS_DUP=need_dup, BLOCK=SWIGLU_BLOCK, num_warps=SWIGLU_WARPS)
-    return dgate, dup
+            gg, a, b, od, ou, n, n_blocks, *strides,
+            HAS_DGATE=dgate is not None, HAS_DUP=dup is not None, BLOCK=SWIGLU_BLOCK, num_warps=SWIGLU_WARPS)
 
 
 def qkv_rope_supported(qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int) -> bool:
@@ -434,7 +474,7 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         x2 = _rows(x)
-        y, rstd = rms_norm_forward(x2, weight, eps)
+        y, rstd, _ = rms_norm_forward(x2, weight, eps)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape = x.shape
         return y.view(x.shape)
@@ -446,6 +486,51 @@ class RMSNormFunction(torch.autograd.Function):
         dx, dw = rms_norm_backward(_rows(g.to(x2.dtype)), x2, weight, rstd,
                                    ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return (None if dx is None else dx.view(ctx.x_shape)), dw, None
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+    """(h = x + a, rms_norm(h)) in one kernel. The backward adds the gradient that reaches h along the residual
+    stream inside the RMSNorm backward kernel (one pass and one rounding, no separate add) and hands the sum to
+    both x and a."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, a: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        y, rstd, h = rms_norm_forward(_rows(x), weight, eps, _rows(a))
+        ctx.save_for_backward(h, weight, rstd)
+        ctx.x_shape = x.shape
+        ctx.set_materialize_grads(False)  # an unused h (the final norm's) then costs no zero gradient
+        return h.view(x.shape), y.view(x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gh: Tensor | None, gy: Tensor | None):
+        h, weight, rstd = ctx.saved_tensors
+        need_x, need_a, need_w = ctx.needs_input_grad[:3]
+        dh, dw = gh, None
+        if gy is not None:
+            dh, dw = rms_norm_backward(_rows(gy.to(h.dtype)), h, weight, rstd, need_x or need_a, need_w,
+                                       None if gh is None else _rows(gh.to(h.dtype)))
+            dh = None if dh is None else dh.view(ctx.x_shape)
+        return dh if need_x else None, dh if need_a else None, dw, None
+
+
+class SwiGLUPackedFunction(torch.autograd.Function):
+    """``silu(gate) * up`` of a packed ``[..., 2F]`` gate|up projection. The backward writes dgate and dup into the
+    two halves of one packed gradient, which the packed projection's backward takes as it is (two separate
+    gradients would be joined by a ``cat``: another pass and another [..., 2F] tensor at the peak)."""
+
+    @staticmethod
+    def forward(ctx, gate_up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate_up)
+        return swiglu_forward(*gate_up.chunk(2, dim=-1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):
+        (gate_up,) = ctx.saved_tensors
+        d = torch.empty(gate_up.shape, device=gate_up.device, dtype=gate_up.dtype)
+        _swiglu_backward_into(g.to(gate_up.dtype), *gate_up.chunk(2, dim=-1), *d.chunk(2, dim=-1))
+        return d
 
 
 class SwiGLUFunction(torch.autograd.Function):
@@ -477,3 +562,26 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
                          f"with up {up.dtype} {tuple(up.shape)} {up.device}")
     _check_device(gate)
     return SwiGLUFunction.apply(gate, up)
+
+
+def add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``(h, rms_norm(h))`` with ``h = x + a`` in one pass (see ``add_rms_norm_supported``)."""
+    if not add_rms_norm_supported(x, a, weight):
+        raise ValueError(f"kernels.rowwise.add_rms_norm: unsupported x {x.dtype} {tuple(x.shape)} {x.device}, a "
+                         f"{a.dtype} {tuple(a.shape)} {a.device}, weight {weight.dtype} {tuple(weight.shape)}")
+    _check_device(x, a)
+    return AddRMSNormFunction.apply(x, a, weight.contiguous(), eps)
+
+
+def swiglu_packed_supported(gate_up: Tensor) -> bool:
+    """Whether ``swiglu_packed`` takes this: a float tensor whose last dim splits into two equal halves."""
+    return gate_up.dim() >= 1 and gate_up.dtype in DTYPES and gate_up.shape[-1] % 2 == 0
+
+
+def swiglu_packed(gate_up: Tensor) -> Tensor:
+    """``silu(gate) * up`` for ``gate_up = cat(gate, up)`` along the last dim, with one packed gradient."""
+    if not swiglu_packed_supported(gate_up):
+        raise ValueError(f"kernels.rowwise.swiglu_packed: unsupported gate_up {gate_up.dtype} "
+                         f"{tuple(gate_up.shape)} (the last dim must be even)")
+    _check_device(gate_up)
+    return SwiGLUPackedFunction.apply(gate_up)

@@ -21,8 +21,8 @@ passes over memory, which is what limits these ops on a CPU:
 
 For bf16 tensors on the CPU the elementwise parts run in ``kernels/cpu.c`` instead (one pass each way, fp32 math,
 one rounding; ``MINILORA_CPU_KERNELS=off`` keeps the PyTorch code below): RMSNorm with a frozen weight, RoPE,
-SwiGLU, the causal softmax of the GEMM attention and the AMX attention. On CUDA, RMSNorm, SwiGLU and the packed
-q|k|v RoPE use ``kernels.rowwise`` (Triton).
+SwiGLU, the causal softmax of the GEMM attention and the AMX attention. On CUDA, RMSNorm (with the residual add
+before it), SwiGLU and the packed q|k|v RoPE use ``kernels.rowwise`` (Triton).
 
 ``MINILORA_ATTENTION=sdpa|matmul|auto`` (default ``auto``) forces the attention implementation (``matmul``: the
 CPU training attention, AMX where it can run; ``sdpa`` also turns the AMX kernels off).
@@ -139,9 +139,13 @@ class _AddRMSNorm(torch.autograd.Function):
 
 def add_rms_norm(x: Tensor, a: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """``(h, rms_norm(h, weight, eps))`` with ``h = x + a`` (``x`` when ``a`` is None): a pre-norm block's residual
-    add and the norm after it, fused on the CPU for bf16 with a frozen weight (else the two ops)."""
+    add and the norm after it, fused in one pass each way on CUDA (Triton, equal dtypes) and on the CPU for bf16
+    with a frozen weight (else the two ops)."""
     if a is None:
         return x, rms_norm(x, weight, eps)
+    triton_ops = _triton_rowwise(x)
+    if triton_ops is not None and triton_ops.add_rms_norm_supported(x, a, weight):
+        return triton_ops.add_rms_norm(x, a, weight, eps)
     if (not weight.requires_grad and x.shape == a.shape and weight.shape == x.shape[-1:]
             and cpu_kernels.enabled(x, a, weight)):
         return _AddRMSNorm.apply(x, a, weight, eps)
@@ -317,14 +321,18 @@ class _SwiGLU(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         if ctx.fused and ctx.packed:
             return cpu_kernels.swiglu_bwd(g, gate, up, packed=True), None
-        need_gate, need_up = (True, True) if ctx.packed else ctx.needs_input_grad
+        if ctx.packed:  # both halves written into one packed gradient (no cat)
+            d = torch.empty(g.shape[:-1] + (2 * g.shape[-1],), dtype=torch.result_type(g, gate), device=g.device)
+            dgate, dup = d.chunk(2, dim=-1)
+            torch.ops.aten.silu_backward.grad_input(g * up, gate, grad_input=dgate)
+            torch.mul(F.silu(gate), g, out=dup)
+            return d, None
+        need_gate, need_up = ctx.needs_input_grad
         if ctx.fused:
             dgate, dup = cpu_kernels.swiglu_bwd(g, gate, up)
         else:
             dgate = torch.ops.aten.silu_backward(g * up, gate) if need_gate else None
             dup = F.silu(gate).mul_(g) if need_up else None
-        if ctx.packed:
-            return torch.cat((dgate, dup), dim=-1), None
         return dgate if need_gate else None, dup if need_up else None
 
 
@@ -339,8 +347,8 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
 def swiglu_packed(gate_up: Tensor) -> Tensor:
     """``silu(gate) * up`` for ``gate_up = cat(gate, up)`` along the last dim (a packed gate/up projection)."""
     triton_ops = _triton_rowwise(gate_up)
-    if triton_ops is not None:  # the Triton kernels take the two halves as strided views
-        return swiglu(*gate_up.chunk(2, dim=-1))
+    if triton_ops is not None and triton_ops.swiglu_packed_supported(gate_up):
+        return triton_ops.swiglu_packed(gate_up)
     return _SwiGLU.apply(gate_up, None)
 
 

@@ -36,7 +36,8 @@ def test_bench_kernels_small_cpu(tmp_path: Path, capsys: pytest.CaptureFixture) 
 @pytest.mark.bench
 def test_bench_kernels_rowwise_triton_interpreted(tmp_path: Path) -> None:
     """--rowwise-only with the Triton kernels under the interpreter (fp32, tiny sizes): every op has a triton row
-    that agrees with minilora's PyTorch functions, the LM head + cross-entropy and the packed RoPE included."""
+    that agrees with minilora's PyTorch functions, the LM head + cross-entropy, the packed RoPE, the residual add +
+    RMSNorm and the packed SwiGLU included."""
     pytest.importorskip("triton")
     conftest._skip_broken_interpreter()  # triton < 3.7 with a newer numpy cannot interpret
     ROOT = conftest.ROOT
@@ -48,11 +49,12 @@ def test_bench_kernels_rowwise_triton_interpreted(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rowwise_rows"]
     impls = {(r["op"], r["impl"]): r for r in rows}
-    ops = ("rms_norm", "rms_norm+dw", "swiglu", "lm_loss", "qkv_rope")
+    ops = ("rms_norm", "rms_norm+dw", "add_rms_norm", "swiglu", "swiglu_packed", "lm_loss", "qkv_rope")
     assert {op for op, _ in impls} == set(ops)
     for op in ops:
         assert impls[(op, "triton")]["max_rel_err_vs_torch"] < 1e-4, op
         assert impls[(op, "ref")]["max_rel_err_vs_torch"] < 1e-4, op
+    assert impls[("swiglu_packed", "triton-halves")]["max_rel_err_vs_torch"] < 1e-4
     assert impls[("lm_loss", "triton")]["width"] == bench_kernels.LM_VOCAB
 
 

@@ -42,8 +42,11 @@ UNIT_STRIDES = {
 STRIDES = ("stride_xm", "stride_xk", "stride_wk", "stride_wn", "stride_sm", "stride_sr",
            "stride_lr", "stride_ln", "stride_om", "stride_on")
 ROW_WIDTHS = (576, 4096, 8192)  # kernels.rowwise RMSNorm: SmolLM2's and LLaMA-7B's hidden sizes, and the largest
-# kernels.rowwise variants: (HAS_DX, HAS_DW) of the RMSNorm backward, (HAS_DGATE, HAS_DUP) of the SwiGLU backward
-ROWWISE_VARIANTS = {"rms_norm_bwd": {"dx-dw": (True, True), "dx": (True, False)},
+# kernels.rowwise variants: (HAS_DGATE, HAS_DUP) of the SwiGLU backward, and below
+# (HAS_DX, HAS_DW, HAS_RESIDUAL) of the RMSNorm backward, HAS_RESIDUAL of its forward (the fused residual add)
+ROWWISE_VARIANTS = {"rms_norm_fwd": {"y": False, "residual": True},
+                    "rms_norm_bwd": {"dx-dw": (True, True, False), "dx": (True, False, False),
+                                     "dx-residual": (True, False, True), "dx-dw-residual": (True, True, True)},
                     "swiglu_bwd": {"both": (True, True), "dup": (False, True)},
                     "ce_rows": {"grad": True, "loss": False},  # WRITE_GRAD of the cross-entropy rows
                     "qkv_rope": {"fwd": False, "bwd": True}}  # BACKWARD of the packed q|k|v RoPE
@@ -93,7 +96,8 @@ def cases() -> list[Case]:
                 for c in prune_configs(TUNED_CONFIGS, 4, 64, SMEM_PER_BLOCK[target], ieee_fp32=True)]
         for dtype in ITEMSIZE:  # kernels.rowwise: RMSNorm per row width, SwiGLU (width-independent)
             for width in ROW_WIDTHS:
-                out.append(Case("rms_norm_fwd", target, dtype, variant="y", width=width))
+                out += [Case("rms_norm_fwd", target, dtype, variant=v, width=width)
+                        for v in ROWWISE_VARIANTS["rms_norm_fwd"]]
                 out += [Case("rms_norm_bwd", target, dtype, variant=v, width=width)
                         for v in ROWWISE_VARIANTS["rms_norm_bwd"]]
             out.append(Case("swiglu_fwd", target, dtype, variant="h"))
@@ -143,15 +147,18 @@ def _rowwise_source(case: Case) -> tuple[ASTSource, dict]:
     fn = getattr(rowwise, f"_{case.kernel}_kernel")
     ptr, f32 = "*" + case.dtype, "*fp32"
     if case.kernel == "rms_norm_fwd":
-        sig = {"X": ptr, "W": ptr, "Y": ptr, "RSTD": f32, "stride_x": "i32", "D": "i32", "eps": "fp32"}
-        consts = {"BLOCK_D": rowwise.rms_norm_block(case.width)}
-        aligned = ["X", "W", "Y", "RSTD", "stride_x", "D"]
+        sig = {"X": ptr, "W": ptr, "Y": ptr, "RSTD": f32, "stride_x": "i32", "D": "i32", "eps": "fp32", "A": ptr,
+               "H": ptr, "stride_a": "i32"}
+        consts = {"HAS_RESIDUAL": ROWWISE_VARIANTS["rms_norm_fwd"][case.variant],
+                  "BLOCK_D": rowwise.rms_norm_block(case.width)}
+        aligned = ["X", "W", "Y", "RSTD", "stride_x", "D", "A", "H", "stride_a"]
     elif case.kernel == "rms_norm_bwd":
         sig = {"X": ptr, "W": ptr, "G": ptr, "RSTD": f32, "DX": ptr, "DW": f32, "M": "i32", "D": "i32",
-               "stride_x": "i32", "stride_g": "i32", "P": "i32"}
-        has_dx, has_dw = ROWWISE_VARIANTS["rms_norm_bwd"][case.variant]
-        consts = {"HAS_DX": has_dx, "HAS_DW": has_dw, "BLOCK_D": rowwise.rms_norm_block(case.width)}
-        aligned = ["X", "W", "G", "RSTD", "DX", "DW", "D", "stride_x", "stride_g"]
+               "stride_x": "i32", "stride_g": "i32", "P": "i32", "GH": ptr, "stride_gh": "i32"}
+        has_dx, has_dw, residual = ROWWISE_VARIANTS["rms_norm_bwd"][case.variant]
+        consts = {"HAS_DX": has_dx, "HAS_DW": has_dw, "HAS_RESIDUAL": residual,
+                  "BLOCK_D": rowwise.rms_norm_block(case.width)}
+        aligned = ["X", "W", "G", "RSTD", "DX", "DW", "D", "stride_x", "stride_g", "GH", "stride_gh"]
     elif case.kernel == "swiglu_fwd":
         sig = {"GATE": ptr, "UP": ptr, "H": ptr, "N": "i32", "n_blocks": "i32", "stride_gate": "i32",
                "stride_up": "i32"}
@@ -170,10 +177,11 @@ def _rowwise_source(case: Case) -> tuple[ASTSource, dict]:
         aligned = ["LOGITS", "Y", "LOSS", "V", "stride_l"]  # LLaMA's 32,000 and SmolLM2's 49,152 are % 16
     else:
         sig = {"G": ptr, "GATE": ptr, "UP": ptr, "DGATE": ptr, "DUP": ptr, "N": "i32", "n_blocks": "i32",
-               "stride_g": "i32", "stride_gate": "i32", "stride_up": "i32"}
+               "stride_g": "i32", "stride_gate": "i32", "stride_up": "i32", "stride_dgate": "i32", "stride_dup": "i32"}
         has_dgate, has_dup = ROWWISE_VARIANTS["swiglu_bwd"][case.variant]
         consts = {"HAS_DGATE": has_dgate, "HAS_DUP": has_dup, "BLOCK": rowwise.SWIGLU_BLOCK}
-        aligned = ["G", "GATE", "UP", "DGATE", "DUP", "N", "stride_g", "stride_gate", "stride_up"]
+        aligned = ["G", "GATE", "UP", "DGATE", "DUP", "N", "stride_g", "stride_gate", "stride_up", "stride_dgate",
+                   "stride_dup"]
     sig.update({name: "constexpr" for name in consts})
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     warps = (rowwise.rms_norm_warps(consts["BLOCK_D"]) if case.kernel.startswith("rms_norm")

@@ -177,6 +177,83 @@ def test_rowwise_swiglu_layouts_and_partial_grads(dtype: torch.dtype) -> None:
     assert all(t.shape == (0, 3, 200) for t in empty)
 
 
+class RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The names of the aten ops dispatched inside ``with RecordOps() as seen``."""
+
+    def __enter__(self):
+        super().__enter__()
+        self.seen = []
+        return self.seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def add_rms_norm_both(x, a, w):
+    """Both outputs of ``ops.add_rms_norm`` as one tensor, so that one gradient reaches h and norm(h) each."""
+    return torch.cat(ops.add_rms_norm(x, a, w, EPS), dim=-1)
+
+
+def add_rms_norm_both_ref(x, a, w):
+    h = x + a
+    return torch.cat([h, rms_norm_ref(h, w)], dim=-1)
+
+
+@pytest.mark.parametrize("w_grad", [True, False], ids=["w-grad", "w-frozen"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", [((3,), 576), ((2, 3), 100), ((5,), 1), ((4, 9), 64), ((2,), 4096)], ids=_ids)
+def test_rowwise_add_rms_norm_matches_reference(shape: tuple, dtype: torch.dtype, w_grad: bool) -> None:
+    """The residual add and the norm in one kernel each way: the gradient reaching h along the residual stream and
+    the norm's own add up in x's and a's gradients; without one for h (the final norm) the norm's alone."""
+    x, w, g = rms_inputs(*shape, dtype, w_grad)
+    a = rms_inputs(*shape, dtype, seed=1)[0]
+    gh = rms_inputs(*shape, dtype, seed=2)[2]
+    got = check_against_reference(add_rms_norm_both, add_rms_norm_both_ref, [x, a, w], torch.cat([gh, g], -1),
+                                  "add_rms_norm")
+    assert (got[3] is None) == (not w_grad)
+    check_against_reference(lambda x, a, w: ops.add_rms_norm(x, a, w, EPS)[1],
+                            lambda x, a, w: rms_norm_ref(x + a, w), [x, a, w], g, "add_rms_norm, no gradient for h")
+    check_against_reference(add_rms_norm_both, add_rms_norm_both_ref, [x.detach(), a, w], torch.cat([gh, g], -1),
+                            "add_rms_norm, frozen x")
+    if IN_INTERPRETER_CHILD:  # the kernel adds the two gradients of h itself: autograd has nothing to add
+        h, y = ops.add_rms_norm(x, a, w, EPS)
+        with RecordOps() as seen:
+            torch.autograd.backward([h, y], [gh, g])
+        assert not {"add", "add_"} & set(seen), seen
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+def test_rowwise_add_rms_norm_layouts_and_fallbacks(dtype: torch.dtype) -> None:
+    x, w, g = rms_inputs((7,), 100, dtype)
+    a = rms_inputs((7,), 100, dtype, seed=1)[0]
+    gh = rms_inputs((7,), 100, dtype, seed=2)[2]
+    # column slices (row strides > D) for x and a
+    check_against_reference(lambda x, a, w: add_rms_norm_both(x[:, 10:60], a[:, 30:80], w[:50]),
+                            lambda x, a, w: add_rms_norm_both_ref(x[:, 10:60], a[:, 30:80], w[:50]), [x, a, w],
+                            torch.cat([gh[:, :50], g[:, :50]], -1), "sliced x and a")
+    # a in another dtype than x: the add and the norm apart, with PyTorch's promotion
+    got = run(add_rms_norm_both, [x, a.detach().double().requires_grad_(), w.detach()], torch.cat([gh, g], -1).double())
+    assert got[0].dtype == torch.float64 and got[2].dtype == torch.float64
+    if rowwise is not None:
+        assert not rowwise.add_rms_norm_supported(x, a.double(), w)
+        assert rowwise.add_rms_norm_supported(x, a, w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", [((3,), 576), ((2, 3), 100), ((5,), 1), ((1,), 11008)], ids=_ids)
+def test_rowwise_swiglu_packed_matches_reference(shape: tuple, dtype: torch.dtype) -> None:
+    """A packed gate|up projection's SwiGLU: its gradient comes back as one tensor, made without a ``cat``."""
+    gate, up, g = swiglu_inputs(*shape, dtype)
+    both = torch.cat([gate.detach(), up.detach()], dim=-1).requires_grad_()
+    check_against_reference(ops.swiglu_packed, lambda t: ops.swiglu_ref(*t.chunk(2, dim=-1)), [both], g,
+                            "swiglu_packed")
+    out = ops.swiglu_packed(both.detach().clone().requires_grad_())
+    with RecordOps() as seen:
+        out.backward(g)
+    assert "cat" not in seen, f"the packed gradient went through a cat: {seen}"
+
+
 def test_rowwise_model_same_as_pytorch_ops(monkeypatch: pytest.MonkeyPatch) -> None:
     """A tiny model's loss and gradients agree between the dispatched ops and the PyTorch functions."""
     cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=100, num_hidden_layers=2,
@@ -401,6 +478,23 @@ def test_cuda_swiglu_matches_reference(monkeypatch: pytest.MonkeyPatch, shape: t
     both = torch.cat([gate.detach(), up.detach()], dim=-1).requires_grad_()
     check_against_reference(lambda t: ops.swiglu(*t.chunk(2, dim=-1)), lambda t: ops.swiglu_ref(*t.chunk(2, dim=-1)),
                             [both], g, "cuda chunked gate/up")
+    check_against_reference(ops.swiglu_packed, lambda t: ops.swiglu_ref(*t.chunk(2, dim=-1)), [both], g,
+                            "cuda packed gate/up")
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("shape", [((8, 512), 4096), ((7,), 100), ((2, 5), 8192)], ids=_ids)
+def test_cuda_add_rms_norm_matches_reference(monkeypatch: pytest.MonkeyPatch, shape: tuple, dtype: torch.dtype
+                                             ) -> None:
+    monkeypatch.setenv("MINILORA_KERNELS", "auto")
+    x, w, g = _on_cuda(*rms_inputs(*shape, dtype))
+    a, gh = _on_cuda(rms_inputs(*shape, dtype, seed=1)[0], rms_inputs(*shape, dtype, seed=2)[2])
+    assert ops._triton_rowwise(x) is rowwise and rowwise.add_rms_norm_supported(x, a, w)
+    check_against_reference(add_rms_norm_both, add_rms_norm_both_ref, [x, a, w], torch.cat([gh, g], -1),
+                            "cuda add_rms_norm")
+    check_against_reference(lambda x, a, w: ops.add_rms_norm(x, a, w, EPS)[1],
+                            lambda x, a, w: rms_norm_ref(x + a, w), [x, a, w], g, "cuda add_rms_norm, no grad for h")
 
 
 @cuda_only

@@ -18,7 +18,9 @@ GEMM and cuBLAS + ``addmm_`` in the same layout: which config, if any, brings th
 (default M 2048, K = N = 4096; ``--sweep-only`` skips the other sections).
 
 ``--rowwise`` (opt-in; ``--rowwise-only`` skips the LoRA layers) also times RMSNorm (weight frozen as in LoRA
-training, and trained: ``rms_norm+dw``), SwiGLU, the frozen LM head's linear + cross-entropy (``lm_loss``,
+training, and trained: ``rms_norm+dw``; with the residual add before it fused in: ``add_rms_norm``), SwiGLU (on a
+packed gate|up projection: ``swiglu_packed``, where ``triton-halves`` is the kernel on the two halves, whose
+gradients autograd joins with a ``cat``), the frozen LM head's linear + cross-entropy (``lm_loss``,
 vocabulary 32,000: the two GEMMs with the Triton cross-entropy rows between them, or PyTorch's ops) and RoPE on a
 packed q|k|v projection (``qkv_rope``, heads of 128; width = the packed row), forward and forward+backward, at
 ``--rowwise-dims`` (default
@@ -50,6 +52,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
+from kernels import cpu as cpu_kernels  # noqa: E402
 from kernels import reference  # noqa: E402
 from minilora import losses, ops  # noqa: E402
 from minilora.cli import write_json_atomic  # noqa: E402
@@ -200,16 +203,33 @@ def rowwise_impls(device: torch.device) -> dict[str, dict[str, Callable[..., Ten
     """{op: {impl: fn}}: RMSNorm, SwiGLU and the LM head's linear + cross-entropy as the kernels.rowwise Triton
     functions (CUDA only), minilora's PyTorch autograd functions and the plain reference compositions."""
     eps = 1e-5
+    def add_rms_norm_torch(x: Tensor, a: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        if not w.requires_grad and cpu_kernels.enabled(x, a, w):
+            return ops._AddRMSNorm.apply(x, a, w, eps)
+        h = x + a
+        return h, ops._RMSNorm.apply(h, w, eps)
+
+    def add_rms_norm_ref(x: Tensor, a: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        h = x + a
+        return h, ops.rms_norm_ref(h, w, eps)
+
     impls = {
         "rms_norm": {"torch": lambda x, w: ops._RMSNorm.apply(x, w, eps),
                      "ref": lambda x, w: ops.rms_norm_ref(x, w, eps)},
+        "add_rms_norm": {"torch": add_rms_norm_torch, "ref": add_rms_norm_ref},
         "swiglu": {"torch": ops._SwiGLU.apply, "ref": ops.swiglu_ref},
+        "swiglu_packed": {"torch": lambda t: ops._SwiGLU.apply(t, None),
+                          "ref": lambda t: ops.swiglu_ref(*t.chunk(2, dim=-1))},
         "lm_loss": {"torch": _lm_loss("torch"), "ref": _lm_loss_ref},
         "qkv_rope": {"torch": _qkv_rope_torch, "ref": ops.qkv_rope_ref},
     }
     if rowwise is not None and (device.type == "cuda" or rowwise.INTERPRET):
         impls["rms_norm"]["triton"] = lambda x, w: rowwise.rms_norm(x, w, eps)
+        impls["add_rms_norm"]["triton"] = lambda x, a, w: rowwise.add_rms_norm(x, a, w, eps)
         impls["swiglu"]["triton"] = rowwise.swiglu
+        impls["swiglu_packed"]["triton"] = rowwise.swiglu_packed
+        # before the packed kernel: SwiGLU on the two halves, whose gradients autograd joins with a cat
+        impls["swiglu_packed"]["triton-halves"] = lambda t: rowwise.swiglu(*t.chunk(2, dim=-1))
         impls["lm_loss"]["triton"] = _lm_loss("triton")
         impls["qkv_rope"]["triton"] = rowwise.qkv_rope
     return impls
@@ -239,7 +259,13 @@ def bench_rowwise(tokens: int, hidden: int, inter: int, dtype: torch.dtype, devi
     cases = {  # op -> (impl group, inputs, which inputs are trained, output gradient, minimum bytes fwd / fwd+bwd)
         "rms_norm": ("rms_norm", (x, w), (True, False), gx, (2 * tokens * hidden * size, 5 * tokens * hidden * size)),
         "rms_norm+dw": ("rms_norm", (x, w), (True, True), gx, (2 * tokens * hidden * size, 5 * tokens * hidden * size)),
+        # the residual add fused in: h = x + a and norm(h), gradients for both (the residual stream's and the norm's)
+        "add_rms_norm": ("add_rms_norm", (x, gx, w), (True, True, False), (gx, x),
+                         (4 * tokens * hidden * size, 8 * tokens * hidden * size)),
         "swiglu": ("swiglu", (gate, up), (True, True), gh, (3 * tokens * inter * size, 8 * tokens * inter * size)),
+        # a packed gate|up projection's output [tokens, 2 * inter], whose gradient is one tensor too
+        "swiglu_packed": ("swiglu_packed", (torch.cat([gate, up], dim=-1),), (True,), gh,
+                          (3 * tokens * inter * size, 8 * tokens * inter * size)),
         # two GEMMs and the rows between them; "GB/s" counts the logits written and read once each way
         "lm_loss": ("lm_loss", (x, head, targets.to(device)), (True, False, False), torch.ones((), device=device),
                     (2 * logits_bytes, 4 * logits_bytes)),
