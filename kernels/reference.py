@@ -108,7 +108,7 @@ class LoRALinearFunction(torch.autograd.Function):
             ctx.state = None
             ctx.save_for_backward(weight)
             return ops.fused_matmul(x, weight.t(), None, None)
-        a = torch.cat([ai.to(x.dtype) for ai in lora_a])  # [R, K]
+        a = _stacked_a(lora_a, x.dtype)  # [R, K]
         b = _stacked_b(lora_b, scaling, rows, weight.shape[0], x.dtype)  # [N, R]
         ctx.state = ops.new_dropout(x, dropout_p) if dropout_p > 0 else None
         # CPUs with AMX: the rank-side products in one pass over each block of rows (kernels/cpu.c), not 2 GEMMs
@@ -144,14 +144,23 @@ class LoRALinearFunction(torch.autograd.Function):
                                                                            for d, si in zip(db, scaling)]))
 
 
+def _stacked_a(lora_a: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """``cat(A_i)`` [R, K] in ``dtype``: one copy that casts as it goes (a lone A already in ``dtype``: itself)."""
+    if len(lora_a) == 1 and lora_a[0].dtype == dtype:
+        return lora_a[0]
+    out = torch.empty(sum(ai.shape[0] for ai in lora_a), lora_a[0].shape[1], dtype=dtype, device=lora_a[0].device)
+    return torch.cat(lora_a, out=out)
+
+
 def _stacked_b(lora_b: Sequence[Tensor], scaling: Sequence[float], rows: Sequence[tuple[int, int]] | None,
                n_out: int, dtype: torch.dtype) -> Tensor:
-    """``cat(s_i B_i)`` [N, R] in ``dtype``, each B_i placed at its ``rows`` (zeros elsewhere) when given."""
-    if rows is None:
-        return torch.cat([bi.to(dtype) * si for bi, si in zip(lora_b, scaling)], dim=1)
-    b = lora_b[0].new_zeros(n_out, sum(bi.shape[1] for bi in lora_b), dtype=dtype)
-    for (lo, hi), (off, count), bi, si in zip(_spans([bi.shape[1] for bi in lora_b]), rows, lora_b, scaling):
-        b[off:off + count, lo:hi] = bi.to(dtype) * si
+    """``cat(s_i B_i)`` [N, R] in ``dtype``, each B_i placed at its ``rows`` (zeros elsewhere) when given: one
+    scale-cast-and-place op per adapter (the product taken in B_i's dtype, rounded once into ``dtype``)."""
+    r = sum(bi.shape[1] for bi in lora_b)
+    b = lora_b[0].new_empty(n_out, r, dtype=dtype) if rows is None else lora_b[0].new_zeros(n_out, r, dtype=dtype)
+    spans, places = _spans([bi.shape[1] for bi in lora_b]), rows or [(0, n_out)] * len(lora_b)
+    for (lo, hi), (off, count), bi, si in zip(spans, places, lora_b, scaling):
+        torch.mul(bi, si, out=b[off:off + count, lo:hi])
     return b
 
 

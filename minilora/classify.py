@@ -9,12 +9,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from minilora.model import Transformer
+
+if TYPE_CHECKING:
+    import numpy as np
 
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "head_config.json"
@@ -106,7 +110,7 @@ def classification_loss_sum(
 
 @torch.no_grad()
 def predict(model: Classifier, dataset, pad_id: int, batch_size: int = 16, device: torch.device | str = "cpu",
-            precision: str = "bf16", progress: bool = False, shard: bool = False) -> "np.ndarray":
+            precision: str = "bf16", progress: bool = False, shard: bool = False) -> np.ndarray:
     """Probabilities [n, num_labels] (fp32, in dataset order) from length-sorted batches.
 
     ``shard``: under torchrun every rank must call it; each scores every world-size-th batch and all get the whole
