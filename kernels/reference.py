@@ -140,8 +140,7 @@ class LoRALinearFunction(torch.autograd.Function):
         da = _per_adapter(ctx.a_grad, spans, lambda cols: _columns(t, cols).t() @ (
             x if state is None else ops.dropped(x, state, p)), dim=0)
         db = _per_adapter(ctx.b_grad, spans, lambda cols: g.t() @ _columns(s, cols), dim=1)
-        return (None, None, None, None, dx, None, *_adapter_grads(ctx, da, [None if d is None else d * si
-                                                                           for d, si in zip(db, scaling)]))
+        return (None, None, None, None, dx, None, *_adapter_grads(ctx, da, db))
 
 
 def _stacked_a(lora_a: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
@@ -165,12 +164,16 @@ def _stacked_b(lora_b: Sequence[Tensor], scaling: Sequence[float], rows: Sequenc
 
 
 def _adapter_grads(ctx, da: Sequence[Tensor | None], db: Sequence[Tensor | None]) -> list[Tensor | None]:
-    """The adapters' gradients in their own dtypes, each dB_i ([N, r_i], scaled) cut to the rows its B covers."""
+    """The adapters' gradients in their own dtypes: dA_i as they are, dB_i ([N, r_i], not yet scaled) scaled by
+    s_i and cut to the rows its B covers, each in one op that casts as it writes."""
     n = len(da)
-    if ctx.rows is not None:
-        db = [None if d is None else d[off:off + count] for d, (off, count) in zip(db, ctx.rows)]
-    return ([None if d is None else d.to(dt) for d, dt in zip(da, ctx.dtypes[:n])]
-            + [None if d is None else d.to(dt).contiguous() for d, dt in zip(db, ctx.dtypes[n:])])
+    out_b = []
+    for i, (d, si, dt) in enumerate(zip(db, ctx.scaling, ctx.dtypes[n:])):
+        if d is not None:
+            off, count = ctx.rows[i] if ctx.rows is not None else (0, d.shape[0])
+            d = torch.mul(d[off:off + count], si, out=d.new_empty(count, d.shape[1], dtype=dt))
+        out_b.append(d)
+    return [None if d is None else d.to(dt) for d, dt in zip(da, ctx.dtypes[:n])] + out_b
 
 
 def _amx_backward(ctx, g: Tensor, weight: Tensor | None, a: Tensor, b: Tensor, x: Tensor | None,
@@ -181,7 +184,7 @@ def _amx_backward(ctx, g: Tensor, weight: Tensor | None, a: Tensor, b: Tensor, x
     da, dbt = cpu_kernels.lora_bwd(g, x, s, a, b, dx)
     spans = _spans(ctx.ranks)
     das = [da[lo:hi] if want else None for (lo, hi), want in zip(spans, ctx.a_grad)]
-    dbs = [dbt[lo:hi].t() * si if want else None for (lo, hi), want, si in zip(spans, ctx.b_grad, ctx.scaling)]
+    dbs = [dbt[lo:hi].t() if want else None for (lo, hi), want in zip(spans, ctx.b_grad)]
     return [dx, None, *_adapter_grads(ctx, das, dbs)]
 
 
