@@ -40,6 +40,7 @@ Cross-entropy rows, for the chunked LM head of ``minilora.losses`` (the linear +
 GEMMs stay cuBLAS's, the rows between them take one kernel):
 
     loss[row] = logsumexp(logits[row]) - logits[row, y]      in fp32, from logits in their own dtype
+              y = -100 (ignored): loss 0 and a zero gradient row, so that no host step has to drop those rows
     with grad: logits[row] <- softmax(logits[row]) - onehot(y), in place, in the logits dtype
               one program per row, looping over V in CE_BLOCK columns: a first pass keeps a running max and sum
               per lane, a second writes the gradient (two reads and one write of the row; no fp32 copy)
@@ -223,12 +224,16 @@ def _qkv_rope_kernel(PACKED, Q, K, V, COS, SIN, T, H, HKV, stride_pb, stride_pt,
 
 
 @triton.jit
-def _ce_rows_kernel(LOGITS, Y, LOSS, V, stride_l, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+def _ce_rows_kernel(LOGITS, Y, LOSS, V, stride_l, IGNORE: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                    BLOCK: tl.constexpr):
     """LOSS[row] = logsumexp(LOGITS[row]) - LOGITS[row, Y[row]] (fp32); if WRITE_GRAD, LOGITS[row] becomes
-    softmax - onehot(Y[row]) in place."""
+    softmax - onehot(Y[row]) in place. A row whose target is IGNORE gets loss 0 and a zero gradient; any other
+    target outside [0, V) a NaN loss (and no read outside the row)."""
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride_l
     y = tl.load(Y + row)
+    keep = y != IGNORE
+    in_vocab = (y >= 0) & (y < V)
     cols = tl.arange(0, BLOCK)
     m = tl.full((BLOCK,), -1e30, tl.float32)  # per-lane running max (finite: masked lanes then add exp(-inf) = 0)
     s = tl.zeros((BLOCK,), dtype=tl.float32)  # per-lane running sum of exp(x - m)
@@ -239,16 +244,18 @@ def _ce_rows_kernel(LOGITS, Y, LOSS, V, stride_l, WRITE_GRAD: tl.constexpr, BLOC
         m = m_new
     top = tl.max(m, axis=0)
     total = tl.sum(s * tl.exp(m - top), axis=0)
-    target = tl.load(base + y).to(tl.float32)
-    tl.store(LOSS + row, top + tl.log(total) - target)
+    target = tl.load(base + y, mask=in_vocab, other=0.0).to(tl.float32)
+    loss = tl.where(in_vocab, top + tl.log(total) - target, float("nan"))
+    tl.store(LOSS + row, tl.where(keep, loss, 0.0))
     if WRITE_GRAD:
-        inv = 1.0 / total
+        inv = tl.where(keep, 1.0 / total, 0.0)  # an ignored row's gradient: zeros
+        one = tl.where(keep, 1.0, 0.0)
         for start in range(0, V, BLOCK):
             idx = start + cols
             inside = idx < V
             x = tl.load(base + idx, mask=inside, other=0.0).to(tl.float32)
             p = tl.exp(x - top) * inv
-            p = tl.where(idx == y, p - 1.0, p)
+            p = tl.where(idx == y, p - one, p)
             tl.store(base + idx, p.to(LOGITS.dtype.element_ty), mask=inside)
 
 
@@ -454,9 +461,13 @@ def cross_entropy_supported(logits: Tensor, y: Tensor) -> bool:
             and y.shape[0] == logits.shape[0] and y.device == logits.device and logits.shape[1] > 0)
 
 
+CE_IGNORE = -100  # a target that takes no part in the loss (PyTorch's and HF's ignore_index)
+
+
 def cross_entropy_rows_(logits: Tensor, y: Tensor, grad: bool) -> Tensor:
-    """Per-row fp32 loss of logits [R, V] against y [R] (all in [0, V)); with ``grad`` the rows become
-    ``softmax - onehot`` in place (the same contract as ``kernels.cpu.cross_entropy_rows_``)."""
+    """Per-row fp32 loss of logits [R, V] against y [R]; with ``grad`` the rows become ``softmax - onehot`` in place
+    (the contract of ``kernels.cpu.cross_entropy_rows_`` for y in [0, V)). Rows whose target is ``CE_IGNORE`` get
+    loss 0 and a zero gradient; other targets outside [0, V) a NaN loss, which needs no check on the host."""
     if not cross_entropy_supported(logits, y):
         raise ValueError(f"kernels.rowwise.cross_entropy_rows_: unsupported logits {logits.dtype} "
                          f"{tuple(logits.shape)} (strides {logits.stride()}) with targets {tuple(y.shape)}")
@@ -465,7 +476,7 @@ def cross_entropy_rows_(logits: Tensor, y: Tensor, grad: bool) -> Tensor:
     if logits.shape[0]:
         with _device_ctx(logits):
             _ce_rows_kernel[(logits.shape[0],)](logits, y.to(torch.int64).contiguous(), loss, logits.shape[1],
-                                                logits.stride(0), WRITE_GRAD=grad, BLOCK=CE_BLOCK,
+                                                logits.stride(0), IGNORE=CE_IGNORE, WRITE_GRAD=grad, BLOCK=CE_BLOCK,
                                                 num_warps=CE_WARPS)
     return loss
 

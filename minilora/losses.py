@@ -47,7 +47,7 @@ def _transposed(w: torch.Tensor) -> torch.Tensor:
 
 
 def _fused_rows(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, rows: int, need_h: bool, ce_rows_,
-                wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+                wt: torch.Tensor, check_targets: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(summed loss, its gradient w.r.t. h or None) with logits in w's dtype and a one-pass cross-entropy kernel:
     kernels/cpu.c's on the CPU (bf16), kernels/rowwise.py's Triton one on CUDA. ``wt``: ``w.T`` for the logits GEMM
     (on the CPU a cached contiguous copy, which oneDNN runs faster).
@@ -56,7 +56,9 @@ def _fused_rows(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, rows: int, ne
     overwrites the row with ``softmax - onehot``, which the next GEMM turns into the rows of ``dL/dh``.
     """
     V = w.shape[0]
-    if y.numel() and bool(((y < 0) | (y >= V)).any()):  # the kernels index rows with y: check it (one sync)
+    # kernels/cpu.c indexes rows with y: check it first (the Triton kernel needs no check, which would make the
+    # host wait for the GPU: it reads no logit for a target outside the vocabulary and gives the row a NaN loss)
+    if check_targets and y.numel() and bool(((y < 0) | (y >= V)).any()):
         raise ValueError(f"target token ids must lie in [0, {V}) (the LM head's vocabulary), got "
                          f"[{int(y.min())}, {int(y.max())}]")
     n = h.shape[0]
@@ -73,13 +75,17 @@ def _fused_rows(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, rows: int, ne
     return total.float(), grad_h if grad_h is None else grad_h.to(h.dtype)
 
 
-def _triton_ce(h: torch.Tensor):
-    """``kernels.rowwise.cross_entropy_rows_`` where the Triton kernels run for ``h`` (as ``minilora.ops``
-    dispatches RMSNorm and SwiGLU: CUDA, or the interpreter in tests), else None."""
+def _row_kernel(h: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, need_w: bool) -> str | None:
+    """Which one-pass cross-entropy rows kernel computes the loss of ``h @ weight^T`` in ``dtype``: "cpu"
+    (kernels/cpu.c, bf16 on the CPU), "triton" (``kernels.rowwise``, where ``minilora.ops`` runs its Triton
+    kernels: CUDA, or the interpreter in tests), or None (PyTorch ops; a head that is trained always)."""
+    if need_w:
+        return None
+    if dtype == torch.bfloat16 and weight.device.type == "cpu" and cpu_kernels.library() is not None:
+        return "cpu"
     from minilora.ops import _triton_rowwise
 
-    rowwise = _triton_rowwise(h)
-    return rowwise.cross_entropy_rows_ if rowwise is not None else None
+    return "triton" if _triton_rowwise(h) is not None else None
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -92,13 +98,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         n, V = h.shape[0], weight.shape[0]
         rows = min(n, max(1, CHUNK_ELEMENTS // V))
         ctx.weight_dtype = weight.dtype
-        if not need_w and dtype == torch.bfloat16 and cpu_kernels.enabled(w):
-            total, grad_h = _fused_rows(h, w, y, rows, need_h, cpu_kernels.cross_entropy_rows_, _transposed(w))
-            ctx.save_for_backward(grad_h, None)
-            return total
-        triton_ce = _triton_ce(h) if not need_w else None
-        if triton_ce is not None:
-            total, grad_h = _fused_rows(h, w, y, rows, need_h, triton_ce, w.T)
+        kernel = _row_kernel(h, weight, dtype, need_w)
+        if kernel is not None:
+            if kernel == "cpu":
+                ce_rows_, wt = cpu_kernels.cross_entropy_rows_, _transposed(w)
+            else:
+                from kernels import rowwise
+
+                ce_rows_, wt = rowwise.cross_entropy_rows_, w.T
+            total, grad_h = _fused_rows(h, w, y, rows, need_h, ce_rows_, wt, check_targets=kernel == "cpu")
             ctx.save_for_backward(grad_h, None)
             return total
         acc = torch.promote_types(dtype, torch.float32)
@@ -149,15 +157,23 @@ class LinearCrossEntropy(torch.autograd.Function):
 def lm_loss_sum(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed next-token loss, number of predicted tokens) for hidden [B, T, D] and labels [B, T] (-100: none).
 
-    Position t predicts ``labels[:, t + 1]`` (the shift is done here, as in Hugging Face).
+    Position t predicts ``labels[:, t + 1]`` (the shift is done here, as in Hugging Face). With the Triton rows
+    (CUDA) nothing here waits for the device: the count stays a device tensor, and a target outside the vocabulary
+    gives a NaN loss rather than the ValueError of the other paths.
     """
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
+    dtype = _compute_dtype(h)
+    need_w = torch.is_grad_enabled() and lm_head.weight.requires_grad
+    if y.numel() and _row_kernel(h, lm_head.weight, dtype, need_w) == "triton":
+        # the kernel gives ignored rows a zero loss and gradient: no boolean index, whose size the host would wait
+        # for, and a count that stays on the device
+        return LinearCrossEntropy.apply(h, lm_head.weight, y, dtype), (y != IGNORE_INDEX).sum(dtype=torch.float32)
     keep = y != IGNORE_INDEX
     h, y = h[keep], y[keep]
     if y.numel() == 0:
         return hidden.sum() * 0.0, torch.zeros((), device=hidden.device)
-    loss = LinearCrossEntropy.apply(h, lm_head.weight, y, _compute_dtype(h))
+    loss = LinearCrossEntropy.apply(h, lm_head.weight, y, dtype)
     return loss, torch.tensor(float(y.numel()), device=hidden.device)
 
 

@@ -412,8 +412,8 @@ class Trainer:
         while st.step < self.total_steps:
             t0 = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            count = torch.zeros((), dtype=torch.float64)
+            # the step's sums stay on the device until its end: one wait for the device per step, not per micro-batch
+            sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, number of loss terms
             tokens = 0
             for _ in range(cfg.grad_accum):
                 if st.batch_in_epoch >= len(epoch_batches):
@@ -427,13 +427,12 @@ class Trainer:
                 with self.autocast():
                     loss, n = self.loss_fn(self.model, batch)
                 loss.backward()
-                loss_sum += loss.detach().double().cpu()
-                count += float(n)
+                sums[0] += loss.detach()
+                sums[1] += n
                 tokens += n_tokens
             # the stop flag travels with the step's sums, so that every rank stops after the same step
             stopping = float(self._stop_signal is not None)
-            stats = all_reduce_sum(torch.stack([loss_sum, count, torch.tensor(float(tokens), dtype=torch.float64),
-                                                torch.tensor(stopping, dtype=torch.float64)]))
+            stats = all_reduce_sum(torch.cat([sums.cpu(), torch.tensor([float(tokens), stopping], dtype=torch.float64)]))
             mean_loss = float(stats[0] / stats[1])
             if not math.isfinite(mean_loss):
                 raise NonFiniteLoss(f"loss became {mean_loss} at step {st.step + 1}; stopped. {self._last_good()}")

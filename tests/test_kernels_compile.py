@@ -173,7 +173,8 @@ def _rowwise_source(case: Case) -> tuple[ASTSource, dict]:
         aligned = ["PACKED", "Q", "K", "V", "COS", "SIN", "stride_pb", "stride_pt"] + strides
     elif case.kernel == "ce_rows":
         sig = {"LOGITS": ptr, "Y": "*i64", "LOSS": f32, "V": "i32", "stride_l": "i32"}
-        consts = {"WRITE_GRAD": ROWWISE_VARIANTS["ce_rows"][case.variant], "BLOCK": rowwise.CE_BLOCK}
+        consts = {"IGNORE": rowwise.CE_IGNORE, "WRITE_GRAD": ROWWISE_VARIANTS["ce_rows"][case.variant],
+                  "BLOCK": rowwise.CE_BLOCK}
         aligned = ["LOGITS", "Y", "LOSS", "V", "stride_l"]  # LLaMA's 32,000 and SmolLM2's 49,152 are % 16
     else:
         sig = {"G": ptr, "GATE": ptr, "UP": ptr, "DGATE": ptr, "DUP": ptr, "N": "i32", "n_blocks": "i32",

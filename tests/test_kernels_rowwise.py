@@ -330,7 +330,8 @@ triton_here = pytest.mark.skipif(not (IN_INTERPRETER_CHILD or HAS_CUDA_TRITON),
 def test_rowwise_cross_entropy_rows_match_formula(dtype: torch.dtype, V: int) -> None:
     """Per-row loss = logsumexp - target logit, and with ``grad`` the rows become softmax - onehot in place:
     against float64 formulas, for vocabularies below, at and across the kernel's column block, rows with a stride,
-    targets at both ends, and logits large enough that an unshifted exp would overflow."""
+    targets at both ends, an ignored row (loss and gradient 0), and logits large enough that an unshifted exp would
+    overflow."""
     check_cross_entropy_rows(dtype, V, "cuda" if HAS_CUDA_TRITON else "cpu")
 
 
@@ -343,6 +344,8 @@ def check_cross_entropy_rows(dtype: torch.dtype, V: int, device: str) -> None:
     y[1], y[2] = 0, V - 1
     want_loss = torch.logsumexp(wide[:, :V].double(), -1) - wide[:, :V].double().gather(1, y[:, None]).squeeze(1)
     want_grad = torch.softmax(wide[:, :V].double(), -1) - F.one_hot(y, V).double()
+    y[3] = rowwise.CE_IGNORE  # an ignored row: loss 0, gradient 0
+    want_loss[3], want_grad[3] = 0.0, 0.0
     for grad in (False, True):
         buf = wide.clone().to(device)
         logits = buf[:, :V]  # row stride V + 7
@@ -358,18 +361,43 @@ def check_cross_entropy_rows(dtype: torch.dtype, V: int, device: str) -> None:
 
 
 @triton_here
-def test_rowwise_lm_loss_rejects_targets_outside_the_vocabulary() -> None:
-    """The Triton rows index the logits with the targets, so they are checked first (a clear error, no fault)."""
+def test_rowwise_lm_loss_targets_outside_the_vocabulary_give_nan() -> None:
+    """The Triton rows index the logits with the targets, unchecked: a check would make the host wait for the GPU.
+    The kernel reads no logit for a target outside the vocabulary and gives its row a NaN loss (which the Trainer
+    stops on); the other rows keep their values. (kernels/cpu.c's rows check first: tests/test_cpu_kernels.py.)"""
     from minilora import losses
 
     head = torch.nn.Linear(8, 10, bias=False).requires_grad_(False)
     device = "cuda" if HAS_CUDA_TRITON else "cpu"
     head = head.to(device)
     hidden = torch.randn(1, 4, 8, device=device, requires_grad=True)
-    for bad in (10, -5):
+    for bad in (10, -5, 2**40):
         labels = torch.tensor([[0, 3, bad, 1]], device=device)
-        with pytest.raises(ValueError, match=r"target token ids must lie in \[0, 10\)"):
-            losses.lm_loss_sum(hidden, head, labels)
+        total, _ = losses.lm_loss_sum(hidden, head, labels)
+        assert torch.isnan(total).item()
+        logits = (hidden.detach()[0, :3] @ head.weight.T).float().contiguous()
+        rows = rowwise.cross_entropy_rows_(logits, labels[0, 1:], grad=False)
+        assert torch.isnan(rows[1]).item() and torch.isfinite(rows[[0, 2]]).all().item()
+
+
+@triton_here
+def test_rowwise_lm_loss_waits_for_no_device_value() -> None:
+    """On the Triton path ``lm_loss_sum`` reads nothing back to the host, ignored labels included (no boolean index
+    whose size the host would need): the ops that would wait for a GPU are recorded, forward and backward."""
+    from minilora import losses
+
+    device = "cuda" if HAS_CUDA_TRITON else "cpu"
+    head = torch.nn.Linear(8, 10, bias=False).requires_grad_(False).to(device)
+    hidden = torch.randn(2, 5, 8, device=device, requires_grad=True)
+    labels = torch.tensor([[0, 3, 9, 1, 4], [2, losses.IGNORE_INDEX, 5, 5, losses.IGNORE_INDEX]], device=device)
+    with RecordOps() as seen:
+        total, count = losses.lm_loss_sum(hidden, head, labels)
+        total.backward()
+    reads = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "item"} & set(seen)
+    assert not reads, f"host reads: {reads} in {seen}"
+    assert count.item() == 2 * 4 - 2 and count.device == hidden.device  # the shifted targets: 2 ignored
+    want = losses.lm_loss_reference(hidden.detach().double(), head.double(), labels)
+    assert total.item() == pytest.approx(want.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])

@@ -135,3 +135,32 @@ def test_a_stop_signal_on_another_rank_stops_this_one_after_the_same_step(monkey
     assert stop.value.code == 128 + 15 and len(sums) == 3 and barriers == [1]
     assert torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)["state"]["step"] == 3
     assert "another rank was stopped: checkpoint saved at step 3" in capsys.readouterr().err
+
+
+def test_a_step_reads_its_sums_back_once_whatever_the_accumulation(tmp_path):
+    """The loss and count of each micro-batch are added up where they are (on a GPU, the device) and read back once
+    per step: the host reads of a step do not grow with the micro-batches (each would make the host wait for the
+    GPU before it could queue the next micro-batch). The loss functions return device counts, as lm_loss_sum does
+    on CUDA."""
+    reads = {}
+    for accum in (1, 4):
+        torch.manual_seed(0)
+        net = nn.Linear(3, 1)
+        cfg = TrainConfig(lr=1e-2, max_steps=2, batch_size=2, grad_accum=accum, precision="fp32", progress=False,
+                          save_every=0)
+        tr = Trainer(net, cfg, [torch.randn(3) for _ in range(16)], lambda xs: {"input_ids": torch.stack(xs)},
+                     lambda m, b: (m(b["input_ids"]).pow(2).sum(), torch.tensor(float(b["input_ids"].shape[0]))),
+                     tmp_path / str(accum))
+
+        class Reads(torch.utils._python_dispatch.TorchDispatchMode):
+            seen = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                Reads.seen += func.overloadpacket.__name__ in ("_local_scalar_dense", "is_nonzero", "nonzero")
+                return func(*args, **(kwargs or {}))
+
+        with Reads():
+            state = tr.fit()
+        assert state.step == 2 and state.tokens == 2 * accum * 2 * 3
+        reads[accum] = Reads.seen
+    assert reads[4] == reads[1], reads
