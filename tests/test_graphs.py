@@ -37,9 +37,9 @@ except ImportError:
 HOST_READS = {"aten._local_scalar_dense", "aten.is_nonzero", "aten.nonzero", "aten.masked_select", "aten._unique2"}
 
 
-def tiny(dropout: float = 0.0, seed: int = 0) -> Transformer:
+def tiny(dropout: float = 0.0, seed: int = 0, layers: int = 2) -> Transformer:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2)
     model = Transformer(cfg)
     add_adapter(model, "task", r=4, alpha=8, dropout=dropout, targets=("q_proj", "v_proj"))
@@ -85,6 +85,70 @@ def test_interp_decoder_never_reads_the_device_on_the_host(monkeypatch: pytest.M
     padded[1, 5:] = 0
     assert "aten._local_scalar_dense" in host_reads(model, ids, padded)  # the recorder sees the mask check
     assert "aten._local_scalar_dense" in host_reads(tiny(dropout=0.1), ids)  # ... and dropout's seed draw
+
+
+# ops that launch no kernel: views, metadata, allocation
+NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "slice", "split", "split_with_sizes", "chunk", "unbind",
+             "detach", "as_strided", "expand", "permute", "reshape", "alias", "select", "unsqueeze", "squeeze",
+             "empty", "empty_strided", "new_empty", "new_empty_strided", "set_", "_reshape_alias", "view_as",
+             "lift_fresh", "is_same_size"}
+# measured: 31 = 14 GEMMs, 8 Triton kernels, 2 SDPA, 7 small ops (adapter stacking and dB scaling); 38 before the
+# residual add went into the RMSNorm kernels, SwiGLU got a packed gradient and the adapters one op each to stack
+KERNELS_PER_LAYER = 31
+
+
+class Launches(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops that launch kernels and the Triton launches (the interpreter's own ops left out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.inside = 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not self.inside and func.overloadpacket.__name__ not in NO_KERNEL
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        real = self.real = InterpretedFunction.run
+
+        def run(fn, *args, **kwargs):
+            self.count += 1
+            self.inside = True
+            try:
+                return real(fn, *args, **kwargs)
+            finally:
+                self.inside = False
+
+        InterpretedFunction.run = run
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        InterpretedFunction.run = self.real
+        return super().__exit__(*exc)
+
+
+@pytest.mark.skipif(not IN_INTERPRETER_CHILD, reason="runs in the interpreter child (test_graphs_interpreter)")
+def test_interp_decoder_kernels_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A budget of kernels per decoder layer in a training forward + backward on the GPU's code path (LoRA on q, v;
+    the LoRA GEMMs as cuBLAS + addmm_): an eager step on the H200 waited on its host, about 59 us per launch, so
+    an op added per layer is a cost to notice. Layers counted as the difference between 4 and 2 of them."""
+    monkeypatch.setenv("MINILORA_ATTENTION", "sdpa")
+    monkeypatch.setenv("MINILORA_LORA_MATMUL", "cublas")
+    counts = {}
+    for layers in (2, 4):
+        model, ids = tiny(layers=layers), torch.randint(0, 64, (2, 8))
+        model.eager_hidden_states(ids).sum().backward()
+        model.zero_grad(set_to_none=True)
+        with Launches() as rec:
+            model.eager_hidden_states(ids).square().sum().backward()
+        counts[layers] = rec.count
+    per_layer = (counts[4] - counts[2]) / 2
+    print(f"kernels per decoder layer: {per_layer:g} (2 layers: {counts[2]}, 4: {counts[4]})")
+    assert per_layer <= KERNELS_PER_LAYER, counts
 
 
 @pytest.mark.skipif(IN_INTERPRETER_CHILD, reason="this is the child's parent")
