@@ -150,11 +150,11 @@ json.dump({'python': platform.python_version(), 'torch': torch.__version__, 'tri
 # One Triton config in the correctness tests keeps compiles bounded; the benchmarks autotune (bench_kernels checks
 # the tuned kernels' outputs against the reference too). Not tests/test_kernels_compile.py: it compiles for sm_80 and
 # sm_90 ahead of time, which needs no GPU and runs in CI. -v: a line per test in steps.log as it finishes, so a step
-# cut by its timeout (the XML is written only at the end) still says which tests passed and failed. -n 4
-# (pytest-xdist, on the image): the time goes to compiling kernels on the CPU, one test at a time took over 150 s on
-# the first H200 run (20261130) and was cut at two thirds; four workers share the GPU.
+# cut by its timeout (the XML is written only at the end) still says which tests passed and failed. -n 8
+# (pytest-xdist, on the image): the time goes to compiling kernels on the CPU (16 cores), one test at a time took
+# over 150 s on the first H200 run (20261130) and was cut at two thirds; eight workers share the GPU.
 step kernel-tests 170 env MINILORA_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_kernels.py tests/test_kernels_rowwise.py \
-    -n 4 -v -rfE -p no:cacheprovider --junitxml="$WORK/kernel-tests.xml"
+    -n 8 -v -rfE -p no:cacheprovider --junitxml="$WORK/kernel-tests.xml"
 # The issue's GPU targets: training tokens/s and peak memory (max_memory_allocated) against transformers+PEFT, both
 # of its bf16 recipes (fp32 weights under autocast, bf16 weights), LoRA on q_proj/v_proj, batch 8 x 256, at
 # LLaMA-7B layer shapes (random weights: the real SmolLM2 file does not travel to the GPU machine); MFU too.
@@ -174,7 +174,8 @@ step train-bench-graph 150 "$PY" tools/bench_train.py --device cuda --shape llam
 # on the H200).
 step recipes-cuda 100 "$PY" -m pytest tests/test_recipes_cuda.py -n 4 -v -rfE -p no:cacheprovider \
     --junitxml="$WORK/recipes-cuda.xml"
-# --rowwise: also RMSNorm and SwiGLU (kernels.rowwise Triton vs minilora.ops' PyTorch functions).
+# --rowwise: also RMSNorm (alone and with the residual add), SwiGLU (alone and on the packed gate|up), RoPE and the
+# LM head's cross-entropy (kernels.rowwise Triton vs minilora.ops' PyTorch functions).
 step kernel-bench 120 "$PY" tools/bench_kernels.py --device cuda --rowwise --json "$OUT/bench_kernels.json"
 # Which Triton config, if any, brings the fused GEMM to cuBLAS's speed when W is K-contiguous (the forward), where
 # the first run's autotuned kernel ran at 0.65-0.72x cuBLAS (issue 3's fwd <= 1.08x bare target needs it).
