@@ -161,14 +161,17 @@ def lm_loss_sum(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor) 
     (CUDA) nothing here waits for the device: the count stays a device tensor, and a target outside the vocabulary
     gives a NaN loss rather than the ValueError of the other paths.
     """
+    dtype = _compute_dtype(hidden)
+    need_w = torch.is_grad_enabled() and lm_head.weight.requires_grad
+    if hidden.numel() and _row_kernel(hidden, lm_head.weight, dtype, need_w) == "triton":
+        # the kernel gives ignored rows a zero loss and gradient: every position goes in, the last of each sequence
+        # with an ignored target, so that h is a view of hidden (no copy, and no scatter of its gradient back), no
+        # boolean index makes the host wait for the device, and the count stays there
+        y = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+        loss = LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), lm_head.weight, y, dtype)
+        return loss, (y != IGNORE_INDEX).sum(dtype=torch.float32)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
-    dtype = _compute_dtype(h)
-    need_w = torch.is_grad_enabled() and lm_head.weight.requires_grad
-    if y.numel() and _row_kernel(h, lm_head.weight, dtype, need_w) == "triton":
-        # the kernel gives ignored rows a zero loss and gradient: no boolean index, whose size the host would wait
-        # for, and a count that stays on the device
-        return LinearCrossEntropy.apply(h, lm_head.weight, y, dtype), (y != IGNORE_INDEX).sum(dtype=torch.float32)
     keep = y != IGNORE_INDEX
     h, y = h[keep], y[keep]
     if y.numel() == 0:
