@@ -89,14 +89,14 @@ def perplexity_evaluator(dataset, batch_size: int, pad_id: int, device: torch.de
 
     def evaluate(model) -> dict[str, float]:
         rank, size = world()
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # read back once, after the last batch
         for i in range(rank * batch_size, n, batch_size * size):
             batch = collate([dataset[j] for j in range(i, min(i + batch_size, n))], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             h = model.hidden_states(batch["input_ids"], batch.get("attention_mask"))
             loss, count = lm_loss_sum(h, model.lm_head, batch["labels"])
-            total += torch.stack([loss.double().cpu(), count.double().cpu()])
-        total = all_reduce_sum(total)
+            total += torch.stack([loss.double(), count.double()])
+        total = all_reduce_sum(total.cpu())
         mean = float(total[0] / max(total[1], 1.0))
         return {"val_loss": mean, "val_ppl": math.exp(mean), "val_tokens": int(total[1])}
 
