@@ -203,7 +203,8 @@ def rowwise_impls(device: torch.device) -> dict[str, dict[str, Callable[..., Ten
     """{op: {impl: fn}}: RMSNorm, SwiGLU and the LM head's linear + cross-entropy as the kernels.rowwise Triton
     functions (CUDA only), minilora's PyTorch autograd functions and the plain reference compositions."""
     eps = 1e-5
-    def add_rms_norm_torch(x: Tensor, a: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+
+    def add_rms_norm_torch(x: Tensor, a: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:  # ops.add_rms_norm, no Triton
         if not w.requires_grad and cpu_kernels.enabled(x, a, w):
             return ops._AddRMSNorm.apply(x, a, w, eps)
         h = x + a
