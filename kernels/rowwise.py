@@ -425,7 +425,9 @@ class QKVRoPEFunction(torch.autograd.Function):
     def forward(ctx, qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int) -> tuple[Tensor, Tensor, Tensor]:
         B, T, N = qkv.shape
         D = N // (H + 2 * Hkv)
-        parts = tuple(torch.empty(B, n, T, D, dtype=qkv.dtype, device=qkv.device) for n in (H, Hkv, Hkv))
+        # token-major: [B, T, n, D] memory seen as [B, n, T, D] (see ``qkv_rope``)
+        parts = tuple(torch.empty(B, T, n, D, dtype=qkv.dtype, device=qkv.device).transpose(1, 2)
+                      for n in (H, Hkv, Hkv))
         _qkv_rope_launch(qkv, parts, cos, sin, H, Hkv, backward=False)
         ctx.save_for_backward(cos, sin)
         ctx.dims = (H, Hkv)
@@ -446,8 +448,13 @@ class QKVRoPEFunction(torch.autograd.Function):
 
 
 def qkv_rope(qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(rope(q) [B, H, T, D], rope(k) [B, Hkv, T, D], v [B, Hkv, T, D]), contiguous, from a packed q|k|v
-    projection (see ``qkv_rope_supported``); differentiable in ``qkv``."""
+    """(rope(q) [B, H, T, D], rope(k) [B, Hkv, T, D], v [B, Hkv, T, D]) from a packed q|k|v projection (see
+    ``qkv_rope_supported``); differentiable in ``qkv``.
+
+    Each output is token-major, ``[B, T, n, D]`` memory seen as ``[B, n, T, D]``: SDPA's cuDNN backend returns its
+    output in q's layout and copies the output's gradient into that layout, so a token-major q gives o_proj its
+    ``[B, T, H D]`` input as a view and takes o_proj's input gradient as it is (a head-major q costs a copy each
+    way per layer). The flash and memory-efficient backends work token-major anyway."""
     if not qkv_rope_supported(qkv, cos, sin, H, Hkv):
         raise ValueError(f"kernels.rowwise.qkv_rope: unsupported qkv {qkv.dtype} {tuple(qkv.shape)} (strides "
                          f"{qkv.stride()}) with H={H}, Hkv={Hkv}, tables {tuple(cos.shape)}")

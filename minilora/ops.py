@@ -278,7 +278,8 @@ def qkv_attention(qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int, mask:
 def qkv_rope(qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int) -> tuple[Tensor, Tensor, Tensor]:
     """(rope(q) [B, H, T, D], rope(k) [B, Hkv, T, D], v [B, Hkv, T, D]) from a packed q|k|v projection
     [B, T, (H + 2 Hkv) D]: ``_QKVRoPE`` for bf16 on the CPU, ``kernels.rowwise.qkv_rope`` (Triton) on CUDA, else
-    a split and ``rope``."""
+    a split and ``rope``. The CPU's are head-major (the GEMM attention batches per head), Triton's token-major
+    (SDPA's output then reaches o_proj without a copy)."""
     B, T, N = qkv.shape
     D = N // (H + 2 * Hkv)
     if qkv.stride(-1) == 1 and cos.shape == sin.shape == (T, D) and cpu_kernels.enabled(qkv):

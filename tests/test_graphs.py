@@ -92,9 +92,10 @@ NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "slice", "split", "split_
              "detach", "as_strided", "expand", "permute", "reshape", "alias", "select", "unsqueeze", "squeeze",
              "empty", "empty_strided", "new_empty", "new_empty_strided", "set_", "_reshape_alias", "view_as",
              "lift_fresh", "is_same_size"}
-# measured: 31 = 14 GEMMs, 8 Triton kernels, 2 SDPA, 7 small ops (adapter stacking and dB scaling); 38 before the
-# residual add went into the RMSNorm kernels, SwiGLU got a packed gradient and the adapters one op each to stack
-KERNELS_PER_LAYER = 31
+# measured: 30 = 14 GEMMs, 8 Triton kernels, 2 SDPA, 6 small ops (adapter stacking and dB scaling); 38 before the
+# residual add went into the RMSNorm kernels, SwiGLU got a packed gradient and the adapters one op each to stack,
+# 31 before the RoPE kernel wrote q, k, v token-major (SDPA's output then reaches o_proj without a copy)
+KERNELS_PER_LAYER = 30
 
 
 class Launches(torch.utils._python_dispatch.TorchDispatchMode):

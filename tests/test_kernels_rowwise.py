@@ -301,7 +301,7 @@ QKV_ROPE_DIMS = [(2, 5, 4, 2, 16), (1, 3, 6, 6, 8), (2, 4, 9, 3, 64), (1, 2, 4, 
 @pytest.mark.parametrize("dims", QKV_ROPE_DIMS, ids=lambda d: "b{}t{}h{}kv{}d{}".format(*d))
 def test_rowwise_qkv_rope_matches_reference(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, dims: tuple) -> None:
     """``ops.qkv_rope`` on a packed q|k|v projection (Triton in the interpreter child and on CUDA) against split +
-    ``rope_ref`` in float64 and in the input dtype, outputs and the packed gradient; the outputs are contiguous."""
+    ``rope_ref`` in float64 and in the input dtype, outputs and the packed gradient; and each path's layout."""
     B, T, H, Hkv, D = dims
     g = torch.Generator().manual_seed(D + H)
     qkv = torch.randn(B, T, (H + 2 * Hkv) * D, generator=g).to(dtype).requires_grad_()
@@ -316,12 +316,33 @@ def test_rowwise_qkv_rope_matches_reference(monkeypatch: pytest.MonkeyPatch, dty
     assert bool(calls) == IN_INTERPRETER_CHILD
     q, k, v = ops.qkv_rope(qkv.detach(), cos, sin, H, Hkv)
     assert q.shape == (B, H, T, D) and k.shape == v.shape == (B, Hkv, T, D)
-    assert q.is_contiguous() and k.is_contiguous()
+    if calls:  # Triton: token-major ([B, T, n, D] memory), the layout SDPA's cuDNN backend keeps for its output
+        assert all(t.transpose(1, 2).is_contiguous() for t in (q, k, v))
+    else:  # PyTorch / kernels/cpu.c: head-major, as the CPU GEMM attention batches its products per head
+        assert q.is_contiguous() and k.is_contiguous()
 
 
 triton_here = pytest.mark.skipif(not (IN_INTERPRETER_CHILD or HAS_CUDA_TRITON),
                                  reason="the Triton kernel runs in the interpreter child (test_interpreter_suite) "
                                         "or on CUDA")
+
+
+@triton_here
+@pytest.mark.parametrize("dims", [(8, 256, 32, 32, 128), (4, 256, 9, 3, 64)], ids=["llama7b", "smollm2"])
+def test_rowwise_attention_output_reaches_o_proj_as_a_view(monkeypatch: pytest.MonkeyPatch, dims: tuple) -> None:
+    """Causal SDPA on ``qkv_rope``'s outputs returns ``[B, H, T, D]`` whose ``[B, T, H D]`` form (o_proj's input)
+    needs no copy: SDPA allocates its output in q's layout (cuDNN, and the CPU's flash attention in the interpreter
+    child; flash and memory-efficient work token-major anyway), and a head-major q made the decoder copy it (and
+    cuDNN the output's gradient) in every layer. bf16 on CUDA, fp32 in the interpreter (bf16 is broken there)."""
+    monkeypatch.setenv("MINILORA_ATTENTION", "sdpa")
+    B, T, H, Hkv, D = dims if HAS_CUDA_TRITON else (1, 32, *dims[2:])
+    device, dtype = ("cuda", torch.bfloat16) if HAS_CUDA_TRITON else ("cpu", torch.float32)
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D, device=device, dtype=dtype, requires_grad=True)
+    cos, sin = (t.to(device) for t in _rope_tables(T, D))
+    out = ops.attention(*ops.qkv_rope(qkv, cos, sin, H, Hkv), None)
+    assert out.shape == (B, H, T, D) and out.transpose(1, 2).is_contiguous(), out.stride()
+    out.transpose(1, 2).reshape(B, T, H * D).float().square().sum().backward()
+    assert qkv.grad is not None and bool(qkv.grad.isfinite().all())
 
 
 @triton_here
