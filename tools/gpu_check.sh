@@ -147,6 +147,13 @@ json.dump({'python': platform.python_version(), 'torch': torch.__version__, 'tri
            'cuda': torch.version.cuda, 'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None},
           open('$WORK/versions.json', 'w'))"
 # Most important first: a step that finds the budget spent is skipped.
+# First, as the number issue 6 waits on: the training benchmark (below) with minilora's decoder replayed as CUDA
+# graphs, as train_dapt.py --cuda-graph trains (its eager step kept the H200 busy only 70% of the time on the first
+# run, 20261130), against both transformers recipes, in one run; --profile shows how busy the GPU is then. Its losses
+# beside the eager sides' are a first check of the graphs; recipes-cuda below is the exact one.
+step train-bench-graph 150 "$PY" tools/bench_train.py --device cuda --shape llama7b --layers 4 --modes bf16 \
+    --targets qv --rounds 1 --no-classify --cuda-graph --profile "$WORK/profile-graph" \
+    --json "$OUT/bench_train_graph.json"
 # One Triton config in the correctness tests keeps compiles bounded; the benchmarks autotune (bench_kernels checks
 # the tuned kernels' outputs against the reference too). Not tests/test_kernels_compile.py: it compiles for sm_80 and
 # sm_90 ahead of time, which needs no GPU and runs in CI. -v: a line per test in steps.log as it finishes, so a step
@@ -155,6 +162,12 @@ json.dump({'python': platform.python_version(), 'torch': torch.__version__, 'tri
 # over 150 s on the first H200 run (20261130) and was cut at two thirds; eight workers share the GPU.
 step kernel-tests 170 env MINILORA_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_kernels.py tests/test_kernels_rowwise.py \
     -n 8 -v -rfE -p no:cacheprovider --junitxml="$WORK/kernel-tests.xml"
+# The recipes with --device cuda on a tiny random LLaMA: fp32 runs match the same runs on the CPU (DAPT losses and
+# adapter, task predictions, eval.py's rescoring), and so does a DAPT run with --cuda-graph; a bf16 DAPT run with
+# dropout learns and resumes. -n 4: one worker per test (one at a time, three of them took 99 s of the 100 s limit
+# on the H200).
+step recipes-cuda 100 "$PY" -m pytest tests/test_recipes_cuda.py -n 4 -v -rfE -p no:cacheprovider \
+    --junitxml="$WORK/recipes-cuda.xml"
 # The issue's GPU targets: training tokens/s and peak memory (max_memory_allocated) against transformers+PEFT, both
 # of its bf16 recipes (fp32 weights under autocast, bf16 weights), LoRA on q_proj/v_proj, batch 8 x 256, at
 # LLaMA-7B layer shapes (random weights: the real SmolLM2 file does not travel to the GPU machine); MFU too.
@@ -162,18 +175,6 @@ step kernel-tests 170 env MINILORA_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_
 # later session without a GPU can see where each side's time went (the full tables stay in the scratch folder).
 step train-bench 260 "$PY" tools/bench_train.py --device cuda --shape llama7b --layers 4 --modes bf16 \
     --targets qv --rounds 1 --no-classify --profile "$WORK/profile" --json "$OUT/bench_train.json"
-# The same with minilora's decoder replayed as CUDA graphs, as train_dapt.py --cuda-graph trains (its eager step
-# kept the H200 busy only 70% of the time on the first run, 20261130), against both transformers recipes again, in
-# one run; --profile shows how busy the GPU is then.
-step train-bench-graph 150 "$PY" tools/bench_train.py --device cuda --shape llama7b --layers 4 --modes bf16 \
-    --targets qv --rounds 1 --no-classify --cuda-graph --profile "$WORK/profile-graph" \
-    --json "$OUT/bench_train_graph.json"
-# The recipes with --device cuda on a tiny random LLaMA: fp32 runs match the same runs on the CPU (DAPT losses and
-# adapter, task predictions, eval.py's rescoring), and so does a DAPT run with --cuda-graph; a bf16 DAPT run with
-# dropout learns and resumes. -n 4: one worker per test (one at a time, three of them took 99 s of the 100 s limit
-# on the H200).
-step recipes-cuda 100 "$PY" -m pytest tests/test_recipes_cuda.py -n 4 -v -rfE -p no:cacheprovider \
-    --junitxml="$WORK/recipes-cuda.xml"
 # --rowwise: also RMSNorm (alone and with the residual add), SwiGLU (alone and on the packed gate|up), RoPE and the
 # LM head's cross-entropy (kernels.rowwise Triton vs minilora.ops' PyTorch functions).
 step kernel-bench 120 "$PY" tools/bench_kernels.py --device cuda --rowwise --json "$OUT/bench_kernels.json"
