@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR",
                    help="run folders written by train_task.py, or folders holding them (default: --runs-dir)")
-    p.add_argument("--runs-dir", default="runs", help="where to look for runs when no RUN_DIR is given")
+    p.add_argument("--runs-dir", default="runs", help="where to look for runs when no RUN_DIR is given (default "
+                   "%(default)s)")
     p.add_argument("--out", default=None,
                    help="output folder (default: <runs-dir>/report; with --test: the run folder)")
     p.add_argument("--n-boot", type=int, default=None,
@@ -99,10 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("scoring a trained model on new data (--run with --test)")
     g.add_argument("--run", default=None, help="a train_task.py run folder (head/, task_adapter/, summary.json)")
     g.add_argument("--test", default=None, help="labelled CSV or JSONL(.gz) file to score")
-    g.add_argument("--text-col", default="text", help="text column / JSON field")
-    g.add_argument("--label-col", default="label", help="label column / JSON field (codes joined by --label-sep)")
+    g.add_argument("--text-col", default="text", help="text column / JSON field (default text)")
+    g.add_argument("--label-col", default="label", help="label column / JSON field (codes joined by "
+                   "--label-sep; default label)")
     g.add_argument("--id-col", default="id", help="id column (default id; absent: <file>:<line>)")
-    g.add_argument("--label-sep", default=",", help="separator of multi-label codes")
+    g.add_argument("--label-sep", default=",", help="separator of multi-label codes (default ,)")
     g.add_argument("--max-seq-len", type=int, default=None, help="tokens per note (default: the run's)")
     g.add_argument("--batch-size", type=int, default=None, help="inference batch (default: the run's)")
     g.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default: the run's")

@@ -17,14 +17,14 @@ import torch
 
 from minilora import from_pretrained, graphs
 from minilora.cli import (
-    PRECISION_HELP, InputError, parse_with_config, resolve_recipe_precision, run_cli, write_json_atomic,
+    InputError, add_lora_args, add_optimisation_args, add_run_args, parse_with_config, resolve_recipe_precision,
+    run_cli, write_json_atomic,
 )
 from minilora.data.notes import build_token_cache
 from minilora.data.packing import PackedDataset, TruncatedDataset, collate
 from minilora.data.synthetic import write_dapt_corpus
 from minilora.losses import lm_loss_sum
 from minilora.lora import add_adapter, save_adapter, trainable_parameters
-from minilora.runtime import PRECISIONS
 from minilora.train import (
     TrainConfig, Trainer, all_reduce_sum, barrier, init_distributed, is_main, peak_memory_mb, plot_curves, world,
 )
@@ -32,54 +32,41 @@ from minilora.train import (
 ADAPTER = "domain"
 DEMO_NOTES = 600
 DEMO_EVAL_SEQS = 48
+DEMO_MAX_STEPS = 40
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="TOML file of settings (flag names); command-line flags override it")
-    p.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf, llama2.c .bin or smollm2-135m")
+    p.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf, llama2.c .bin or smollm2-135m (default: %(default)s, "
+                   "the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--notes", nargs="+", default=None,
                    help="notes files/folders: MIMIC-IV-Note csv(.gz), CSV, JSONL(.gz), .txt or a folder of .txt "
                         "(default: the synthetic demo corpus)")
     p.add_argument("--text-field", default=None, help="text column / JSON field (default: text)")
     p.add_argument("--encoding-errors", default="strict", choices=["strict", "replace"],
-                   help="non-UTF-8 bytes: stop with an error naming the line (strict) or replace and count them")
-    p.add_argument("--out", default="runs/dapt", help="output folder")
+                   help="non-UTF-8 bytes: stop with an error naming the line (strict, the default) or replace and "
+                   "count them")
+    p.add_argument("--out", default="runs/dapt", help="output folder (default %(default)s)")
     p.add_argument("--cache-dir", default=None, help="token cache folder (default: <out>/../cache)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="notes held out for validation (by note)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of the notes held out for validation "
+                   "(by note; default %(default)g)")
     p.add_argument("--max-seq-len", type=int, default=None, help="tokens per sequence (default 128, demo 256)")
     p.add_argument("--no-packing", action="store_true",
                    help="the paper's mode: only the first max-seq-len tokens of each note (default: pack notes)")
-    g = p.add_argument_group("LoRA (defaults: the paper's best clinical adapter)")
-    g.add_argument("--r", type=int, default=16)
-    g.add_argument("--alpha", type=float, default=32)
-    g.add_argument("--dropout", type=float, default=0.0)
-    g.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names, or all-linear")
+    add_lora_args(p.add_argument_group("LoRA (defaults: the paper's best clinical adapter)"), r=16, alpha=32)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=3e-4)
-    g.add_argument("--epochs", type=float, default=1.0)
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    g.add_argument("--batch-size", type=int, default=8, help="global micro-batch (split over torchrun ranks)")
-    g.add_argument("--grad-accum", type=int, default=1)
-    g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"])
-    g.add_argument("--warmup-ratio", type=float, default=0.0)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
-    g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
+    g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default %(default)g)")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the training notes (default %(default)g)")
+    add_optimisation_args(g, demo_max_steps=DEMO_MAX_STEPS)
     g.add_argument("--cuda-graph", action="store_true",
                    help="GPU: replay the decoder's training forward and backward as CUDA graphs, which removes the "
                         "host's per-kernel overhead at small batches (needs --dropout 0, no --grad-checkpointing; "
                         "batches with padding run without)")
     g.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: at the end only)")
-    g.add_argument("--eval-max-seqs", type=int, default=None, help="cap on validation sequences (default: all)")
-    g.add_argument("--save-every", type=int, default=25, help="steps between resumable checkpoints")
-    g.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint exactly")
-    p.add_argument("--workers", type=int, default=2, help="tokenizer worker processes")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; under torchrun "
-                   "each rank uses cuda:LOCAL_RANK)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--eval-max-seqs", type=int, default=None, help="cap on validation sequences (default: all; demo "
+                   f"{DEMO_EVAL_SEQS})")
+    add_run_args(p, g, save_every=25)
     return p
 
 
@@ -121,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             write_dapt_corpus(notes[0], DEMO_NOTES, seed=args.seed)
         barrier()
         if args.max_steps is None:
-            args.max_steps = 40
+            args.max_steps = DEMO_MAX_STEPS
         if args.eval_max_seqs is None:
             args.eval_max_seqs = DEMO_EVAL_SEQS
     else:

@@ -23,7 +23,8 @@ import torch
 from minilora import from_pretrained
 from minilora.classify import Classifier, class_weights, classification_loss_sum, predict
 from minilora.cli import (
-    PRECISION_HELP, InputError, parse_with_config, resolve_recipe_precision, run_cli, write_json_atomic,
+    InputError, add_lora_args, add_optimisation_args, add_run_args, parse_with_config, resolve_recipe_precision,
+    run_cli, write_json_atomic,
 )
 from minilora.data.synthetic import TASKS, write_task_csvs
 from minilora.data.tasks import (
@@ -34,7 +35,6 @@ from minilora.lora import (
     add_adapter, load_adapter, restore_adapter, save_adapter, set_trainable, trainable_parameters,
 )
 from minilora.metrics import UndefinedMetricError, task_auroc
-from minilora.runtime import PRECISIONS
 from minilora.train import (
     TrainConfig, Trainer, barrier, init_distributed, is_main, peak_memory_mb, plot_curves, world,
 )
@@ -49,19 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="TOML file of settings (flag names); command-line flags override it")
     p.add_argument("--task", default="mortality",
-                   help=f"one of {', '.join(TASKS)}, or a name for a custom task given by --train/--val/--test")
+                   help=f"one of {', '.join(TASKS)}, or a name for a custom task given by --train/--val/--test "
+                   "(default %(default)s)")
     p.add_argument("--data-dir", default=None,
                    help="folder with the van Aken / BEEP CSVs, or one tools/mimic4_tasks.py built from MIMIC-IV "
                         "(default: the synthetic demo task)")
     p.add_argument("--train", default=None, help="custom task: training CSV/JSONL")
     p.add_argument("--val", default=None, help="custom task: validation CSV/JSONL")
     p.add_argument("--test", default=None, help="custom task: test CSV/JSONL")
-    p.add_argument("--text-col", default="text")
-    p.add_argument("--label-col", default="label")
-    p.add_argument("--id-col", default="id")
+    p.add_argument("--text-col", default="text", help="custom task: text column / JSON field (default text)")
+    p.add_argument("--label-col", default="label", help="custom task: label column / JSON field (default label)")
+    p.add_argument("--id-col", default="id", help="custom task: id column (default id)")
     p.add_argument("--multilabel", action="store_true", help="custom task: labels are --label-sep separated codes")
-    p.add_argument("--label-sep", default=",")
-    p.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf, llama2.c .bin or smollm2-135m")
+    p.add_argument("--label-sep", default=",", help="separator of multi-label codes (default ,)")
+    p.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf, llama2.c .bin or smollm2-135m (default: %(default)s, "
+                   "the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--domain-adapter", default=None,
                    help="clinical LoRA from train_dapt.py (<out>/adapter); demo default: runs/dapt/adapter if present")
     p.add_argument("--no-domain-adapter", action="store_true", help="do not use a clinical adapter")
@@ -69,10 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-task-adapter", action="store_true", help="head only (the paper's LLaMA* baseline)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<task>)")
     g = p.add_argument_group("task LoRA and head")
-    g.add_argument("--r", type=int, default=8)
-    g.add_argument("--alpha", type=float, default=16)
-    g.add_argument("--dropout", type=float, default=0.0)
-    g.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names, or all-linear")
+    add_lora_args(g, r=8, alpha=16)
     g.add_argument("--pooling", default=None, choices=["last", "mean"],
                    help="last non-pad token (the paper; default) or mean over tokens (demo default: a 135M model "
                    "reading 128 tokens for a few hundred steps learns the outcomes from the mean, not the last token)")
@@ -84,22 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peak learning rate of the classification head (default: --lr; demo 5e-3); a freshly "
                    "initialised head often wants a larger one than the adapters")
     g.add_argument("--epochs", type=float, default=None, help=f"default 10 (the paper), demo {DEMO_EPOCHS}")
-    g.add_argument("--max-steps", type=int, default=None)
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--grad-accum", type=int, default=1)
-    g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"])
-    g.add_argument("--warmup-ratio", type=float, default=0.0)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
-    g.add_argument("--grad-checkpointing", action="store_true")
-    g.add_argument("--save-every", type=int, default=50)
-    g.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint exactly")
-    p.add_argument("--workers", type=int, default=2, help="tokenizer worker processes")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; under torchrun each "
-                   "rank uses cuda:LOCAL_RANK)")
-    p.add_argument("--no-progress", action="store_true")
+    add_optimisation_args(g)
+    add_run_args(p, g, save_every=50)
     return p
 
 

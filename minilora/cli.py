@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from minilora.runtime import PRECISIONS
+
 EXIT_BAD_INPUT = 2
 
 
@@ -89,6 +91,53 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
 
 PRECISION_HELP = ("auto (default): bf16 autocast and bf16 frozen weights where bf16 matmuls are native (CUDA since "
                   "Ampere; CPUs with AVX512-BF16 or AMX), fp32 elsewhere, where emulated bf16 is slower; or bf16, fp32")
+
+
+def add_lora_args(g: argparse._ArgumentGroup, *, r: int, alpha: float) -> None:
+    """The LoRA flags of both training recipes (their defaults differ: r and alpha)."""
+    g.add_argument("--r", type=int, default=r, help="LoRA rank (default %(default)s)")
+    g.add_argument("--alpha", type=float, default=alpha, help="LoRA alpha; the update is scaled by alpha / r "
+                   "(default %(default)g)")
+    g.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout on the adapters' input "
+                   "(default %(default)g)")
+    g.add_argument("--targets", default="q_proj,v_proj",
+                   help="comma-separated module names, or all-linear (default %(default)s)")
+
+
+def add_optimisation_args(g: argparse._ArgumentGroup, *, demo_max_steps: int | None = None) -> None:
+    """The optimisation flags both training recipes share, after their own --lr and --epochs (AdamW over the
+    trainable parameters; the HF Trainer's defaults)."""
+    demo = f"; demo {demo_max_steps}" if demo_max_steps else ""
+    g.add_argument("--max-steps", type=int, default=None,
+                   help=f"stop after this many optimizer steps (default: the epochs decide{demo})")
+    g.add_argument("--batch-size", type=int, default=8,
+                   help="global micro-batch in sequences, split over torchrun ranks (default %(default)s)")
+    g.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (default %(default)s)")
+    g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"],
+                   help="learning-rate decay after the warm-up (default %(default)s)")
+    g.add_argument("--warmup-ratio", type=float, default=0.0,
+                   help="fraction of the steps with a linear warm-up (default %(default)g)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default %(default)g)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="gradient clipping by global norm (default %(default)g)")
+    g.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each block's activations in backward (less memory, more time)")
+
+
+def add_run_args(p: argparse.ArgumentParser, g: argparse._ArgumentGroup, *, save_every: int) -> None:
+    """Checkpointing, seed, resume, tokenizer workers, device and progress flags of both training recipes."""
+    g.add_argument("--save-every", type=int, default=save_every,
+                   help="optimizer steps between resumable checkpoints (default %(default)s)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="random seed: initialisation of the adapters (and head), data order, dropout and the "
+                   "demo data (default %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint exactly")
+    p.add_argument("--workers", type=int, default=2, help="tokenizer worker processes (default %(default)s)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; under torchrun "
+                   "each rank uses cuda:LOCAL_RANK)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def resolve_recipe_precision(args: argparse.Namespace, device) -> str:

@@ -26,3 +26,17 @@ def test_config_parses(path):
     assert args.model.startswith("/path/to/") and args.out.startswith("runs/")
     args = parse_with_config(recipe.build_parser(), ["--config", str(path), "--lr", "1e-5"])
     assert args.lr == 1e-5
+
+
+@pytest.mark.parametrize("name", ["train_dapt", "train_task", "eval"])
+def test_every_flag_says_what_it_does_and_its_default(name):
+    """``--help`` explains every flag, and a flag whose default is a value (not None or off) states it."""
+    parser = _recipe(name).build_parser()
+    for action in parser._actions:
+        flag = "/".join(action.option_strings) or action.dest
+        if action.dest in ("help", "config"):
+            continue
+        assert action.help, f"{name} {flag}: no help text"
+        if action.option_strings and action.default not in (None, False):
+            text = parser._get_formatter()._expand_help(action)
+            assert "default" in text and str(action.default).rstrip("0").rstrip(".") in text, (name, flag, text)
