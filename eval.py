@@ -433,7 +433,7 @@ def render_markdown(rows: list[dict], groups: list[dict], seed: int) -> tuple[st
         by_col = {r["column"] or r["task"]: r for r in rows if (r["setting"], r["data"]) == (g["setting"], g["data"])}
         cells = [("undefined" if by_col[c]["auroc"] is None else pct(by_col[c]["auroc"])) if c in by_col else "-"
                  for c in columns]
-        table.append([g["setting"], g["data"], *cells, f"{pct(g['macro_auroc'])} ({g['n_tasks']} tasks)"])
+        table.append([g["setting"], g["data"], *cells, f"{pct(g['macro_auroc'])} ({g['n_tasks']} task{'s' * (g['n_tasks'] != 1)})"])
         if g["data"] in PAPER_DATA and g["paper_row"]:
             paper = PAPER_AUROC[g["paper_row"]]
             table.append([f"paper: {g['paper_row']}", "MIMIC-III",
