@@ -367,6 +367,110 @@ void rope(const bf16 *restrict x, bf16 *restrict out, const float *restrict cos_
                           oh, sign);
 }
 
+/* ------------------------------------------------------------------ fp32 RMSNorm, SwiGLU and RoPE
+ * The three kernels above for fp32 tensors, for CPUs without native bf16, where training runs in fp32: the same
+ * formulas, arguments and layouts, in plain C for the auto-vectoriser (no roundings to make), one pass over memory
+ * each way where PyTorch's fp32 path makes three to five. */
+static inline float rms_norm_row_f32(const float *restrict xr, const float *restrict ar, const float *restrict w,
+                                     float *restrict hr, float *restrict o, int64_t D, float eps) {
+    float ss = 0.0f;
+    if (ar) {
+#pragma omp simd reduction(+ : ss)
+        for (int64_t j = 0; j < D; j++) {
+            float v = xr[j] + ar[j];
+            hr[j] = v;
+            ss += v * v;
+        }
+    } else {
+#pragma omp simd reduction(+ : ss)
+        for (int64_t j = 0; j < D; j++) ss += xr[j] * xr[j];
+    }
+    const float r = 1.0f / sqrtf(ss / (float)D + eps);
+    const float *restrict src = ar ? hr : xr;
+#pragma omp simd
+    for (int64_t j = 0; j < D; j++) o[j] = src[j] * r * w[j];
+    return r;
+}
+
+void rms_norm_fwd_f32(const float *restrict x, const float *restrict a, const float *restrict w, float *restrict h,
+                      float *restrict out, float *restrict rstd, int64_t n, int64_t D, float eps, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < n; i++)
+        rstd[i] = rms_norm_row_f32(x + i * D, a ? a + i * D : NULL, w, h ? h + i * D : NULL, out + i * D, D, eps);
+}
+
+void rms_norm_bwd_f32(const float *restrict g, const float *restrict x, const float *restrict w,
+                      const float *restrict rstd, const float *restrict gres, float *restrict dx, int64_t n,
+                      int64_t D, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const float *restrict gr = g + i * D, *restrict xr = x + i * D;
+        const float *restrict rr = gres ? gres + i * D : NULL;
+        float *restrict o = dx + i * D;
+        const float r = rstd[i];
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t j = 0; j < D; j++) dot += gr[j] * w[j] * xr[j];
+        const float beta = -r * r * r * dot / (float)D;
+        if (rr) {
+#pragma omp simd
+            for (int64_t j = 0; j < D; j++) o[j] = r * gr[j] * w[j] + beta * xr[j] + rr[j];
+        } else {
+#pragma omp simd
+            for (int64_t j = 0; j < D; j++) o[j] = r * gr[j] * w[j] + beta * xr[j];
+        }
+    }
+}
+
+void swiglu_fwd_f32(const float *restrict gate, const float *restrict up, float *restrict out, int64_t rows,
+                    int64_t F, int64_t ld, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < rows; i++) {
+        const float *restrict gr = gate + i * ld, *restrict ur = up + i * ld;
+        float *restrict o = out + i * F;
+#pragma omp simd
+        for (int64_t j = 0; j < F; j++) o[j] = gr[j] * sigmoid(gr[j]) * ur[j];
+    }
+}
+
+void swiglu_bwd_f32(const float *restrict g, const float *restrict gate, const float *restrict up,
+                    float *restrict dgate, float *restrict dup, int64_t rows, int64_t F, int64_t ld_in,
+                    int64_t ld_out, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < rows; i++) {
+        const float *restrict gr = g + i * F, *restrict ar = gate + i * ld_in, *restrict ur = up + i * ld_in;
+        float *restrict dg = dgate + i * ld_out, *restrict du = dup + i * ld_out;
+#pragma omp simd
+        for (int64_t j = 0; j < F; j++) {
+            const float a = ar[j], s = sigmoid(a), ys = gr[j] * s;
+            du[j] = ys * a;
+            dg[j] = ys * ur[j] * (1.0f + a * (1.0f - s));
+        }
+    }
+}
+
+/* cos / sin [T, D] used as they are (HF rounds the tables to the data's dtype: fp32 keeps them). */
+void rope_f32(const float *restrict x, float *restrict out, const float *restrict cos_t, const float *restrict sin_t,
+              int64_t B, int64_t T, int64_t H, int64_t D, int64_t xb, int64_t xt, int64_t xh, int64_t ob, int64_t ot,
+              int64_t oh, float sign, int nt) {
+    const int64_t half = D / 2;
+#pragma omp parallel for num_threads(nt) schedule(static) collapse(2)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < T; t++) {
+            const float *restrict ct = cos_t + t * D, *restrict st = sin_t + t * D;
+            for (int64_t h = 0; h < H; h++) {
+                const float *restrict xr = x + b * xb + t * xt + h * xh;
+                float *restrict o = out + b * ob + t * ot + h * oh;
+#pragma omp simd
+                for (int64_t j = 0; j < half; j++) {
+                    const float x1 = xr[j], x2 = xr[j + half];
+                    o[j] = x1 * ct[j] - sign * x2 * st[j];
+                    o[j + half] = x2 * ct[j] + sign * x1 * st[j];
+                }
+            }
+        }
+}
+
 /* ------------------------------------------------------------------ causal softmax
  * s: R rows of T scores; row i is query position t = i % T and sees keys 0..t. In place:
  * p = softmax(scale * s) over the visible keys, 0 elsewhere. Each thread keeps the row's exponentials in an fp32

@@ -4,9 +4,10 @@ They replace the chains of PyTorch elementwise ops around the GEMMs of a bf16 tr
 SwiGLU, RoPE, the causal softmax of the GEMM attention, the LM-head cross-entropy), each of which is one pass
 over memory with fp32 math and one rounding, where PyTorch makes several passes with a rounding after each; and,
 on CPUs with AMX, the whole causal attention forward and backward (``attention_fwd``, ``attention_bwd``) and the
-rank-side products of a LoRA linear (``lora_fwd``, ``lora_bwd``). ``minilora.ops``, ``minilora.losses`` and
-``kernels.reference`` call them for bf16 CPU tensors and keep their PyTorch path for everything else (fp32, fp64,
-CUDA, LoRA dropout, or no compiler).
+rank-side products of a LoRA linear (``lora_fwd``, ``lora_bwd``). RMSNorm, SwiGLU and RoPE also have fp32 twins
+(``FP32_KERNELS``), for fp32 training on CPUs without native bf16. ``minilora.ops``, ``minilora.losses`` and
+``kernels.reference`` call them for bf16 (and those three for fp32) CPU tensors and keep their PyTorch path for
+everything else (fp64, CUDA, LoRA dropout, or no compiler).
 
 ``MINILORA_CPU_KERNELS``: ``auto`` (default: use them when they build, else warn once and use PyTorch), ``on``
 (fail when they cannot be built), ``off`` (PyTorch only). The shared library is cached in
@@ -57,6 +58,9 @@ _SIGNATURES = {
     "simd_avx512bf16": [],
     "amx_available": [],
 }
+# kernels with an fp32 twin ``NAME_f32`` (same arguments; float for bf16 pointers), for fp32 training
+FP32_KERNELS = ("rms_norm_fwd", "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd", "rope")
+_SIGNATURES.update({f"{name}_f32": _SIGNATURES[name] for name in FP32_KERNELS})
 # softmax / cross-entropy: nonzero when a row buffer's malloc failed; attention: 1 without AMX, 2 when a buffer's
 # malloc failed; simd_avx512bf16 / amx_available: 1 for the intrinsics build / when the AMX attention can run
 _RETURNS = {"causal_softmax_fwd": _I, "cross_entropy_rows": _I, "attn_amx_fwd": _I, "attn_amx_bwd": _I,
@@ -150,11 +154,19 @@ def library():
     return _state["lib"]
 
 
-def enabled(*tensors: Tensor) -> bool:
-    """True when the kernels should run on these tensors: all bf16 on the CPU, and the library is available."""
-    if not all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors):
+def enabled(*tensors: Tensor, fp32: bool = False) -> bool:
+    """True when the kernels should run on these tensors: all bf16 on the CPU (or, with ``fp32`` for the kernels
+    of FP32_KERNELS, all fp32 there), and the library is available."""
+    dtypes = (torch.bfloat16, torch.float32) if fp32 else (torch.bfloat16,)
+    if tensors[0].dtype not in dtypes or not all(t.device.type == "cpu" and t.dtype == tensors[0].dtype
+                                                 for t in tensors):
         return False
     return library() is not None
+
+
+def _kernel(name: str, t: Tensor):
+    """The library's ``name`` for t's dtype: the bf16 kernel, or its fp32 twin (FP32_KERNELS)."""
+    return getattr(library(), name if t.dtype == torch.bfloat16 else f"{name}_f32")
 
 
 def _nt() -> int:
@@ -165,7 +177,8 @@ def _c(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-# ---------------------------------------------------------------- wrappers (bf16 CPU tensors; see cpu.c)
+# ---------------------------------------------------------------- wrappers (bf16 CPU tensors, fp32 too for
+# FP32_KERNELS; see cpu.c)
 def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None
                  ) -> tuple[Tensor, Tensor, Tensor]:
     """(h, rms_norm(h), rstd [rows] fp32) with h = x + residual (x itself when residual is None), all bf16 [..., D],
@@ -176,20 +189,20 @@ def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None 
     out = torch.empty_like(x)
     D = x.shape[-1]
     rstd = torch.empty(x.numel() // D, dtype=torch.float32)
-    library().rms_norm_fwd(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
-                           None if residual is None else h.data_ptr(), out.data_ptr(), rstd.data_ptr(),
-                           rstd.numel(), D, eps, _nt())
+    _kernel("rms_norm_fwd", x)(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
+                               None if residual is None else h.data_ptr(), out.data_ptr(), rstd.data_ptr(),
+                               rstd.numel(), D, eps, _nt())
     return h, out, rstd
 
 
 def rms_norm_bwd(g: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, residual: Tensor | None = None) -> Tensor:
     """dL/dx of rms_norm(x) for its output's gradient g, plus ``residual`` (a gradient reaching x directly)."""
-    g, x = _c(g), _c(x)
-    residual = None if residual is None else _c(residual)
+    g, x = _c(g.to(x.dtype)), _c(x)
+    residual = None if residual is None else _c(residual.to(x.dtype))
     dx = torch.empty_like(x)
-    library().rms_norm_bwd(g.data_ptr(), x.data_ptr(), _c(weight).data_ptr(), rstd.data_ptr(),
-                           None if residual is None else residual.data_ptr(), dx.data_ptr(), rstd.numel(),
-                           x.shape[-1], _nt())
+    _kernel("rms_norm_bwd", x)(g.data_ptr(), x.data_ptr(), _c(weight).data_ptr(), rstd.data_ptr(),
+                               None if residual is None else residual.data_ptr(), dx.data_ptr(), rstd.numel(),
+                               x.shape[-1], _nt())
     return dx
 
 
@@ -206,13 +219,13 @@ def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up, contiguous, for gate and up [..., F]: separate tensors or the halves of one packed tensor."""
     g2, u2, ld = _row_pair(gate, up)
     out = torch.empty(gate.shape, dtype=gate.dtype)
-    library().swiglu_fwd(g2.data_ptr(), u2.data_ptr(), out.data_ptr(), g2.shape[0], g2.shape[1], ld, _nt())
+    _kernel("swiglu_fwd", gate)(g2.data_ptr(), u2.data_ptr(), out.data_ptr(), g2.shape[0], g2.shape[1], ld, _nt())
     return out
 
 
 def swiglu_bwd(g: Tensor, gate: Tensor, up: Tensor, packed: bool = False) -> tuple[Tensor, Tensor] | Tensor:
     """(dgate, dup) as new contiguous tensors; with ``packed`` one [..., 2F] tensor holding dgate then dup."""
-    g2 = _c(g).reshape(-1, g.shape[-1])
+    g2 = _c(g.to(gate.dtype)).reshape(-1, g.shape[-1])
     a2, u2, ld_in = _row_pair(gate, up)
     rows, F = a2.shape
     if packed:
@@ -220,21 +233,21 @@ def swiglu_bwd(g: Tensor, gate: Tensor, up: Tensor, packed: bool = False) -> tup
         dg, du, ld_out = d[..., :F], d[..., F:], 2 * F
     else:
         dg, du, ld_out = torch.empty(gate.shape, dtype=gate.dtype), torch.empty(up.shape, dtype=up.dtype), F
-    library().swiglu_bwd(g2.data_ptr(), a2.data_ptr(), u2.data_ptr(), dg.data_ptr(), du.data_ptr(), rows, F, ld_in,
-                         ld_out, _nt())
+    _kernel("swiglu_bwd", gate)(g2.data_ptr(), a2.data_ptr(), u2.data_ptr(), dg.data_ptr(), du.data_ptr(), rows,
+                                F, ld_in, ld_out, _nt())
     return d if packed else (dg, du)
 
 
 def rope_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, sign: float) -> Tensor:
     """``out = x * c + sign * rotate_half(x) * s`` for x, out viewed as [B, T, H, D] (any strides, last dim 1).
 
-    ``cos``/``sin`` [T, D] in fp32 (rounded to bf16 inside, as the PyTorch path does).
+    ``cos``/``sin`` [T, D] in fp32 (for bf16 x rounded to bf16 inside, as the PyTorch path does).
     """
     B, T, H, D = x.shape
     assert x.stride(-1) == 1 and out.stride(-1) == 1 and out.shape == x.shape
     cos, sin = _c(cos.float()), _c(sin.float())
-    library().rope(x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), B, T, H, D,
-                   x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2), sign, _nt())
+    _kernel("rope", x)(x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), B, T, H, D,
+                       x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2), sign, _nt())
     return out
 
 

@@ -21,8 +21,9 @@ passes over memory, which is what limits these ops on a CPU:
 
 For bf16 tensors on the CPU the elementwise parts run in ``kernels/cpu.c`` instead (one pass each way, fp32 math,
 one rounding; ``MINILORA_CPU_KERNELS=off`` keeps the PyTorch code below): RMSNorm with a frozen weight, RoPE,
-SwiGLU, the causal softmax of the GEMM attention and the AMX attention. On CUDA, RMSNorm (with the residual add
-before it), SwiGLU and the packed q|k|v RoPE use ``kernels.rowwise`` (Triton).
+SwiGLU, the causal softmax of the GEMM attention and the AMX attention; the first three for fp32 tensors too.
+On CUDA, RMSNorm (with the residual add before it), SwiGLU and the packed q|k|v RoPE use ``kernels.rowwise``
+(Triton).
 
 ``MINILORA_ATTENTION=sdpa|matmul|auto`` (default ``auto``) forces the attention implementation (``matmul``: the
 CPU training attention, AMX where it can run; ``sdpa`` also turns the AMX kernels off).
@@ -55,8 +56,8 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         ctx.fused = (not ctx.needs_input_grad[1] and weight.shape == x.shape[-1:]
-                     and cpu_kernels.enabled(x, weight))
-        if ctx.fused:  # one pass each way in kernels/cpu.c (bf16 on CPU, frozen weight)
+                     and cpu_kernels.enabled(x, weight, fp32=True))
+        if ctx.fused:  # one pass each way in kernels/cpu.c (bf16 or fp32 on CPU, frozen weight)
             _, out, rstd = cpu_kernels.rms_norm_fwd(x, weight, eps)
             ctx.save_for_backward(x, weight, rstd)
             return out
@@ -147,7 +148,7 @@ def add_rms_norm(x: Tensor, a: Tensor | None, weight: Tensor, eps: float) -> tup
     if triton_ops is not None and triton_ops.add_rms_norm_supported(x, a, weight):
         return triton_ops.add_rms_norm(x, a, weight, eps)
     if (not weight.requires_grad and x.shape == a.shape and weight.shape == x.shape[-1:]
-            and cpu_kernels.enabled(x, a, weight)):
+            and cpu_kernels.enabled(x, a, weight, fp32=True)):
         return _AddRMSNorm.apply(x, a, weight, eps)
     h = x + a
     return h, rms_norm(h, weight, eps)
@@ -170,7 +171,7 @@ class _RoPE(torch.autograd.Function):
     def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, H, D = x.shape
         out = torch.empty(B, H, T, D, dtype=x.dtype, device=x.device)
-        ctx.fused = x.stride(-1) == 1 and cos.shape == sin.shape == (T, D) and cpu_kernels.enabled(x)
+        ctx.fused = x.stride(-1) == 1 and cos.shape == sin.shape == (T, D) and cpu_kernels.enabled(x, fp32=True)
         if ctx.fused:
             cpu_kernels.rope_into(out.transpose(1, 2), x, cos, sin, 1.0)
             ctx.save_for_backward(cos, sin)
@@ -277,16 +278,16 @@ def qkv_attention(qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int, mask:
 
 def qkv_rope(qkv: Tensor, cos: Tensor, sin: Tensor, H: int, Hkv: int) -> tuple[Tensor, Tensor, Tensor]:
     """(rope(q) [B, H, T, D], rope(k) [B, Hkv, T, D], v [B, Hkv, T, D]) from a packed q|k|v projection
-    [B, T, (H + 2 Hkv) D]: ``_QKVRoPE`` for bf16 on the CPU, ``kernels.rowwise.qkv_rope`` (Triton) on CUDA, else
-    a split and ``rope``. The CPU's are head-major (the GEMM attention batches per head), Triton's token-major
-    (SDPA's output then reaches o_proj without a copy)."""
+    [B, T, (H + 2 Hkv) D]: ``kernels.rowwise.qkv_rope`` (Triton) on CUDA, ``_QKVRoPE`` (kernels/cpu.c) for bf16
+    and fp32 on the CPU, else a split and ``rope``. The CPU's are head-major (the GEMM attention batches per head),
+    Triton's token-major (SDPA's output then reaches o_proj without a copy)."""
     B, T, N = qkv.shape
     D = N // (H + 2 * Hkv)
-    if qkv.stride(-1) == 1 and cos.shape == sin.shape == (T, D) and cpu_kernels.enabled(qkv):
-        return _QKVRoPE.apply(qkv, cos, sin, H, Hkv)
     triton_ops = _triton_rowwise(qkv)
     if triton_ops is not None and triton_ops.qkv_rope_supported(qkv, cos, sin, H, Hkv):
         return triton_ops.qkv_rope(qkv, cos, sin, H, Hkv)
+    if qkv.stride(-1) == 1 and cos.shape == sin.shape == (T, D) and cpu_kernels.enabled(qkv, fp32=True):
+        return _QKVRoPE.apply(qkv, cos, sin, H, Hkv)
     q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
     return (rope(q.view(B, T, H, D), cos, sin), rope(k.view(B, T, Hkv, D), cos, sin),
             v.view(B, T, Hkv, D).transpose(1, 2))
@@ -312,7 +313,7 @@ class _SwiGLU(torch.autograd.Function):
         if ctx.packed:
             gate, up = gate.chunk(2, dim=-1)
         ctx.save_for_backward(gate, up)
-        ctx.fused = gate.shape == up.shape and gate.shape[-1] > 0 and cpu_kernels.enabled(gate, up)
+        ctx.fused = gate.shape == up.shape and gate.shape[-1] > 0 and cpu_kernels.enabled(gate, up, fp32=True)
         if ctx.fused:
             return cpu_kernels.swiglu_fwd(gate, up)
         return F.silu(gate).mul_(up)

@@ -2,6 +2,7 @@
 
 Every kernel computes in fp32 and rounds once to bf16, so the oracle is the fp64 formula on the same bf16 inputs,
 rounded to bf16: outputs must agree to about one bf16 ulp (2**-8 relative), gradients to a small relative norm.
+The fp32 twins (RMSNorm, RoPE, SwiGLU) must agree with the fp64 formulas to fp32 precision.
 """
 
 from __future__ import annotations
@@ -168,6 +169,52 @@ def test_rope(fused):
     ref.backward(g.double())
     assert _ulps(out, ref.detach().to(BF)) <= 1.0
     assert _rel(dx, xd.grad) < 4e-3
+
+
+FP32_OPS = ["rms_norm", "add_rms_norm", "swiglu", "swiglu_packed", "rope", "qkv_rope"]
+
+
+@pytest.mark.parametrize("op", FP32_OPS)
+def test_fp32_kernels_match_fp64(fused, monkeypatch, op):
+    """The fp32 twins of RMSNorm (with and without the residual add), SwiGLU (separate and packed halves) and
+    RoPE (alone and from a packed q|k|v) ran, and agree with the fp64 formulas to fp32 precision, values and
+    gradients."""
+    ran = []
+    real = cpu._kernel
+    monkeypatch.setattr(cpu, "_kernel", lambda name, t: ran.append((name, t.dtype)) or real(name, t))
+    torch.manual_seed(11)
+    B, T, H, Hkv, D = 2, 9, 4, 2, 64
+    inv = 1.0 / (500.0 ** (torch.arange(0, D, 2).float() / D))
+    emb = torch.outer(torch.arange(T).float(), inv).repeat(1, 2)
+    cos, sin = emb.cos(), emb.sin()
+    w = torch.rand(40) + 0.5
+
+    def norm(h):
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+
+    fns = {  # op: (minilora's function, its fp64 formula, input shapes)
+        "rms_norm": (lambda x: ops.rms_norm(x, w, 1e-5), norm, [(3, 5, 40)]),
+        "add_rms_norm": (lambda x, a: torch.cat(ops.add_rms_norm(x, a, w, 1e-5), -1),
+                         lambda x, a: torch.cat((x + a, norm(x + a)), -1), [(3, 5, 40), (3, 5, 40)]),
+        "swiglu": (ops.swiglu, lambda a, u: F.silu(a) * u, [(6, 37), (6, 37)]),
+        "swiglu_packed": (ops.swiglu_packed, lambda gu: F.silu(gu[..., :37]) * gu[..., 37:], [(6, 74)]),
+        "rope": (lambda x: ops.rope(x, cos, sin), lambda x: ops.rope_ref(x, cos.double(), sin.double()),
+                 [(B, T, H, D)]),
+        "qkv_rope": (lambda x: torch.cat([t.flatten() for t in ops.qkv_rope(x, cos, sin, H, Hkv)]),
+                     lambda x: torch.cat([t.flatten() for t in ops.qkv_rope_ref(x, cos.double(), sin.double(), H,
+                                                                                  Hkv)]),
+                     [(B, T, (H + 2 * Hkv) * D)]),
+    }
+    fn, formula, shapes = fns[op]
+    inputs = [torch.randn(s) * 3 for s in shapes]
+    out = fn(*[x.clone().requires_grad_(True) for x in inputs])
+    g = torch.randn(out.shape)
+    out, grads = _grads(fn, inputs, g)
+    ref, ref_grads = _grads(formula, [x.double() for x in inputs], g.double())
+    assert out.dtype == torch.float32 and _rel(out, ref) < 1e-6
+    for a, b in zip(grads, ref_grads):
+        assert a.dtype == torch.float32 and _rel(a, b) < 1e-6
+    assert ran and all(dtype == torch.float32 for _, dtype in ran), ran
 
 
 @pytest.mark.parametrize("T,heads,kv", [(37, 6, 2), (1, 2, 2), (64, 4, 1)])
@@ -481,11 +528,15 @@ def test_cross_entropy_rejects_out_of_range_targets(fused):
         losses.lm_loss_sum(torch.zeros(1, 3, 4, dtype=BF), head, torch.tensor([[0, 3, 10]]))
 
 
-def test_off_and_fp32_use_pytorch(monkeypatch):
+def test_off_and_dtypes_choose_the_path(monkeypatch):
     monkeypatch.setenv("MINILORA_CPU_KERNELS", "off")
     assert cpu.library() is None and not cpu.enabled(torch.zeros(2, dtype=BF))
+    assert not cpu.enabled(torch.zeros(2), fp32=True)
     monkeypatch.setenv("MINILORA_CPU_KERNELS", "auto")
-    assert not cpu.enabled(torch.zeros(2))  # fp32: never
+    assert not cpu.enabled(torch.zeros(2))  # fp32: only the kernels that have fp32 twins
+    assert not cpu.enabled(torch.zeros(2), torch.zeros(2, dtype=BF), fp32=True)  # mixed dtypes: never
+    assert not cpu.enabled(torch.zeros(2, dtype=torch.float64), fp32=True)
+    assert cpu.enabled(torch.zeros(2), fp32=True) == (cpu.library() is not None)
     monkeypatch.setenv("MINILORA_CPU_KERNELS", "sometimes")
     with pytest.raises(ValueError, match="MINILORA_CPU_KERNELS='sometimes'"):
         cpu.mode()
@@ -522,17 +573,20 @@ def test_build_is_cached_per_source(monkeypatch, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.suffix != ".so"]  # no temp files left behind
 
 
-# head_dim 16 and 33 tokens (GEMM attention); head_dim 64 and 64 tokens (the AMX attention where there is AMX)
-@pytest.mark.parametrize("hidden,heads,kv,seq", [(64, 4, 2, 33), (128, 2, 1, 64)])
-def test_training_step_matches_pytorch_path(monkeypatch, hidden, heads, kv, seq):
-    """A whole bf16-autocast LoRA step (loss and adapter gradients) with the fused kernels and without."""
+# head_dim 16 and 33 tokens (GEMM attention); head_dim 64 and 64 tokens (the AMX attention where there is AMX);
+# fp32 (no autocast: the fp32 kernels)
+@pytest.mark.parametrize("hidden,heads,kv,seq,dtype", [(64, 4, 2, 33, BF), (128, 2, 1, 64, BF),
+                                                       (64, 4, 2, 33, torch.float32)])
+def test_training_step_matches_pytorch_path(monkeypatch, hidden, heads, kv, seq, dtype):
+    """A whole LoRA step (loss and adapter gradients) with the fused kernels and without: bf16 autocast (tolerances
+    of bf16's roundings) and fp32."""
     from minilora.lora import add_adapter
     from minilora.model import LlamaConfig, Transformer
 
     cfg = LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=160, num_hidden_layers=2,
                       num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=True)
     torch.manual_seed(6)
-    model = Transformer(cfg).to(BF)
+    model = Transformer(cfg).to(dtype)
     add_adapter(model, "task", r=4, alpha=8, targets="all-linear")
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -544,15 +598,16 @@ def test_training_step_matches_pytorch_path(monkeypatch, hidden, heads, kv, seq)
         monkeypatch.setenv("MINILORA_CPU_KERNELS", m)
         monkeypatch.setenv("MINILORA_ATTENTION", "matmul")
         model.zero_grad()
-        with torch.autocast("cpu", dtype=BF):
+        with torch.autocast("cpu", dtype=BF, enabled=dtype == BF):
             total, count = losses.lm_loss_sum(model.hidden_states(ids), model.lm_head, ids)
         (total / count).backward()
         out[m] = ((total / count).item(), [p.grad.clone() for p in model.parameters() if p.requires_grad])
     if cpu.library() is None:
         pytest.skip("fused CPU kernels unavailable: only the PyTorch path ran")
-    assert out["auto"][0] == pytest.approx(out["off"][0], rel=2e-3)
+    tol = (2e-3, 3e-2) if dtype == BF else (1e-6, 1e-4)
+    assert out["auto"][0] == pytest.approx(out["off"][0], rel=tol[0])
     for a, b in zip(out["auto"][1], out["off"][1]):
-        assert _rel(a, b) < 3e-2
+        assert _rel(a, b) < tol[1]
 
 
 @pytest.mark.parametrize("flags", [2, 3])  # the fallbacks for compilers without an OpenMP runtime

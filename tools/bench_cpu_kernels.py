@@ -1,4 +1,4 @@
-"""What the fused bf16 CPU kernels (kernels/cpu.c) buy: each op, and a whole LoRA training step, with and without.
+"""What the fused CPU kernels (kernels/cpu.c) buy: each op, and a whole LoRA training step, with and without.
 
 In one process, alternating ``MINILORA_CPU_KERNELS=auto`` (the C kernels) and ``off`` (minilora's PyTorch code)
 round by round, so both sides see the same machine state:
@@ -10,6 +10,8 @@ round by round, so both sides see the same machine state:
          8 x 256 tokens)
   step   one bf16-autocast LoRA training step (r=16 on q_proj, v_proj, AdamW) of SmolLM2-135M: the real GGUF
          weights when installed, else random weights of its shape
+``--dtype fp32``: the kernels with fp32 twins (RMSNorm, RoPE, SwiGLU) and an fp32 training step (no autocast), as
+minilora trains on CPUs without native bf16.
 Prints a table (median ms, speedup, largest relative difference between the two paths) and can write JSON.
 Usage: ``PYTHONPATH=. python tools/bench_cpu_kernels.py [--rounds 3] [--no-step] [--json out.json]``.
 """
@@ -41,12 +43,19 @@ def _set_path(label: str) -> None:
     os.environ["MINILORA_CPU_KERNELS"] = PATHS[label]
 
 
-def op_cases(tokens: int, seq: int, hidden: int, inter: int, heads: int, kv: int, vocab: int) -> dict:
-    """{name: (function of leaves -> output, leaves, output gradient or None for a scalar)} at these shapes."""
+# the ops whose kernels have fp32 twins (kernels.cpu.FP32_KERNELS)
+FP32_OPS = ("rms_norm", "residual add + rms_norm", "rope (q)", "q/k/v split + rope (packed)", "swiglu",
+            "swiglu (packed gate/up)")
+
+
+def op_cases(tokens: int, seq: int, hidden: int, inter: int, heads: int, kv: int, vocab: int,
+             dtype: torch.dtype = BF) -> dict:
+    """{name: (function of leaves -> output, leaves, output gradient or None for a scalar)} at these shapes; for
+    fp32 only FP32_OPS."""
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(BF)
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
 
     B, D = tokens // seq, hidden // heads
     inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2).float() / D))
@@ -54,11 +63,11 @@ def op_cases(tokens: int, seq: int, hidden: int, inter: int, heads: int, kv: int
     cos, sin = emb.cos(), emb.sin()
     w = rand(hidden, scale=0.1) + 1
     qkv_w = rand((heads + 2 * kv) * D, hidden, scale=hidden**-0.5)
-    head = torch.nn.Linear(hidden, vocab, bias=False).to(BF).requires_grad_(False)
+    head = torch.nn.Linear(hidden, vocab, bias=False).to(dtype).requires_grad_(False)
     with torch.no_grad():
         head.weight.copy_(rand(vocab, hidden, scale=0.05))
     labels = torch.randint(0, vocab, (B, seq), generator=g)
-    return {
+    cases = {
         "rms_norm": (lambda x: ops.rms_norm(x, w, 1e-5), [rand(tokens, hidden)], rand(tokens, hidden)),
         "residual add + rms_norm": (lambda x, a: ops.add_rms_norm(x, a, w, 1e-5)[1],
                                     [rand(tokens, hidden), rand(tokens, hidden)], rand(tokens, hidden)),
@@ -79,6 +88,7 @@ def op_cases(tokens: int, seq: int, hidden: int, inter: int, heads: int, kv: int
             [rand(tokens, hidden), rand(16, hidden, scale=hidden**-0.5), rand(heads * D, 16, scale=0.1),
              rand(16, hidden, scale=hidden**-0.5), rand(kv * D, 16, scale=0.1)], rand(tokens, (heads + 2 * kv) * D)),
     }
+    return cases if dtype == BF else {name: cases[name] for name in FP32_OPS}
 
 
 def _time(fn: Callable[[], object], reps: int) -> float:
@@ -119,20 +129,20 @@ def bench_ops(cases: dict, rounds: int, reps: int) -> list[dict]:
     return rows
 
 
-def bench_step(rounds: int, steps: int, batch: int, seq: int) -> dict:
+def bench_step(rounds: int, steps: int, batch: int, seq: int, dtype: torch.dtype = BF) -> dict:
     from minilora import from_pretrained
     from minilora.loading import smollm2_path
     from minilora.lora import add_adapter
     from minilora.model import LlamaConfig, Transformer
 
     try:
-        model, _ = from_pretrained(str(smollm2_path()), dtype="bf16")
+        model, _ = from_pretrained(str(smollm2_path()), dtype="bf16" if dtype == BF else "fp32")
         source = "SmolLM2-135M-Instruct GGUF"
     except FileNotFoundError:
         cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                           num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
         torch.manual_seed(0)
-        model, source = Transformer(cfg).to(BF), "random weights, SmolLM2-135M shape"
+        model, source = Transformer(cfg).to(dtype), "random weights, SmolLM2-135M shape"
     add_adapter(model, "task", r=16, alpha=32, targets=("q_proj", "v_proj"))
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
@@ -140,7 +150,7 @@ def bench_step(rounds: int, steps: int, batch: int, seq: int) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step() -> float:
-        with torch.autocast("cpu", dtype=BF):
+        with torch.autocast("cpu", dtype=BF, enabled=dtype == BF):
             total, count = losses.lm_loss_sum(model.hidden_states(ids), model.lm_head, ids)
         loss = total / count
         loss.backward()
@@ -158,7 +168,8 @@ def bench_step(rounds: int, steps: int, batch: int, seq: int) -> dict:
                 step()
                 times[label].append(time.perf_counter() - t0)
     f, t = statistics.median(times["fused"]), statistics.median(times["torch"])
-    return {"model": source, "batch": batch, "seq": seq, "fused_s": f, "torch_s": t, "speedup": t / f,
+    return {"model": source, "dtype": str(dtype).removeprefix("torch."), "batch": batch, "seq": seq,
+            "fused_s": f, "torch_s": t, "speedup": t / f,
             "fused_s_all": times["fused"], "torch_s_all": times["torch"]}
 
 
@@ -171,26 +182,30 @@ def main(argv: list[str] | None = None) -> dict:
                    metavar=("TOKENS", "SEQ", "HIDDEN", "INTER", "HEADS", "KV", "VOCAB"),
                    help="op shapes (default SmolLM2-135M at 8 x 256 tokens)")
     p.add_argument("--no-step", action="store_true", help="time the ops only")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                   help="bf16 (default: every kernel, a bf16-autocast step) or fp32 (the kernels with fp32 twins, "
+                        "an fp32 step)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     args = p.parse_args(argv)
+    dtype = BF if args.dtype == "bf16" else torch.float32
     saved = {k: os.environ.get(k) for k in ("MINILORA_CPU_KERNELS", "MINILORA_ATTENTION")}
     try:
         os.environ["MINILORA_CPU_KERNELS"] = "on"
         lib = cpu_kernels.library()  # fail here, with the compiler's reason, rather than time PyTorch twice
         result: dict = {"command": " ".join([sys.executable] + sys.argv), "torch": torch.__version__,
-                        "threads": torch.get_num_threads(), "dims": args.dims,
+                        "threads": torch.get_num_threads(), "dims": args.dims, "dtype": args.dtype,
                         "simd": {"avx512bf16": bool(lib.simd_avx512bf16()),
                                  "amx_attention_lora": bool(lib.amx_available())},
                         "malloc": tune_malloc(),  # as the recipes run; both paths alike
-                        "ops": bench_ops(op_cases(*args.dims), args.rounds, args.reps)}
+                        "ops": bench_ops(op_cases(*args.dims, dtype=dtype), args.rounds, args.reps)}
         if not args.no_step:
             tokens, seq = args.dims[:2]
-            result["step"] = bench_step(args.rounds, args.steps, tokens // seq, seq)
+            result["step"] = bench_step(args.rounds, args.steps, tokens // seq, seq, dtype)
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     simd = ", ".join(k for k, on in result["simd"].items() if on) or "plain C"
-    lines = [f"fused bf16 CPU kernels (kernels/cpu.c: {simd}) against minilora's PyTorch path, "
+    lines = [f"fused {args.dtype} CPU kernels (kernels/cpu.c: {simd}) against minilora's PyTorch path, "
              f"{torch.get_num_threads()} threads, medians over alternating rounds", "",
              "| forward+backward | fused ms | PyTorch ms | speedup | rel. difference |", "|---|---|---|---|---|"]
     for r in result["ops"]:
@@ -198,7 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
                      f"| {r['rel_diff']:.1e} |")
     if "step" in result:
         s = result["step"]
-        lines.append(f"| training step ({s['model']}, {s['batch']} x {s['seq']}, LoRA q,v) | {s['fused_s'] * 1e3:.0f} "
+        lines.append(f"| {s['dtype']} training step ({s['model']}, {s['batch']} x {s['seq']}, LoRA q,v) "
+                     f"| {s['fused_s'] * 1e3:.0f} "
                      f"| {s['torch_s'] * 1e3:.0f} | {s['speedup']:.2f}x | - |")
     result["table_markdown"] = "\n".join(lines)
     print(result["table_markdown"])
