@@ -181,8 +181,8 @@ def _c(t: Tensor) -> Tensor:
 # FP32_KERNELS; see cpu.c)
 def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None
                  ) -> tuple[Tensor, Tensor, Tensor]:
-    """(h, rms_norm(h), rstd [rows] fp32) with h = x + residual (x itself when residual is None), all bf16 [..., D],
-    weight [D]."""
+    """(h, rms_norm(h), rstd [rows] fp32) with h = x + residual (x itself when residual is None), all bf16 (or all
+    fp32) [..., D], weight [D]."""
     x, weight = _c(x), _c(weight)
     residual = None if residual is None else _c(residual)
     h = x if residual is None else torch.empty_like(x)
