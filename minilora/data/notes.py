@@ -173,7 +173,7 @@ def _read_csv(path: Path, lines: Iterator[tuple[int, str]], field: str) -> Itera
     header = [h.strip() for h in header]  # a byte-order mark went with line 1 (_decoded_lines)
     if field not in header:
         raise NotesError(f"{path}: no column {field!r} (available: {describe_fields(header)}); choose one with "
-                         "text_field")
+                         "--text-field (text_field=)")
     text_col = header.index(field)
     id_col = header.index(ID_FIELD) if ID_FIELD in header else None
     row_no = 0
@@ -210,7 +210,7 @@ def _read_jsonl(path: Path, lines: Iterator[tuple[int, str]], field: str) -> Ite
         if field not in obj:
             raise NotesError(
                 f"{path}: line {number}: no field {field!r} (available: {describe_fields(obj)}); choose one with "
-                "text_field"
+                "--text-field (text_field=)"
             )
         text = obj[field]
         if text is not None and not isinstance(text, str):
