@@ -52,7 +52,6 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
-from kernels import cpu as cpu_kernels  # noqa: E402
 from kernels import reference  # noqa: E402
 from minilora import losses, ops  # noqa: E402
 from minilora.cli import write_json_atomic  # noqa: E402
@@ -205,10 +204,7 @@ def rowwise_impls(device: torch.device) -> dict[str, dict[str, Callable[..., Ten
     eps = 1e-5
 
     def add_rms_norm_torch(x: Tensor, a: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:  # ops.add_rms_norm, no Triton
-        if not w.requires_grad and cpu_kernels.enabled(x, a, w):
-            return ops._AddRMSNorm.apply(x, a, w, eps)
-        h = x + a
-        return h, ops._RMSNorm.apply(h, w, eps)
+        return ops.add_rms_norm_untriton(x, a, w, eps, ops._RMSNorm.apply)
 
     def add_rms_norm_ref(x: Tensor, a: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
         h = x + a
