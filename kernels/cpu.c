@@ -472,7 +472,8 @@ void rope_f32(const float *restrict x, float *restrict out, const float *restric
 }
 
 /* ------------------------------------------------------------------ causal softmax
- * s: R rows of T scores; row i is query position t = i % T and sees keys 0..t. In place:
+ * s: R rows of L scores, blocks of the queries first..L-1 against keys 0..L-1 (first = 0: all T = L queries);
+ * row i is query position t = first + i % (L - first) and sees keys 0..t. In place:
  * p = softmax(scale * s) over the visible keys, 0 elsewhere. Each thread keeps the row's exponentials in an fp32
  * buffer (T + 16 floats), so every score costs one exp. Returns nonzero if the buffer could not be allocated.
  * Backward, in place on dp: ds = scale * p * (dp - sum_k p_k dp_k), the gradient of the scores before scaling. */
@@ -541,23 +542,26 @@ static inline void softmax_bwd_row(const bf16 *restrict pr, bf16 *restrict d, in
 }
 #endif
 
-int causal_softmax_fwd(bf16 *restrict s, int64_t R, int64_t T, float scale, int nt) {
+int causal_softmax_fwd(bf16 *restrict s, int64_t R, int64_t L, int64_t first, float scale, int nt) {
+    const int64_t h = L - first;
     int failed = 0;
 #pragma omp parallel num_threads(nt) reduction(| : failed)
     {
-        float *restrict buf = (float *)malloc((size_t)(T + 16) * sizeof(float));
+        float *restrict buf = (float *)malloc((size_t)(L + 16) * sizeof(float));
         failed = buf == NULL;
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < R; i++)
-            if (buf != NULL) softmax_row(s + i * T, i % T + 1, T, scale, buf);
+            if (buf != NULL) softmax_row(s + i * L, first + i % h + 1, L, scale, buf);
         free(buf);
     }
     return failed;
 }
 
-void causal_softmax_bwd(const bf16 *restrict p, bf16 *restrict dp, int64_t R, int64_t T, float scale, int nt) {
+void causal_softmax_bwd(const bf16 *restrict p, bf16 *restrict dp, int64_t R, int64_t L, int64_t first, float scale,
+                        int nt) {
+    const int64_t h = L - first;
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t i = 0; i < R; i++) softmax_bwd_row(p + i * T, dp + i * T, i % T + 1, T, scale);
+    for (int64_t i = 0; i < R; i++) softmax_bwd_row(p + i * L, dp + i * L, first + i % h + 1, L, scale);
 }
 
 /* ------------------------------------------------------------------ cross-entropy over logits rows

@@ -48,8 +48,8 @@ _SIGNATURES = {
     "swiglu_fwd": [_P, _P, _P, _I64, _I64, _I64, _I],
     "swiglu_bwd": [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I],
     "rope": [_P, _P, _P, _P] + [_I64] * 10 + [_F, _I],
-    "causal_softmax_fwd": [_P, _I64, _I64, _F, _I],
-    "causal_softmax_bwd": [_P, _P, _I64, _I64, _F, _I],
+    "causal_softmax_fwd": [_P, _I64, _I64, _I64, _F, _I],
+    "causal_softmax_bwd": [_P, _P, _I64, _I64, _I64, _F, _I],
     "cross_entropy_rows": [_P, _P, _P, _I64, _I64, _I, _I],
     "attn_amx_fwd": [_P] * 8 + [_I64] * 5 + [_F, _I],
     "attn_amx_bwd": [_P] * 11 + [_I64] * 5 + [_F, _I],
@@ -251,20 +251,23 @@ def rope_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, sign: float) -> 
     return out
 
 
-def causal_softmax_(s: Tensor, scale: float) -> Tensor:
-    """In place: ``softmax(scale * s)`` over keys 0..t for each row of s [..., T, T] (query t), zeros above."""
-    assert s.is_contiguous()
-    T = s.shape[-1]
-    if library().causal_softmax_fwd(s.data_ptr(), s.numel() // T, T, scale, _nt()):
-        raise MemoryError(f"kernels/cpu.c causal_softmax_fwd: no memory for a {T}-float row buffer")
+def causal_softmax_(s: Tensor, scale: float, first: int = 0) -> Tensor:
+    """In place: ``softmax(scale * s)`` over keys 0..t for each row of s [..., n (L - first), L]: n stacked runs of
+    the queries t = first..L-1 against keys 0..L-1 (first = 0: all L queries), zeros after t."""
+    assert s.is_contiguous() and 0 <= first < s.shape[-1] and s.shape[-2] % (s.shape[-1] - first) == 0
+    L = s.shape[-1]
+    if library().causal_softmax_fwd(s.data_ptr(), s.numel() // L, L, first, scale, _nt()):
+        raise MemoryError(f"kernels/cpu.c causal_softmax_fwd: no memory for a {L}-float row buffer")
     return s
 
 
-def causal_softmax_backward_(dp: Tensor, p: Tensor, scale: float) -> Tensor:
-    """In place on dp: the gradient of the unscaled scores, ``scale * p * (dp - rowsum(p * dp))``."""
+def causal_softmax_backward_(dp: Tensor, p: Tensor, scale: float, first: int = 0) -> Tensor:
+    """In place on dp: the gradient of the unscaled scores, ``scale * p * (dp - rowsum(p * dp))`` (rows as
+    ``causal_softmax_``'s)."""
     assert dp.is_contiguous() and p.is_contiguous() and dp.shape == p.shape
-    T = p.shape[-1]
-    library().causal_softmax_bwd(p.data_ptr(), dp.data_ptr(), p.numel() // T, T, scale, _nt())
+    assert 0 <= first < p.shape[-1] and p.shape[-2] % (p.shape[-1] - first) == 0
+    L = p.shape[-1]
+    library().causal_softmax_bwd(p.data_ptr(), dp.data_ptr(), p.numel() // L, L, first, scale, _nt())
     return dp
 
 

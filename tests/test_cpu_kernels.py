@@ -218,10 +218,12 @@ def test_fp32_kernels_match_fp64(fused, monkeypatch, op):
 
 
 @pytest.mark.parametrize("T,heads,kv", [(37, 6, 2), (1, 2, 2), (64, 4, 1)])
-def test_causal_attention(fused, monkeypatch, T, heads, kv):
+@pytest.mark.parametrize("block", [64, 16])  # query blocks of the GEMM attention: one, or 2-4
+def test_causal_attention(fused, monkeypatch, T, heads, kv, block):
     """bf16 scores, probabilities and products round at several places either way: the fused softmax must be
     as close to the fp64 oracle as the PyTorch path (bias add + softmax) is."""
     monkeypatch.setenv("MINILORA_ATTENTION", "matmul")
+    monkeypatch.setattr(ops, "ATTENTION_BLOCK", block)
     torch.manual_seed(3)
     B, D = 2, 32
     q = (torch.randn(B, heads, T, D) * 2).to(BF)
@@ -461,17 +463,26 @@ def test_amx_lora_direct_and_unsupported(fused, request, monkeypatch):
     assert not cpu.amx_lora_supported(x, a, b)
 
 
-def test_causal_softmax_rows_direct(fused):
-    """Sharp rows (scores spread over +-80 after scaling): no overflow, zeros above the diagonal, rows sum to 1."""
+@pytest.mark.parametrize("first", [0, 1, 37])
+def test_causal_softmax_rows_direct(fused, first):
+    """Sharp rows (scores spread over +-80 after scaling): no overflow, zeros after each row's query position,
+    rows sum to 1; the queries first..T-1 (a query block of the GEMM attention), in 2 stacked runs (2 heads)."""
     torch.manual_seed(4)
     T = 50
-    s = (torch.randn(3, T, T) * 300).to(BF)
-    p = cpu.causal_softmax_(s.clone(), 0.25)
-    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    s = (torch.randn(3, 2 * (T - first), T) * 300).to(BF)
+    p = cpu.causal_softmax_(s.clone(), 0.25, first)
+    mask = torch.ones(T, T, dtype=torch.bool).tril()[first:].repeat(2, 1)  # row r: query first + r % (T - first)
     ref = torch.softmax((s.double() * 0.25).masked_fill(~mask, float("-inf")), -1)
     assert torch.isfinite(p.float()).all()
     assert (p.float()[:, ~mask] == 0).all()
     assert (p.double() - ref).abs().max() < 2**-8
+    # backward: scale * p * (dp - rowsum(p * dp)), zeros after the query position
+    dp = torch.randn(s.shape).to(BF)
+    ds = cpu.causal_softmax_backward_(dp.clone(), p, 0.25, first)
+    pd = p.double()
+    ref_ds = 0.25 * pd * (dp.double() - (pd * dp.double()).sum(-1, keepdim=True))
+    assert (ds.float()[:, ~mask] == 0).all()
+    assert _rel(ds, ref_ds) < 2**-7
 
 
 @pytest.mark.parametrize("sharp", [1.0, 25.0])

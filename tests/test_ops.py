@@ -37,8 +37,12 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(ops.swiglu, (g, u))
     q = torch.randn(2, 4, 5, 6, dtype=d, requires_grad=True)
     k, v = (torch.randn(2, 2, 5, 6, dtype=d, requires_grad=True) for _ in range(2))
-    bias = ops.causal_bias(5, None, q.device)
-    assert torch.autograd.gradcheck(lambda q, k, v: ops._MatmulAttention.apply(q, k, v, bias), (q, k, v))
+    mask = _padding_mask([5, 3], 5)
+    # one query block, and the causal blocks (uneven too), with the causal bias and with a key-padding mask's
+    for blocks in ([(0, 5)], [(0, 2), (2, 5)], [(0, 1), (1, 3), (3, 5)]):
+        for bias in (ops.causal_bias(5, None, q.device), ops.causal_bias(5, mask, q.device)):
+            assert torch.autograd.gradcheck(lambda q, k, v: ops._MatmulAttention.apply(q, k, v, bias, blocks),
+                                            (q, k, v))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -96,15 +100,20 @@ def _padding_mask(lengths, T):
 
 
 @pytest.mark.parametrize("heads,kv", [(4, 4), (6, 2)])
-@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("masking", ["causal", "padded", "non-causal"])
 @pytest.mark.parametrize("backend", ["matmul", "sdpa"])
-def test_attention_matches_explicit_softmax(monkeypatch, heads, kv, padded, backend):
+@pytest.mark.parametrize("block", [64, 4])  # the GEMM attention's query blocks: 1, or 3 of 3-4 rows
+def test_attention_matches_explicit_softmax(monkeypatch, heads, kv, masking, backend, block):
     monkeypatch.setenv("MINILORA_ATTENTION", backend)
+    monkeypatch.setattr(ops, "ATTENTION_BLOCK", block)
     torch.manual_seed(2)
     B, T, D = 3, 11, 8
     q = torch.randn(B, heads, T, D, requires_grad=True)
     k, v = (torch.randn(B, kv, T, D, requires_grad=True) for _ in range(2))
-    mask = _padding_mask([11, 6, 1], T) if padded else None
+    mask = {"causal": None, "padded": _padding_mask([11, 6, 1], T),
+            # a mask that lets queries see later keys: the GEMM attention takes it as one block
+            "non-causal": (torch.arange(T)[None, None, None, :] < torch.tensor([11, 6, 1])[:, None, None, None])
+            .expand(B, 1, T, T)}[masking]
     g = torch.randn(B, heads, T, D)
     o1, g1 = _grads(lambda q, k, v: ops.attention(q, k, v, mask), [q, k, v], g)
     o2, g2 = _grads(lambda q, k, v: ops.attention_ref(q, k, v, mask), [q, k, v], g)
