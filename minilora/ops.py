@@ -41,9 +41,9 @@ from kernels import cpu as cpu_kernels
 
 # Saved probabilities cost B*H*T*T*2 bytes per layer; beyond this length SDPA (which saves none) is used.
 MATMUL_ATTENTION_MAX_T = 512
-# Query rows per block of the causal GEMM attention (``query_blocks``). SmolLM2's heads (9 of D = 64, 3 K/V), 8 x 256
-# tokens, bf16, 2 cores (AVX512-BF16 without AMX), the six GEMMs of a layer: 22 ms as one block, 11.5 ms at 128
-# rows, 10.6 at 64, 13.5 at 32.
+# Query rows per block of the causal GEMM attention (``query_blocks``). A layer's forward + backward at SmolLM2's
+# heads (9 of D = 64, 3 K/V), 8 x 256 tokens, 2 cores (AVX512-BF16 without AMX): bf16 19.4 ms as one block, 11.6 at
+# 128 rows, 11.4 at 64, 12.9 at 32; fp32 35.6, 26.5, 22.3, 20.6. At 4 x 512: bf16 37.3, 18.7, 19.8, 24.4.
 ATTENTION_BLOCK = 64
 # The AMX attention's backward keeps G*T*T*4 bytes per thread (probabilities and score gradients of one K/V head's
 # G query heads, as row pairs); beyond this (G=3: T=3344; G=1: T=5792) SDPA or the GEMM attention is used.
@@ -404,11 +404,6 @@ def _within_causal(mask: Tensor) -> bool:
     return not bool((mask & torch.ones(T, T, dtype=torch.bool, device=mask.device).triu_(1)).any())
 
 
-def _block_bias(bias: Tensor, t0: int, t1: int) -> Tensor:
-    """The [t0, t1) x [0, t1) part of a ``causal_bias``: [T, T], or [B, 1, 1, T, T] from a mask."""
-    return bias[..., t0:t1, :t1]
-
-
 def _probs(q: Tensor, k: Tensor, bias: Tensor, G: int) -> Tensor:
     """Softmax probabilities [B, Hkv, G*h, L] in q's dtype, for q [B, Hkv, G*h, D] (already scaled) against keys
     k [B, Hkv, L, D], and ``bias`` [h, L] or [B, 1, 1, h, L].
@@ -446,7 +441,7 @@ class _MatmulAttention(torch.autograd.Function):
             if ctx.fused:
                 p = cpu_kernels.causal_softmax_(torch.matmul(qb, k[:, :, :t1].transpose(-1, -2)), ctx.scale, t0)
             else:
-                p = _probs(qb * ctx.scale, k[:, :, :t1], _block_bias(bias, t0, t1), G)
+                p = _probs(qb * ctx.scale, k[:, :, :t1], bias[..., t0:t1, :t1], G)
             _put_rows(out, torch.matmul(p, v[:, :, :t1]), Hkv, t0, t1)
             qbs.append(qb)
             ps.append(p)
