@@ -32,6 +32,7 @@ CPU training attention, AMX where it can run; ``sdpa`` also turns the AMX kernel
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -398,10 +399,19 @@ def query_blocks(T: int) -> list[tuple[int, int]]:
     return list(zip(ends[:-1], ends[1:]))
 
 
+_LAST_MASK: list = [None]  # (weak reference to the mask, its version, _within_causal's answer)
+
+
 def _within_causal(mask: Tensor) -> bool:
-    """Whether a boolean [..., T, T] mask lets no query see a later key (the model's key-padding masks)."""
+    """Whether a boolean [..., T, T] mask lets no query see a later key (the model's key-padding masks). Every layer
+    of a forward gets the same mask: the answer for the last mask seen is kept while it is unchanged."""
+    last = _LAST_MASK[0]
+    if last is not None and last[0]() is mask and last[1] == mask._version:
+        return last[2]
     T = mask.shape[-1]
-    return not bool((mask & torch.ones(T, T, dtype=torch.bool, device=mask.device).triu_(1)).any())
+    within = not bool((mask & torch.ones(T, T, dtype=torch.bool, device=mask.device).triu_(1)).any())
+    _LAST_MASK[0] = (weakref.ref(mask), mask._version, within)
+    return within
 
 
 def _probs(q: Tensor, k: Tensor, bias: Tensor, G: int) -> Tensor:

@@ -122,6 +122,17 @@ def test_attention_matches_explicit_softmax(monkeypatch, heads, kv, masking, bac
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_within_causal_answers_each_mask_and_each_change():
+    """The GEMM attention takes a mask by query blocks only if no query sees a later key; the answer is kept for
+    the mask all layers share, and a mask changed in place is checked again."""
+    mask = _padding_mask([6, 4], 6)
+    assert ops._within_causal(mask) and ops._within_causal(mask)
+    mask[1, 0, 2, 3] = True  # query 2 sees key 3
+    assert not ops._within_causal(mask)
+    assert ops._within_causal(_padding_mask([6, 4], 6))
+    assert not ops._within_causal(torch.ones(2, 1, 6, 6, dtype=torch.bool))
+
+
 @pytest.mark.parametrize("cpu_kernels", ["auto", "off"])
 def test_attention_bf16_matmul_close_to_sdpa(monkeypatch, cpu_kernels):
     monkeypatch.setenv("MINILORA_CPU_KERNELS", cpu_kernels)
