@@ -43,8 +43,9 @@ from kernels import cpu as cpu_kernels
 # Saved probabilities cost B*H*T*T*2 bytes per layer; beyond this length SDPA (which saves none) is used.
 MATMUL_ATTENTION_MAX_T = 512
 # Query rows per block of the causal GEMM attention (``query_blocks``). A layer's forward + backward at SmolLM2's
-# heads (9 of D = 64, 3 K/V), 8 x 256 tokens, 2 cores (AVX512-BF16 without AMX): bf16 19.4 ms as one block, 11.6 at
-# 128 rows, 11.4 at 64, 12.9 at 32; fp32 35.6, 26.5, 22.3, 20.6. At 4 x 512: bf16 37.3, 18.7, 19.8, 24.4.
+# heads (9 of D = 64, 3 K/V), 2,048 tokens, 2 cores (AVX512-BF16 without AMX), glibc malloc tuned as the recipes
+# run, one block -> blocks of 64 (medians of 40, alternating): bf16 16 x 128 tokens 8.1 -> 8.6 ms, 8 x 256 13.3 ->
+# 12.1, 4 x 512 27.8 -> 22.3; fp32 22.4 -> 18.9, 35.8 -> 24.6, 69.0 -> 40.9. Blocks of 32 or 128 were no better.
 ATTENTION_BLOCK = 64
 # The AMX attention's backward keeps G*T*T*4 bytes per thread (probabilities and score gradients of one K/V head's
 # G query heads, as row pairs); beyond this (G=3: T=3344; G=1: T=5792) SDPA or the GEMM attention is used.
