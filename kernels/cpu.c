@@ -564,6 +564,48 @@ void causal_softmax_bwd(const bf16 *restrict p, bf16 *restrict dp, int64_t R, in
     for (int64_t i = 0; i < R; i++) softmax_bwd_row(p + i * L, dp + i * L, first + i % h + 1, L, scale);
 }
 
+/* The fp32 twins (fp32 training on CPUs without native bf16): the same rows, arguments and in-place layouts. */
+static inline void softmax_row_f32(float *restrict row, int64_t len, int64_t T, float scale) {
+    float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < len; j++) m = row[j] > m ? row[j] : m;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < len; j++) {
+        const float e = fexp(scale * (row[j] - m));
+        row[j] = e;
+        sum += e;
+    }
+    const float inv = 1.0f / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < len; j++) row[j] *= inv;
+    for (int64_t j = len; j < T; j++) row[j] = 0.0f;
+}
+
+int causal_softmax_fwd_f32(float *restrict s, int64_t R, int64_t L, int64_t first, float scale, int nt) {
+    const int64_t h = L - first;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < R; i++) softmax_row_f32(s + i * L, first + i % h + 1, L, scale);
+    return 0;
+}
+
+void causal_softmax_bwd_f32(const float *restrict p, float *restrict dp, int64_t R, int64_t L, int64_t first,
+                            float scale, int nt) {
+    const int64_t h = L - first;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < R; i++) {
+        const float *restrict pr = p + i * L;
+        float *restrict d = dp + i * L;
+        const int64_t len = first + i % h + 1;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t j = 0; j < len; j++) dot += pr[j] * d[j];
+#pragma omp simd
+        for (int64_t j = 0; j < len; j++) d[j] = scale * pr[j] * (d[j] - dot);
+        for (int64_t j = len; j < L; j++) d[j] = 0.0f;
+    }
+}
+
 /* ------------------------------------------------------------------ cross-entropy over logits rows
  * logits [R, V] bf16, targets y [R]. loss[i] = logsumexp(row) - row[y] in fp32. With grad != 0 the row is
  * overwritten in place by softmax(row) - onehot(y), the gradient of loss[i] with respect to the row.

@@ -4,9 +4,9 @@ They replace the chains of PyTorch elementwise ops around the GEMMs of a bf16 tr
 SwiGLU, RoPE, the causal softmax of the GEMM attention, the LM-head cross-entropy), each of which is one pass
 over memory with fp32 math and one rounding, where PyTorch makes several passes with a rounding after each; and,
 on CPUs with AMX, the whole causal attention forward and backward (``attention_fwd``, ``attention_bwd``) and the
-rank-side products of a LoRA linear (``lora_fwd``, ``lora_bwd``). RMSNorm, SwiGLU and RoPE also have fp32 twins
-(``FP32_KERNELS``), for fp32 training on CPUs without native bf16. ``minilora.ops``, ``minilora.losses`` and
-``kernels.reference`` call them for bf16 (and those three for fp32) CPU tensors and keep their PyTorch path for
+rank-side products of a LoRA linear (``lora_fwd``, ``lora_bwd``). RMSNorm, SwiGLU, RoPE and the causal softmax
+also have fp32 twins (``FP32_KERNELS``), for fp32 training on CPUs without native bf16. ``minilora.ops``,
+``minilora.losses`` and ``kernels.reference`` call them for bf16 (and those four for fp32) CPU tensors and keep their PyTorch path for
 everything else (fp64, CUDA, LoRA dropout, or no compiler).
 
 ``MINILORA_CPU_KERNELS``: ``auto`` (default: use them when they build, else warn once and use PyTorch), ``on``
@@ -59,12 +59,13 @@ _SIGNATURES = {
     "amx_available": [],
 }
 # kernels with an fp32 twin ``NAME_f32`` (same arguments; float for bf16 pointers), for fp32 training
-FP32_KERNELS = ("rms_norm_fwd", "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd", "rope")
+FP32_KERNELS = ("rms_norm_fwd", "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd", "rope", "causal_softmax_fwd",
+                "causal_softmax_bwd")
 _SIGNATURES.update({f"{name}_f32": _SIGNATURES[name] for name in FP32_KERNELS})
 # softmax / cross-entropy: nonzero when a row buffer's malloc failed; attention: 1 without AMX, 2 when a buffer's
 # malloc failed; simd_avx512bf16 / amx_available: 1 for the intrinsics build / when the AMX attention can run
-_RETURNS = {"causal_softmax_fwd": _I, "cross_entropy_rows": _I, "attn_amx_fwd": _I, "attn_amx_bwd": _I,
-            "lora_amx_fwd": _I, "lora_amx_bwd": _I, "simd_avx512bf16": _I, "amx_available": _I}
+_RETURNS = {"causal_softmax_fwd": _I, "causal_softmax_fwd_f32": _I, "cross_entropy_rows": _I, "attn_amx_fwd": _I,
+            "attn_amx_bwd": _I, "lora_amx_fwd": _I, "lora_amx_bwd": _I, "simd_avx512bf16": _I, "amx_available": _I}
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib" (CDLL or None), "error" (str), "path"
@@ -256,7 +257,7 @@ def causal_softmax_(s: Tensor, scale: float, first: int = 0) -> Tensor:
     the queries t = first..L-1 against keys 0..L-1 (first = 0: all L queries), zeros after t."""
     assert s.is_contiguous() and 0 <= first < s.shape[-1] and s.shape[-2] % (s.shape[-1] - first) == 0
     L = s.shape[-1]
-    if library().causal_softmax_fwd(s.data_ptr(), s.numel() // L, L, first, scale, _nt()):
+    if _kernel("causal_softmax_fwd", s)(s.data_ptr(), s.numel() // L, L, first, scale, _nt()):
         raise MemoryError(f"kernels/cpu.c causal_softmax_fwd: no memory for a {L}-float row buffer")
     return s
 
@@ -267,7 +268,8 @@ def causal_softmax_backward_(dp: Tensor, p: Tensor, scale: float, first: int = 0
     assert dp.is_contiguous() and p.is_contiguous() and dp.shape == p.shape
     assert 0 <= first < p.shape[-1] and p.shape[-2] % (p.shape[-1] - first) == 0
     L = p.shape[-1]
-    library().causal_softmax_bwd(p.data_ptr(), dp.data_ptr(), p.numel() // L, L, first, scale, _nt())
+    assert p.dtype == dp.dtype
+    _kernel("causal_softmax_bwd", p)(p.data_ptr(), dp.data_ptr(), p.numel() // L, L, first, scale, _nt())
     return dp
 
 

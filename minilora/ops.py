@@ -21,7 +21,7 @@ passes over memory, which is what limits these ops on a CPU:
 
 For bf16 tensors on the CPU the elementwise parts run in ``kernels/cpu.c`` instead (one pass each way, fp32 math,
 one rounding; ``MINILORA_CPU_KERNELS=off`` keeps the PyTorch code below): RMSNorm with a frozen weight, RoPE,
-SwiGLU, the causal softmax of the GEMM attention and the AMX attention; the first three for fp32 tensors too.
+SwiGLU, the causal softmax of the GEMM attention and the AMX attention; the first four for fp32 tensors too.
 On CUDA, RMSNorm (with the residual add before it), SwiGLU and the packed q|k|v RoPE use ``kernels.rowwise``
 (Triton).
 
@@ -430,7 +430,7 @@ def _probs(q: Tensor, k: Tensor, bias: Tensor, G: int) -> Tensor:
 
 class _MatmulAttention(torch.autograd.Function):
     """GQA attention as GEMMs, by query blocks (``query_blocks``; ``blocks`` [(0, T)] for a mask that lets queries
-    see later keys). ``bias`` None: plain causal in bf16 on the CPU, whose softmax (and its backward) then runs in
+    see later keys). ``bias`` None: plain causal in bf16 or fp32 on the CPU, whose softmax (and its backward) then runs in
     kernels/cpu.c with the 1/sqrt(D) scale inside, so no pass over q or k applies it.
 
     A block's queries are the G heads' rows t0..t1-1 of one K/V head, stacked ([B, Hkv, G*h, D]: a copy, kept for
@@ -560,7 +560,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor
     if attention_backend(q) == "matmul":
         T = q.shape[2]
         blocks = query_blocks(T) if mask is None or _within_causal(mask) else [(0, T)]
-        if mask is None and T == k.shape[2] and cpu_kernels.enabled(q, k, v):
+        if mask is None and T == k.shape[2] and cpu_kernels.enabled(q, k, v, fp32=True):
             return _MatmulAttention.apply(q, k, v, None, blocks)
         if bias is None:
             bias = causal_bias(T, mask, q.device)

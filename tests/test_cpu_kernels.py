@@ -463,26 +463,28 @@ def test_amx_lora_direct_and_unsupported(fused, request, monkeypatch):
     assert not cpu.amx_lora_supported(x, a, b)
 
 
+@pytest.mark.parametrize("dtype,tol", [(BF, 2**-8), (torch.float32, 1e-6)])
 @pytest.mark.parametrize("first", [0, 1, 37])
-def test_causal_softmax_rows_direct(fused, first):
+def test_causal_softmax_rows_direct(fused, first, dtype, tol):
     """Sharp rows (scores spread over +-80 after scaling): no overflow, zeros after each row's query position,
-    rows sum to 1; the queries first..T-1 (a query block of the GEMM attention), in 2 stacked runs (2 heads)."""
+    rows sum to 1; the queries first..T-1 (a query block of the GEMM attention), in 2 stacked runs (2 heads).
+    bf16, and the fp32 twin (fp32 training on CPUs without native bf16)."""
     torch.manual_seed(4)
     T = 50
-    s = (torch.randn(3, 2 * (T - first), T) * 300).to(BF)
+    s = (torch.randn(3, 2 * (T - first), T) * 300).to(dtype)
     p = cpu.causal_softmax_(s.clone(), 0.25, first)
     mask = torch.ones(T, T, dtype=torch.bool).tril()[first:].repeat(2, 1)  # row r: query first + r % (T - first)
     ref = torch.softmax((s.double() * 0.25).masked_fill(~mask, float("-inf")), -1)
-    assert torch.isfinite(p.float()).all()
+    assert p.dtype == dtype and torch.isfinite(p.float()).all()
     assert (p.float()[:, ~mask] == 0).all()
-    assert (p.double() - ref).abs().max() < 2**-8
+    assert (p.double() - ref).abs().max() < tol
     # backward: scale * p * (dp - rowsum(p * dp)), zeros after the query position
-    dp = torch.randn(s.shape).to(BF)
+    dp = torch.randn(s.shape).to(dtype)
     ds = cpu.causal_softmax_backward_(dp.clone(), p, 0.25, first)
     pd = p.double()
     ref_ds = 0.25 * pd * (dp.double() - (pd * dp.double()).sum(-1, keepdim=True))
-    assert (ds.float()[:, ~mask] == 0).all()
-    assert _rel(ds, ref_ds) < 2**-7
+    assert ds.dtype == dtype and (ds.float()[:, ~mask] == 0).all()
+    assert _rel(ds, ref_ds) < (2**-7 if dtype == BF else 1e-6)
 
 
 @pytest.mark.parametrize("sharp", [1.0, 25.0])
