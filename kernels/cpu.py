@@ -403,3 +403,68 @@ def attention_bwd(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, g: Tensor, scale
                                 T, D, scale, _nt())
     _check(rc, "attn_amx_bwd", f"T={T}, D={D}")
     return dq, dk, dv
+
+
+# ---------------------------------------------------------------- fp32 frozen-weight GEMMs: oneDNN or BLAS
+# On a 2-core AVX2 AMD EPYC, PyTorch's fp32 ``x @ W^T`` (MKL) ran SmolLM2's shapes at 75-135 GFLOP/s and oneDNN's
+# matmul (``torch.ops.mkldnn._linear_pointwise``, the op Inductor's CPU fusions use) at 120-150; the LM head's
+# 341 x 576 -> 49,152 chunks 76-81 against 119-129. Which one wins depends on the CPU, so each shape is timed once.
+FP32_LINEAR_MODES = ("auto", "onednn", "blas")
+_LINEAR_CHOICE: dict[tuple[int, int, int], str] = {}
+
+
+def fp32_linear_mode() -> str:
+    m = os.environ.get("MINILORA_FP32_LINEAR", "auto")
+    if m not in FP32_LINEAR_MODES:
+        raise ValueError(f"MINILORA_FP32_LINEAR={m!r}: expected one of {FP32_LINEAR_MODES}")
+    return m
+
+
+def _onednn_linear(x: Tensor, weight: Tensor) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+def _onednn_available() -> bool:
+    if "onednn_linear" not in _state:
+        ok = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        if ok:
+            try:
+                x, w = torch.randn(3, 8), torch.randn(5, 8)
+                ok = torch.allclose(_onednn_linear(x, w), x @ w.t(), atol=1e-5)
+            except RuntimeError:
+                ok = False
+        _state["onednn_linear"] = ok
+    return _state["onednn_linear"]
+
+
+def fp32_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """``x @ weight^T`` for fp32 CPU tensors x [..., K] and a contiguous weight [N, K] (no autograd: the callers are
+    autograd Functions, or run without gradients), by oneDNN or by PyTorch's BLAS (MKL), whichever ran this
+    shape faster: ``MINILORA_FP32_LINEAR=auto`` (default) times both on the first call of each shape (rows rounded
+    up to a power of two), three times each, alternating, and keeps the faster; ``onednn`` / ``blas`` force one."""
+    mode = fp32_linear_mode()
+    if mode == "blas" or not (x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
+                              and weight.is_contiguous() and x.shape[-1] > 0 and _onednn_available()):
+        return x @ weight.t()
+    if mode == "onednn":
+        return _onednn_linear(x, weight)
+    rows = x.numel() // x.shape[-1]
+    key = (1 << max(rows - 1, 0).bit_length(), x.shape[-1], weight.shape[0])
+    choice = _LINEAR_CHOICE.get(key)
+    if choice is None:
+        import time
+
+        best = {"onednn": float("inf"), "blas": float("inf")}
+        for _ in range(3):
+            for name, fn in (("onednn", _onednn_linear), ("blas", lambda x, w: x @ w.t())):
+                t0 = time.perf_counter()
+                y = fn(x, weight)
+                best[name] = min(best[name], time.perf_counter() - t0)
+        choice = _LINEAR_CHOICE[key] = min(best, key=best.get)
+        return y if choice == "blas" else _onednn_linear(x, weight)  # y: the last timed call's, BLAS's
+    return _onednn_linear(x, weight) if choice == "onednn" else x @ weight.t()
+
+
+def fp32_linear_choices() -> dict[str, str]:
+    """The choice per shape so far, as ``"rows x K -> N": "onednn" | "blas"`` (benchmarks report it)."""
+    return {f"{m}x{k}->{n}": c for (m, k, n), c in _LINEAR_CHOICE.items()}

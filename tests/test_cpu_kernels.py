@@ -666,3 +666,41 @@ def test_bench_cpu_kernels_tool_small(fused, tmp_path):
     for r in result["ops"]:
         assert r["fused_ms"] > 0 and r["torch_ms"] > 0 and r["rel_diff"] < 2e-2
     assert json.loads(out.read_text())["table_markdown"] == result["table_markdown"]
+
+
+@pytest.mark.parametrize("mode", ["auto", "onednn", "blas"])
+def test_fp32_linear_matches_the_matmul_and_keeps_its_choice(monkeypatch, mode):
+    """``fp32_linear`` (the fp32 CPU frozen-weight GEMM, oneDNN or BLAS per shape) equals ``x @ W^T`` in every mode;
+    ``auto`` times a shape once (rows rounded up to a power of two) and then calls only the kept choice."""
+    monkeypatch.setenv("MINILORA_FP32_LINEAR", mode)
+    monkeypatch.setattr(cpu, "_LINEAR_CHOICE", {})
+    torch.manual_seed(7)
+    w = torch.randn(96, 64)
+    for x in (torch.randn(37, 64), torch.randn(2, 19, 64)):  # 37 and 38 rows: one shape key, 64 x 64 -> 96
+        torch.testing.assert_close(cpu.fp32_linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)
+    if mode != "auto":
+        assert cpu.fp32_linear_choices() == {}
+        return
+    (choice,) = cpu.fp32_linear_choices().values()
+    assert cpu.fp32_linear_choices() == {"64x64->96": choice} and choice in ("onednn", "blas")
+    calls = []
+    monkeypatch.setattr(cpu, "_onednn_linear", lambda x, w: calls.append(1) or x @ w.t())
+    cpu._LINEAR_CHOICE[(64, 64, 96)] = "onednn"
+    cpu.fp32_linear(torch.randn(40, 64), w)
+    cpu._LINEAR_CHOICE[(64, 64, 96)] = "blas"
+    cpu.fp32_linear(torch.randn(40, 64), w)
+    assert calls == [1]
+
+
+def test_fp32_linear_leaves_other_dtypes_and_layouts_to_the_matmul(monkeypatch):
+    monkeypatch.setenv("MINILORA_FP32_LINEAR", "onednn")
+    monkeypatch.setattr(cpu, "_onednn_linear", lambda x, w: pytest.fail("oneDNN called"))
+    for dtype in (BF, torch.float64):
+        x, w = torch.randn(5, 8).to(dtype), torch.randn(3, 8).to(dtype)
+        assert torch.equal(cpu.fp32_linear(x, w), x @ w.t())
+    w = torch.randn(8, 3).t()  # not contiguous
+    x = torch.randn(5, 8)
+    assert torch.equal(cpu.fp32_linear(x, w), x @ w.t())
+    monkeypatch.setenv("MINILORA_FP32_LINEAR", "fast")
+    with pytest.raises(ValueError, match="MINILORA_FP32_LINEAR='fast'"):
+        cpu.fp32_linear(x, torch.randn(3, 8))

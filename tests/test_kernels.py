@@ -120,6 +120,16 @@ def test_fused_matches_reference_and_formula(shape: tuple, dtype: torch.dtype) -
             assert (grad is None) == (not flag) and (grad is None or grad.abs().sum() > 0)
 
 
+@pytest.mark.parametrize("gemm", ["onednn", "blas"])
+def test_fp32_cpu_base_gemm_either_way_matches_formula(monkeypatch: pytest.MonkeyPatch, gemm: str) -> None:
+    """fp32 on the CPU the frozen base product runs through kernels.cpu.fp32_linear: oneDNN or BLAS, the same
+    result (forward and every gradient) against the fp64 formula."""
+    monkeypatch.setenv("MINILORA_FP32_LINEAR", gemm)
+    for m, k, n, ranks, lead, transposed, trainable in SHAPES:
+        case = make_case(m, k, n, ranks, torch.float32, lead=lead, transposed=transposed, trainable=trainable)
+        assert_close(run(kernels.lora_linear, case), fp64_truth(case), torch.float32, f"{gemm} vs fp64 formula")
+
+
 def test_fused_dispatches_as_configured() -> None:
     """The child really runs Triton (MINILORA_KERNELS=triton); this process uses PyTorch for CPU tensors."""
     assert kernels.backend_for(torch.ones(1)) == ("triton" if IN_INTERPRETER_CHILD else "torch")

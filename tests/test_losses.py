@@ -42,8 +42,10 @@ def _fused_and_reference(hidden, head, labels, autocast: bool = False) -> dict:
 @pytest.mark.parametrize("chunk", [2**24, 64 * 50, 50])  # one chunk; several; a row per chunk
 @pytest.mark.parametrize("head_trainable", [False, True])
 @pytest.mark.parametrize("sharp", [1.0, 25.0])
-def test_fp32_matches_reference(monkeypatch, chunk, head_trainable, sharp):
+@pytest.mark.parametrize("gemm", ["onednn", "blas"])  # the fp32 logits GEMM (kernels.cpu.fp32_linear)
+def test_fp32_matches_reference(monkeypatch, chunk, head_trainable, sharp, gemm):
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setenv("MINILORA_FP32_LINEAR", gemm)
     hidden, head, labels = _case(0, sharp=sharp)
     head.weight.requires_grad_(head_trainable)
     out = _fused_and_reference(hidden, head, labels)
