@@ -1064,8 +1064,9 @@ def render(summary: dict, gemm: dict, meta: dict) -> str:
         + {"none": "", "minilora": "; gradient checkpointing on minilora's side only",
            "both": "; gradient checkpointing on both sides"}[s.get("checkpointing", "none")],
         f"GEMM {gemm.get('n')}^3: bf16 {_f(gemm.get('bf16_gflops'), '.0f')} GFLOP/s, fp32 "
-        f"{_f(gemm.get('fp32_gflops'), '.0f')} GFLOP/s (median over rounds: "
-        f"{', '.join(_f(x, '.0f') for x in gemm.get('bf16_per_round', []))} bf16)",
+        f"{_f(gemm.get('fp32_gflops'), '.0f')} GFLOP/s (median over rounds: " + "; ".join(
+            f"{', '.join(_f(x, '.0f') for x in gemm.get(f'{name}_per_round', []))} {name}" for name in ("bf16", "fp32")
+            if any(x is not None for x in gemm.get(f"{name}_per_round", []))) + ")",
         "",
         "| task | mode | LoRA | side | setup | tokens/s | step s | peak MB | after imports MB | train-phase peak MB "
         "| MFU | MFU* | others' CPU max (cores) / steps redone |",
