@@ -6,8 +6,9 @@ over memory with fp32 math and one rounding, where PyTorch makes several passes 
 on CPUs with AMX, the whole causal attention forward and backward (``attention_fwd``, ``attention_bwd``) and the
 rank-side products of a LoRA linear (``lora_fwd``, ``lora_bwd``). RMSNorm, SwiGLU, RoPE and the causal softmax
 also have fp32 twins (``FP32_KERNELS``), for fp32 training on CPUs without native bf16. ``minilora.ops``,
-``minilora.losses`` and ``kernels.reference`` call them for bf16 (and those four for fp32) CPU tensors and keep their PyTorch path for
-everything else (fp64, CUDA, LoRA dropout, or no compiler).
+``minilora.losses`` and ``kernels.reference`` call them for bf16 (and those four for fp32) CPU tensors and keep
+their PyTorch path for everything else (fp64, CUDA, LoRA dropout, or no compiler). ``fp32_linear`` (no C) runs
+the fp32 frozen-weight GEMMs by oneDNN or by PyTorch's BLAS, whichever ran the shape faster here.
 
 ``MINILORA_CPU_KERNELS``: ``auto`` (default: use them when they build, else warn once and use PyTorch), ``on``
 (fail when they cannot be built), ``off`` (PyTorch only). The shared library is cached in

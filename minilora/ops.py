@@ -430,8 +430,8 @@ def _probs(q: Tensor, k: Tensor, bias: Tensor, G: int) -> Tensor:
 
 class _MatmulAttention(torch.autograd.Function):
     """GQA attention as GEMMs, by query blocks (``query_blocks``; ``blocks`` [(0, T)] for a mask that lets queries
-    see later keys). ``bias`` None: plain causal in bf16 or fp32 on the CPU, whose softmax (and its backward) then runs in
-    kernels/cpu.c with the 1/sqrt(D) scale inside, so no pass over q or k applies it.
+    see later keys). ``bias`` None: plain causal in bf16 or fp32 on the CPU, whose softmax (and its backward) then
+    runs in kernels/cpu.c with the 1/sqrt(D) scale inside, so no pass over q or k applies it.
 
     A block's queries are the G heads' rows t0..t1-1 of one K/V head, stacked ([B, Hkv, G*h, D]: a copy, kept for
     backward, unless one block), so that each GEMM is one batched product per K/V head. dK and dV add up the
