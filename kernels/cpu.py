@@ -8,7 +8,7 @@ rank-side products of a LoRA linear (``lora_fwd``, ``lora_bwd``). RMSNorm, SwiGL
 also have fp32 twins (``FP32_KERNELS``), for fp32 training on CPUs without native bf16. ``minilora.ops``,
 ``minilora.losses`` and ``kernels.reference`` call them for bf16 (and those four for fp32) CPU tensors and keep
 their PyTorch path for everything else (fp64, CUDA, LoRA dropout, or no compiler). ``fp32_linear`` (no C) runs
-the fp32 frozen-weight GEMMs by oneDNN or by PyTorch's BLAS, whichever ran the shape faster here.
+the fp32 frozen-weight GEMMs by oneDNN or by PyTorch's BLAS (``fp32_linear_backend``).
 
 ``MINILORA_CPU_KERNELS``: ``auto`` (default: use them when they build, else warn once and use PyTorch), ``on``
 (fail when they cannot be built), ``off`` (PyTorch only). The shared library is cached in
@@ -407,11 +407,11 @@ def attention_bwd(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, g: Tensor, scale
 
 
 # ---------------------------------------------------------------- fp32 frozen-weight GEMMs: oneDNN or BLAS
-# On a 2-core AVX2 AMD EPYC, PyTorch's fp32 ``x @ W^T`` (MKL) ran SmolLM2's shapes at 75-135 GFLOP/s and oneDNN's
-# matmul (``torch.ops.mkldnn._linear_pointwise``, the op Inductor's CPU fusions use) at 120-150; the LM head's
-# 341 x 576 -> 49,152 chunks 76-81 against 119-129. Which one wins depends on the CPU, so each shape is timed once.
+# On a 2-core AVX2 AMD EPYC, PyTorch's fp32 ``x @ W^T`` (MKL) ran SmolLM2's shapes at 90-132 GFLOP/s and oneDNN's
+# matmul (``torch.ops.mkldnn._linear_pointwise``, the op Inductor's CPU fusions use) at 124-152; the LM head's
+# 341 x 576 -> 49,152 chunks 76-81 against 119-129. The choice is fixed per machine, never timed at run time: the
+# two round differently, and a resumed run must compute what the uninterrupted one did, bit for bit.
 FP32_LINEAR_MODES = ("auto", "onednn", "blas")
-_LINEAR_CHOICE: dict[tuple[int, int, int], str] = {}
 
 
 def fp32_linear_mode() -> str:
@@ -429,8 +429,8 @@ def _onednn_available() -> bool:
     if "onednn_linear" not in _state:
         ok = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
         if ok:
-            try:
-                x, w = torch.randn(3, 8), torch.randn(5, 8)
+            try:  # no torch.randn: drawing from the global generator would shift a training run's random stream
+                x, w = torch.arange(24.0).view(3, 8) / 24, torch.arange(40.0).view(5, 8).cos()
                 ok = torch.allclose(_onednn_linear(x, w), x @ w.t(), atol=1e-5)
             except RuntimeError:
                 ok = False
@@ -438,34 +438,31 @@ def _onednn_available() -> bool:
     return _state["onednn_linear"]
 
 
-def fp32_linear(x: Tensor, weight: Tensor) -> Tensor:
-    """``x @ weight^T`` for fp32 CPU tensors x [..., K] and a contiguous weight [N, K] (no autograd: the callers are
-    autograd Functions, or run without gradients), by oneDNN or by PyTorch's BLAS (MKL), whichever ran this
-    shape faster: ``MINILORA_FP32_LINEAR=auto`` (default) times both on the first call of each shape (rows rounded
-    up to a power of two), three times each, alternating, and keeps the faster; ``onednn`` / ``blas`` force one."""
+def _amd_cpu() -> bool:
+    if "amd" not in _state:
+        try:
+            _state["amd"] = any(line.startswith("vendor_id") and "AuthenticAMD" in line
+                                for line in Path("/proc/cpuinfo").read_text().splitlines())
+        except OSError:
+            _state["amd"] = False
+    return _state["amd"]
+
+
+def fp32_linear_backend() -> str:
+    """Which library ``fp32_linear`` uses on this machine: ``"onednn"`` or ``"blas"``. ``MINILORA_FP32_LINEAR``:
+    ``auto`` (default: oneDNN on AMD CPUs, where MKL's fp32 GEMMs were measured slower, PyTorch's BLAS elsewhere),
+    ``onednn`` or ``blas``; ``blas`` wherever this torch lacks the oneDNN op."""
     mode = fp32_linear_mode()
-    if mode == "blas" or not (x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
-                              and weight.is_contiguous() and x.shape[-1] > 0 and _onednn_available()):
-        return x @ weight.t()
-    if mode == "onednn":
+    if mode == "blas" or not _onednn_available():
+        return "blas"
+    return "onednn" if mode == "onednn" or _amd_cpu() else "blas"
+
+
+def fp32_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """``x @ weight^T`` for fp32 CPU tensors x [..., K] and a contiguous weight [N, K], by the library of
+    ``fp32_linear_backend``; anything else (other dtypes or devices, a strided weight) is ``x @ weight.t()``. No
+    autograd: the callers are autograd Functions, or run without gradients."""
+    if (x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
+            and weight.is_contiguous() and x.shape[-1] > 0 and fp32_linear_backend() == "onednn"):
         return _onednn_linear(x, weight)
-    rows = x.numel() // x.shape[-1]
-    key = (1 << max(rows - 1, 0).bit_length(), x.shape[-1], weight.shape[0])
-    choice = _LINEAR_CHOICE.get(key)
-    if choice is None:
-        import time
-
-        best = {"onednn": float("inf"), "blas": float("inf")}
-        for _ in range(3):
-            for name, fn in (("onednn", _onednn_linear), ("blas", lambda x, w: x @ w.t())):
-                t0 = time.perf_counter()
-                y = fn(x, weight)
-                best[name] = min(best[name], time.perf_counter() - t0)
-        choice = _LINEAR_CHOICE[key] = min(best, key=best.get)
-        return y if choice == "blas" else _onednn_linear(x, weight)  # y: the last timed call's, BLAS's
-    return _onednn_linear(x, weight) if choice == "onednn" else x @ weight.t()
-
-
-def fp32_linear_choices() -> dict[str, str]:
-    """The choice per shape so far, as ``"rows x K -> N": "onednn" | "blas"`` (benchmarks report it)."""
-    return {f"{m}x{k}->{n}": c for (m, k, n), c in _LINEAR_CHOICE.items()}
+    return x @ weight.t()

@@ -77,7 +77,7 @@ class TorchOps:
 
     def fused_matmul(self, x: Tensor, w: Tensor, s: Tensor | None, l: Tensor | None,
                      state: Tensor | None = None, p: float = 0.0) -> Tensor:
-        if state is None:  # fp32 on the CPU: oneDNN or MKL, per shape (kernels.cpu.fp32_linear)
+        if state is None:  # fp32 on the CPU: oneDNN or MKL (kernels.cpu.fp32_linear)
             y = cpu_kernels.fp32_linear(x, w.t()) if x.device.type == "cpu" else x @ w
             return y if s is None else y.addmm_(s, l)
         out = s @ l  # dX's masked LoRA term first, then the base product added in place: no [M, N] temporary

@@ -112,8 +112,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(dtype, torch.float32)
         # One logits buffer (and its fp32 view of the same values when computing in 16 bits), reused by every
         # chunk: fresh 10-100 MB tensors per chunk cost page faults, and mixed-dtype ops take slow paths on CPU.
-        # fp32 on the CPU: the logits come from kernels.cpu.fp32_linear (oneDNN or MKL, whichever runs the shape
-        # faster: oneDNN took a third off this GEMM on an AVX2 EPYC), into a tensor of its own per chunk
+        # fp32 on the CPU: the logits come from kernels.cpu.fp32_linear (oneDNN on AMD CPUs, where it took a third
+        # off this GEMM against MKL on an AVX2 EPYC), into a tensor of its own per chunk
         own = dtype == torch.float32 and h.device.type == "cpu"
         buf = None if own else torch.empty(rows, V, dtype=dtype, device=h.device)
         buf32 = buf if acc == dtype else torch.empty(rows, V, dtype=acc, device=h.device)

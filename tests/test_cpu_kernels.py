@@ -668,28 +668,37 @@ def test_bench_cpu_kernels_tool_small(fused, tmp_path):
     assert json.loads(out.read_text())["table_markdown"] == result["table_markdown"]
 
 
-@pytest.mark.parametrize("mode", ["auto", "onednn", "blas"])
-def test_fp32_linear_matches_the_matmul_and_keeps_its_choice(monkeypatch, mode):
-    """``fp32_linear`` (the fp32 CPU frozen-weight GEMM, oneDNN or BLAS per shape) equals ``x @ W^T`` in every mode;
-    ``auto`` times a shape once (rows rounded up to a power of two) and then calls only the kept choice."""
+@pytest.mark.parametrize("mode,amd,backend", [("auto", True, "onednn"), ("auto", False, "blas"),
+                                              ("onednn", False, "onednn"), ("blas", True, "blas")])
+def test_fp32_linear_matches_the_matmul_by_the_machines_library(monkeypatch, mode, amd, backend):
+    """``fp32_linear`` (the fp32 CPU frozen-weight GEMM) equals ``x @ W^T`` by either library, and the library is a
+    fixed choice (oneDNN on AMD CPUs by default), never one timed at run time: a resumed run must repeat the
+    uninterrupted one bit for bit, and the two libraries round differently."""
     monkeypatch.setenv("MINILORA_FP32_LINEAR", mode)
-    monkeypatch.setattr(cpu, "_LINEAR_CHOICE", {})
+    monkeypatch.setitem(cpu._state, "amd", amd)
+    if not cpu._onednn_available():
+        pytest.skip("this torch has no oneDNN linear op")
+    assert cpu.fp32_linear_backend() == backend
+    calls = []
+    real = cpu._onednn_linear
+    monkeypatch.setattr(cpu, "_onednn_linear", lambda x, w: calls.append(1) or real(x, w))
     torch.manual_seed(7)
     w = torch.randn(96, 64)
-    for x in (torch.randn(37, 64), torch.randn(2, 19, 64)):  # 37 and 38 rows: one shape key, 64 x 64 -> 96
-        torch.testing.assert_close(cpu.fp32_linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)
-    if mode != "auto":
-        assert cpu.fp32_linear_choices() == {}
-        return
-    (choice,) = cpu.fp32_linear_choices().values()
-    assert cpu.fp32_linear_choices() == {"64x64->96": choice} and choice in ("onednn", "blas")
-    calls = []
-    monkeypatch.setattr(cpu, "_onednn_linear", lambda x, w: calls.append(1) or x @ w.t())
-    cpu._LINEAR_CHOICE[(64, 64, 96)] = "onednn"
-    cpu.fp32_linear(torch.randn(40, 64), w)
-    cpu._LINEAR_CHOICE[(64, 64, 96)] = "blas"
-    cpu.fp32_linear(torch.randn(40, 64), w)
-    assert calls == [1]
+    outs = []
+    for x in (torch.randn(37, 64), torch.randn(2, 19, 64)):
+        outs.append(cpu.fp32_linear(x, w))
+        torch.testing.assert_close(outs[-1], x @ w.t(), rtol=1e-5, atol=1e-5)
+        assert torch.equal(cpu.fp32_linear(x, w), outs[-1])  # the same library again: the same bits
+    assert len(calls) == (4 if backend == "onednn" else 0)
+
+
+def test_fp32_linear_draws_nothing_from_the_global_generator(monkeypatch):
+    """The first call checks the oneDNN op on fixed numbers: a draw from torch's generator there would shift the
+    dropout masks of a training run by when that first call came (a resumed run would differ from a whole one)."""
+    monkeypatch.setattr(cpu, "_state", {k: v for k, v in cpu._state.items() if k != "onednn_linear"})
+    before = torch.random.get_rng_state()
+    cpu.fp32_linear(torch.ones(4, 8), torch.ones(3, 8))
+    assert "onednn_linear" in cpu._state and torch.equal(torch.random.get_rng_state(), before)
 
 
 def test_fp32_linear_leaves_other_dtypes_and_layouts_to_the_matmul(monkeypatch):

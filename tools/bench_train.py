@@ -630,7 +630,7 @@ def worker_train(spec: dict) -> dict:
     if spec["side"] == "minilora" and dev_type == "cpu" and spec["mode"] == "fp32":  # per shape: oneDNN or MKL
         from kernels import cpu as cpu_kernels
 
-        out["fp32_linear_choices"] = cpu_kernels.fp32_linear_choices()
+        out["fp32_linear"] = cpu_kernels.fp32_linear_backend()
     if spec["side"] == "minilora" and dev_type == "cuda":  # per GEMM shape: the fused kernel or cuBLAS + addmm_
         from kernels import triton_impl
 
