@@ -87,14 +87,17 @@ def cache_dir() -> Path:
     return Path(base) / "minilora"
 
 
-def _cpu_fingerprint() -> str:
+def _cpuinfo_line(*prefixes: str) -> str | None:
+    """The first line of /proc/cpuinfo that starts with one of ``prefixes``, or None (no such line or file)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
+        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(prefixes)),
+                    None)
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return None
+
+
+def _cpu_fingerprint() -> str:
+    return _cpuinfo_line("flags", "Features") or platform.processor() or platform.machine()
 
 
 def _compiler() -> str | None:
@@ -440,11 +443,7 @@ def _onednn_available() -> bool:
 
 def _amd_cpu() -> bool:
     if "amd" not in _state:
-        try:
-            _state["amd"] = any(line.startswith("vendor_id") and "AuthenticAMD" in line
-                                for line in Path("/proc/cpuinfo").read_text().splitlines())
-        except OSError:
-            _state["amd"] = False
+        _state["amd"] = "AuthenticAMD" in (_cpuinfo_line("vendor_id") or "")
     return _state["amd"]
 
 

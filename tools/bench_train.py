@@ -627,7 +627,7 @@ def worker_train(spec: dict) -> dict:
         from minilora import graphs
 
         out["cuda_graph"] = graphs.of(model).status()
-    if spec["side"] == "minilora" and dev_type == "cpu" and spec["mode"] == "fp32":  # per shape: oneDNN or MKL
+    if spec["side"] == "minilora" and dev_type == "cpu" and spec["mode"] == "fp32":  # oneDNN or MKL (per machine)
         from kernels import cpu as cpu_kernels
 
         out["fp32_linear"] = cpu_kernels.fp32_linear_backend()
