@@ -2,7 +2,9 @@
 
 The MIMIC-IV demo tables (../shared) hold no notes, so the tests write a MIMIC-IV-style discharge summary for each
 demo admission, with a marker word in every section that must not reach the task text. Labels are checked against
-the demo's published facts (275 admissions, 15 in-hospital deaths) and against codes and stays recomputed here.
+the demo's published facts (275 admissions, 15 in-hospital deaths) and against codes and stays recomputed here. The
+demo has no icu module: PMV's ``procedureevents`` rows are written here, in patterns whose labels are worked out by
+hand below.
 """
 
 from __future__ import annotations
@@ -118,6 +120,21 @@ def test_short_codes(code, version, diagnosis, short):
     assert mimic4_tasks.short_code(code, version, diagnosis) == short
 
 
+# PMV patterns, cycled over the demo admissions: (itemid, start day, end day, status) rows -> the label by hand, or
+# None: not in the cohort. Days count from the admission's admittime.
+IV, NIV = "225792", "225794"  # invasive, non-invasive ventilation
+PMV_PATTERNS = [
+    ([(IV, 0, 8, "FinishedRunning")], "1"),                                 # one 8-day episode
+    ([(IV, 0, 5, "Stopped"), (IV, 1, 6, "FinishedRunning")], "0"),          # overlapping rows: 6 days, not 11
+    ([(IV, 0, 4, "FinishedRunning"), (IV, 10, 13.5, "FinishedRunning")], "1"),  # two episodes, 7.5 days in all
+    ([(IV, 1, 8, "FinishedRunning")], "0"),                                 # exactly 7 days is not more than 7
+    ([(IV, 0, 10, "Rewritten"), (IV, 0, 2, "FinishedRunning")], "0"),       # the rewritten row does not count
+    ([(NIV, 0, 12, "FinishedRunning")], None),                              # non-invasive only: not in the cohort
+    ([(IV, 2, 2.5, "FinishedRunning"), (IV, 2.25, 9.4, "FinishedRunning"), (IV, 9.4, 9.5, "Paused")], "1"),  # 7.5
+    ([], None),                                                             # not ventilated
+]
+
+
 def test_los_buckets():
     assert [mimic4_tasks.los_label(d) for d in (0.5, 3.0, 3.01, 7.0, 7.5, 14.0, 14.2, 40)] == [0, 0, 1, 1, 2, 2, 3, 3]
 
@@ -141,14 +158,31 @@ def demo(tmp_path_factory):
         w.writerow(["dup-DS-1", admissions[0]["subject_id"], admissions[0]["hadm_id"], "DS", 9, "", "", "x"])
         for a in {a["subject_id"]: a for a in admissions}.values():
             w.writerow([f"{a['subject_id']}-RR-1", a["subject_id"], "", "RR", 1, "", "", "CT chest. No acute process."])
+    icu = d / "icu"
+    icu.mkdir()
+    pmv = {}
+    with gzip.open(icu / "procedureevents.csv.gz", "wt", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["subject_id", "hadm_id", "stay_id", "starttime", "endtime", "itemid", "value", "valueuom",
+                    "statusdescription"])
+        for i, a in enumerate(admissions):
+            events, label = PMV_PATTERNS[i % len(PMV_PATTERNS)]
+            admit = dt.datetime.fromisoformat(a["admittime"])
+            for item, start, end, status in events:
+                w.writerow([a["subject_id"], a["hadm_id"], "3" + a["hadm_id"], admit + dt.timedelta(days=start),
+                            admit + dt.timedelta(days=end), item, (end - start) * 1440, "min", status])
+            if label is not None:
+                pmv[a["hadm_id"]] = label
+        w.writerow(["1", "", "", "2100-01-01 00:00:00", "2100-01-09 00:00:00", IV, "", "min", "FinishedRunning"])
+        w.writerow(["1", "99999998", "", "2100-01-01 00:00:00", "2100-01-02 00:00:00", IV, "", "min", "Stopped"])
     out = d / "out"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "mimic4_tasks.py"), "--hosp", str(hosp), "--notes", str(notes),
-         "--out", str(out), "--dapt-notes", str(d / "dapt" / "notes.csv.gz"), "--no-progress"],
+         "--icu", str(icu), "--out", str(out), "--dapt-notes", str(d / "dapt" / "notes.csv.gz"), "--no-progress"],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return {"hosp": hosp, "out": out, "admissions": admissions, "dapt": d / "dapt" / "notes.csv.gz",
-            "stderr": proc.stderr}
+            "stderr": proc.stderr, "pmv": pmv, "notes": notes}
 
 
 def _rows(path: Path) -> list[dict]:
@@ -158,7 +192,8 @@ def _rows(path: Path) -> list[dict]:
 
 def _task(demo, task: str) -> dict[str, dict[str, dict]]:
     spec = TASKS[task]
-    return {s: {r["id"]: r for r in _rows(demo["out"] / f"{spec.prefix}_{s}.csv.gz")} for s in ("train", "val", "test")}
+    return {s: {r["id"]: r for r in _rows(demo["out"] / f"{spec.prefix}_{f}.csv.gz")}
+            for s, f in zip(("train", "val", "test"), spec.splits)}
 
 
 def _codes(hosp: Path, table: str, width) -> dict[str, set[str]]:
@@ -179,10 +214,13 @@ def test_mortality_has_every_admission_and_the_demos_15_deaths(demo):
     assert "discharge_notes_without_admission 1" in demo["stderr"] and "duplicate_discharge_notes 1" in demo["stderr"]
 
 
+ALL_TASKS = (*mimic4_tasks.TASK_NAMES, "pmv")
+
+
 def test_splits_are_by_patient_and_shared_by_every_task(demo):
     subject = {a["hadm_id"]: a["subject_id"] for a in demo["admissions"]}
     where: dict[str, str] = {}
-    for task in mimic4_tasks.TASK_NAMES:
+    for task in ALL_TASKS:
         for split, rows in _task(demo, task).items():
             for hadm in rows:
                 assert where.setdefault(subject[hadm], split) == split, f"{task}: patient in two splits"
@@ -215,15 +253,39 @@ def test_code_labels_are_the_admissions_icd9_groups(demo):
         assert 0 < len(got) < 275  # admissions coded in ICD-10 (or without procedures) are left out
 
 
+def test_pmv_labels_are_invasive_ventilation_over_7_days_among_the_ventilated(demo):
+    got = {h: r["label"] for split in _task(demo, "pmv").values() for h, r in split.items()}
+    assert got == demo["pmv"]
+    assert sorted(p.name for p in demo["out"].glob("pmv_*")) == ["pmv_dev.csv.gz", "pmv_test.csv.gz",
+                                                                  "pmv_train.csv.gz"]
+    summary = json.loads((demo["out"] / "summary.json").read_text())
+    assert sum(summary["pmv_positives"].values()) == sum(v == "1" for v in demo["pmv"].values()) > 0
+    assert summary["counts"]["ventilated_admissions"] == len(demo["pmv"]) + 1  # + the unknown admission
+    for item in ("ventilation_rows_without_admission 1", "ventilated_admissions_unknown 1",
+                 "ventilation_rows_rewritten "):
+        assert item in demo["stderr"], item
+    assert f"pmv: train {summary['rows']['pmv']['train']}, dev {summary['rows']['pmv']['val']}," in demo["stderr"]
+
+
+def test_without_icu_no_pmv_is_built(demo, tmp_path):
+    proc = _run_tool("--hosp", str(demo["hosp"]), "--notes", str(demo["notes"]), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert set(summary["rows"]) == set(mimic4_tasks.TASK_NAMES) and "pmv_positives" not in summary
+    assert not list((tmp_path / "out").glob("pmv_*")) and "pmv:" not in proc.stderr
+    assert summary["rows"] == {t: v for t, v in json.loads((demo["out"] / "summary.json").read_text())["rows"].items()
+                               if t != "pmv"}
+
+
 def test_no_left_out_section_or_death_mention_reaches_any_task_text(demo):
-    for task in mimic4_tasks.TASK_NAMES:
+    for task in ALL_TASKS:
         for split, rows in _task(demo, task).items():
             for hadm, r in rows.items():
                 assert LEAK not in r["text"] and "died" not in r["text"] and "expired" not in r["text"]
                 assert f"admit{hadm}cc" in r["text"] and f"admit{hadm}exam" in r["text"]
 
 
-@pytest.mark.parametrize("task", mimic4_tasks.TASK_NAMES)
+@pytest.mark.parametrize("task", ALL_TASKS)
 def test_train_task_reads_the_output(demo, task):
     data = load_named_task(task, demo["out"])
     assert sum(len(s.ids) for s in data.splits.values()) == sum(map(len, _task(demo, task).values()))
@@ -290,3 +352,20 @@ def test_bad_inputs_give_one_line_and_exit_2_leaving_no_output(tmp_path):
     proc = _run_tool("--hosp", str(hosp), "--notes", str(notes), "--out", str(out))  # one admission: splits empty
     assert proc.returncode == 2 and "no rows for" in proc.stderr and "chest pain" not in proc.stderr
     assert not [p for p in out.iterdir() if p.name != "summary.json"] and not (out / "summary.json").exists()
+
+
+def test_bad_icu_table_gives_one_line_and_exit_2(demo, tmp_path):
+    icu = tmp_path / "icu"
+    icu.mkdir()
+    args = ("--hosp", str(demo["hosp"]), "--notes", str(demo["notes"]), "--icu", str(icu), "--out", str(tmp_path / "o"))
+    proc = _run_tool(*args)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "procedureevents.csv.gz: no such file (expected the MIMIC-IV icu table procedureevents)" in proc.stderr
+    (icu / "procedureevents.csv").write_text("hadm_id,starttime,endtime\n20,2100-01-01 00:00:00,2100-01-09 00:00:00\n")
+    proc = _run_tool(*args)
+    assert proc.returncode == 2 and "missing column 'itemid'" in proc.stderr
+    (icu / "procedureevents.csv").write_text("hadm_id,itemid,starttime,endtime\n20,225792,2100-01-01 00:00:00,"
+                                             "9 Jan 2100\n")
+    proc = _run_tool(*args)
+    assert proc.returncode == 2 and "line 2: endtime '9 Jan 2100' is not a date-time" in proc.stderr
+    assert not (tmp_path / "o").exists()

@@ -1,9 +1,11 @@
-"""Build the paper's outcome tasks (MOR, LOS, DIAG, PROC) from MIMIC-IV and MIMIC-IV-Note, in van Aken's file format.
+"""Build the paper's outcome tasks (MOR, LOS, DIAG, PROC, PMV) from MIMIC-IV and MIMIC-IV-Note, in van Aken's and
+BEEP's file formats.
 
 The paper's tasks come from van Aken et al.'s MIMIC-III admission notes. For a site with MIMIC-IV instead, this
 tool makes the same four tasks from the hosp module's ``admissions``, ``diagnoses_icd`` and ``procedures_icd``
-tables and the discharge summaries of MIMIC-IV-Note, so that ``train_task.py --task <name> --data-dir OUT`` reads
-them as it reads van Aken's files:
+tables and the discharge summaries of MIMIC-IV-Note, and, given the icu module (``--icu``), BEEP's PMV from its
+``procedureevents``, so that ``train_task.py --task <name> --data-dir OUT`` reads them as it reads van Aken's and
+BEEP's files:
 
 - text: the parts of the discharge summary known at admission (chief complaint, present illness, medical history,
   medications on admission, allergies, the admission physical exam, family and social history), under van Aken's
@@ -13,11 +15,15 @@ them as it reads van Aken's files:
   2: > 7-14, 3: > 14 (dischtime - admittime; in-hospital deaths left out). DIAG ``DIA_GROUPS_3_DIGITS_adm`` and
   PROC ``PRO_GROUPS_3_DIGITS_adm``: ``short_codes``, the admission's codes cut to 3 characters (ICD-9 diagnosis V
   and E codes to 4), comma-joined; admissions without a code of the chosen ICD version are left out.
+- PMV ``pmv_{train,dev,test}`` ``label`` (with ``--icu``): 1 if the admission's invasive ventilation lasted more than
+  7 days in all, else 0. The cohort is the admissions with invasive ventilation: ``procedureevents`` rows of itemid
+  225792 ("Invasive Ventilation"), rows of status "Rewritten" left out (a later row replaces them); the duration is
+  that of the union of their [starttime, endtime] intervals, so overlapping or repeated rows count once.
 - splits: by patient (a seeded hash of ``subject_id``: 70 / 10 / 20 % train / val / test), the same for every task.
   ``subject_splits.csv.gz`` lists them; ``--dapt-notes`` writes the notes of training patients only, so a clinical
   adapter trained on it has not read the validation or test patients' notes.
 
-PMV (BEEP) needs ventilation events from the ICU module and is not built. Only counts are printed, never text.
+Only counts are printed, never text.
 """
 
 from __future__ import annotations
@@ -40,7 +46,9 @@ from minilora.data.synthetic import ADMISSION_SECTIONS, TASKS, remove_death_ment
 from minilora.data.tasks import MIMIC4_SOURCE, read_rows
 
 SPLITS = (("train", 0.7), ("val", 0.8), ("test", 1.0))  # upper bounds of the hash's unit interval
-TASK_NAMES = ("mortality", "los", "diagnoses", "procedures")
+TASK_NAMES = ("mortality", "los", "diagnoses", "procedures")  # from the hosp tables; "pmv" needs --icu
+INVASIVE_VENTILATION = "225792"  # itemid of procedureevents (d_items: "Invasive Ventilation")
+PMV_DAYS = 7.0  # BEEP's prolonged mechanical ventilation: more than 7 days
 
 # Section headers of MIMIC-IV discharge summaries (lower case) -> van Aken's section name, or None: a section
 # that is left out. A kept section ends at the next known header, or at any header that names discharge, the
@@ -102,11 +110,11 @@ def short_code(code: str, version: str, diagnosis: bool) -> str:
     return code[:4] if diagnosis and version == "9" and code[:1] in ("V", "E") else code[:3]
 
 
-def _table(hosp: Path, name: str) -> Path:
-    for cand in (hosp / f"{name}.csv.gz", hosp / f"{name}.csv"):
+def _table(folder: Path, name: str, module: str = "hosp") -> Path:
+    for cand in (folder / f"{name}.csv.gz", folder / f"{name}.csv"):
         if cand.is_file():
             return cand
-    raise FileNotFoundError(f"{hosp / name}.csv.gz: no such file (expected the MIMIC-IV hosp table {name})")
+    raise FileNotFoundError(f"{folder / name}.csv.gz: no such file (expected the MIMIC-IV {module} table {name})")
 
 
 def _time(path: Path, line: int, field: str, value: str) -> dt.datetime:
@@ -143,6 +151,42 @@ def read_codes(hosp: Path, table: str, icd: str) -> dict[str, set[str]]:
             code = short_code(row["icd_code"], version, table == "diagnoses_icd")
             codes[row["hadm_id"]].add(f"ICD{version}-{code}" if icd == "both" else code)
     return codes
+
+
+def read_ventilation(icu: Path, counts: Counter[str]) -> dict[str, float]:
+    """hadm_id -> days of invasive ventilation: the length of the union of the admission's ``procedureevents``
+    intervals of itemid 225792, leaving out rows of status "Rewritten" and counting in ``counts`` the rows left
+    out for a missing admission or an end before the start."""
+    path = _table(icu, "procedureevents", "icu")
+    intervals: dict[str, list[tuple[dt.datetime, dt.datetime]]] = defaultdict(list)
+    for line, row in read_rows(path, ["hadm_id", "itemid", "starttime", "endtime"]):
+        if row["itemid"].strip() != INVASIVE_VENTILATION:
+            continue
+        if (row.get("statusdescription") or "").strip().lower() == "rewritten":
+            counts["ventilation_rows_rewritten"] += 1
+            continue
+        if not row["hadm_id"].strip():
+            counts["ventilation_rows_without_admission"] += 1
+            continue
+        start = _time(path, line, "starttime", row["starttime"])
+        end = _time(path, line, "endtime", row["endtime"])
+        if end < start:
+            counts["ventilation_rows_ending_before_start"] += 1
+            continue
+        intervals[row["hadm_id"].strip()].append((start, end))
+    return {hadm: _union_seconds(spans) / 86400 for hadm, spans in intervals.items()}
+
+
+def _union_seconds(spans: list[tuple[dt.datetime, dt.datetime]]) -> float:
+    total, cur_start, cur_end = 0.0, None, None
+    for start, end in sorted(spans):
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += (cur_end - cur_start).total_seconds()
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    return total + ((cur_end - cur_start).total_seconds() if cur_end is not None else 0.0)
 
 
 class AtomicOutputs:
@@ -184,9 +228,11 @@ def build(args: argparse.Namespace) -> dict:
     admissions = read_admissions(args.hosp)
     diagnoses = read_codes(args.hosp, "diagnoses_icd", args.icd)
     procedures = read_codes(args.hosp, "procedures_icd", args.icd)
-    args.out.mkdir(parents=True, exist_ok=True)
     counts: Counter[str] = Counter()
-    rows: dict[str, Counter[str]] = {t: Counter() for t in TASK_NAMES}
+    ventilation = read_ventilation(args.icu, counts) if args.icu is not None else None
+    tasks = TASK_NAMES + (("pmv",) if ventilation is not None else ())
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, Counter[str]] = {t: Counter() for t in tasks}
     positives: Counter[str] = Counter()
     train_codes: dict[str, set[str]] = {"diagnoses": set(), "procedures": set()}
     seen: set[str] = set()
@@ -235,13 +281,15 @@ def build(args: argparse.Namespace) -> dict:
                     labels[task] = ",".join(sorted(codes[row["hadm_id"]]))
                     if split == "train":
                         train_codes[task] |= codes[row["hadm_id"]]
+            if ventilation is not None and row["hadm_id"] in ventilation:
+                labels["pmv"] = "1" if ventilation[row["hadm_id"]] > PMV_DAYS else "0"
             for task, label in labels.items():
                 spec = TASKS[task]
-                path = args.out / f"{spec.prefix}_{split}.csv.gz"
+                path = args.out / f"{spec.prefix}_{_split_file(task, split)}.csv.gz"
                 outputs.writer(path, ["id", "text", spec.label_column]).writerow([row["hadm_id"], text, label])
                 rows[task][split] += 1
-                positives[f"{task}/{split}"] += task == "mortality" and label == "1"
-        missing = [f"{TASKS[t].prefix}_{s}" for t in TASK_NAMES for s, _ in SPLITS if not rows[t][s]]
+                positives[f"{task}/{split}"] += task in ("mortality", "pmv") and label == "1"
+        missing = [f"{TASKS[t].prefix}_{_split_file(t, s)}" for t in tasks for s, _ in SPLITS if not rows[t][s]]
         if missing:
             raise InputError(f"{args.out}: no rows for {', '.join(missing)} (too few admissions with discharge notes "
                              f"in {', '.join(map(str, args.notes))}?)")
@@ -253,15 +301,28 @@ def build(args: argparse.Namespace) -> dict:
         outputs.discard()
     counts["admissions"] = len(admissions)
     counts["admissions_without_discharge_note"] = len(admissions.keys() - seen)
+    if ventilation is not None:
+        counts["ventilated_admissions"] = len(ventilation)
+        counts["ventilated_admissions_without_discharge_note"] = len(ventilation.keys() - seen)
+        counts["ventilated_admissions_unknown"] = len(ventilation.keys() - admissions.keys())
     return {
         "source": MIMIC4_SOURCE,  # train_task.py labels runs on this folder "mimic-iv" (minilora.data.tasks)
         "settings": {"hosp": str(args.hosp), "notes": [str(p) for p in args.notes], "icd": args.icd,
-                     "seed": args.seed, "dapt_notes": str(args.dapt_notes) if args.dapt_notes else None},
-        "rows": {t: {s: rows[t][s] for s, _ in SPLITS} for t in TASK_NAMES},
+                     "icu": str(args.icu) if args.icu else None, "seed": args.seed,
+                     "dapt_notes": str(args.dapt_notes) if args.dapt_notes else None},
+        "rows": {t: {s: rows[t][s] for s, _ in SPLITS} for t in tasks},
         "mortality_positives": {s: positives[f"mortality/{s}"] for s, _ in SPLITS},
+        **({"pmv_positives": {s: positives[f"pmv/{s}"] for s, _ in SPLITS},
+            "pmv_definition": {"itemid": int(INVASIVE_VENTILATION), "more_than_days": PMV_DAYS}}
+           if ventilation is not None else {}),
         "codes_in_train": {t: len(c) for t, c in train_codes.items()},
         "counts": dict(counts),
     }
+
+
+def _split_file(task: str, split: str) -> str:
+    """The file name's split: BEEP's PMV files say ``dev`` where van Aken's say ``val``."""
+    return dict(zip(("train", "val", "test"), TASKS[task].splits))[split]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--notes", type=Path, nargs="+", required=True,
                    help="MIMIC-IV-Note discharge.csv.gz (tasks use rows of note_type DS); radiology.csv.gz may follow "
                         "for --dapt-notes")
+    p.add_argument("--icu", type=Path, default=None,
+                   help="MIMIC-IV icu folder (procedureevents as .csv.gz or .csv): also build PMV, invasive "
+                        "ventilation > 7 days, as BEEP's pmv_{train,dev,test} (default: PMV is not built)")
     p.add_argument("--out", type=Path, default=Path("data/mimic4-tasks"), help="output folder (default: %(default)s)")
     p.add_argument("--icd", choices=("9", "10", "both"), default="9",
                    help="ICD version of DIAG/PROC labels: 9 as the paper (default), 10, or both (codes prefixed ICD9-/"
@@ -286,14 +350,17 @@ def main(argv: list[str] | None = None) -> int:
     summary = build(args)
     write_json_atomic(args.out / "summary.json", summary)
     print(f"admissions {summary['counts']['admissions']}, notes read {summary['counts']['notes']}", file=sys.stderr)
-    for task in TASK_NAMES:
-        r = summary["rows"][task]
+    for task, r in summary["rows"].items():
         extra = f" ({sum(summary['mortality_positives'].values())} deaths)" if task == "mortality" else ""
         extra = f" ({summary['codes_in_train'][task]} codes in train)" if task in ("diagnoses", "procedures") else extra
-        print(f"{TASKS[task].prefix}: train {r['train']}, val {r['val']}, test {r['test']}{extra}", file=sys.stderr)
+        if task == "pmv":
+            extra = f" ({sum(summary['pmv_positives'].values())} ventilated > {PMV_DAYS:g} days)"
+        print(f"{TASKS[task].prefix}: train {r['train']}, {_split_file(task, 'val')} {r['val']}, test {r['test']}"
+              f"{extra}", file=sys.stderr)
     if args.dapt_notes is not None:
         print(f"{args.dapt_notes}: {summary['counts']['dapt_notes']} notes of training patients", file=sys.stderr)
-    skipped = {k: v for k, v in summary["counts"].items() if k not in ("admissions", "notes", "dapt_notes") and v}
+    kept = ("admissions", "notes", "dapt_notes", "ventilated_admissions")
+    skipped = {k: v for k, v in summary["counts"].items() if k not in kept and v}
     print("left out: " + (", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "nothing"), file=sys.stderr)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
