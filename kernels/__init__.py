@@ -3,23 +3,57 @@
 ``MINILORA_KERNELS=triton`` forces the Triton kernels (on CPU tensors only together with ``TRITON_INTERPRET=1``,
 set before triton is imported), ``MINILORA_KERNELS=torch`` forces the PyTorch path, ``auto`` (default) picks by
 device. Without triton (e.g. macOS) only the PyTorch path exists. The dtype policy is in ``kernels/reference.py``.
+
+The Triton implementation (the submodule ``kernels.lora_linear``, also ``kernels.triton_impl``) is imported on first
+use: importing triton costs about 80 MB of resident memory, which a run on the CPU never needs.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+import types
 from collections.abc import Sequence
 
 from torch import Tensor
 
 from kernels import reference
 
-try:  # imported before ``lora_linear`` is defined below, so the function, not the submodule, is the attribute
-    from kernels import lora_linear as triton_impl
-except ImportError:
-    triton_impl = None
-
 BACKENDS = ("auto", "triton", "torch")
+_UNLOADED = object()
+_triton_impl: types.ModuleType | None | object = _UNLOADED
+
+
+def _triton() -> types.ModuleType | None:
+    """The Triton implementation, imported on the first call; None when triton cannot be imported."""
+    global _triton_impl
+    if _triton_impl is _UNLOADED:
+        try:
+            _triton_impl = importlib.import_module("kernels.lora_linear")
+        except ImportError:
+            _triton_impl = None
+    return _triton_impl
+
+
+class _Package(types.ModuleType):
+    """The package's module type. Importing a submodule sets the package's attribute of that name, so the first
+    import of ``kernels.lora_linear`` (here or anywhere) would replace the dispatch function ``lora_linear`` with the
+    module; this keeps the function."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "lora_linear" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str) -> object:
+    if name == "triton_impl":
+        return _triton()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def backend_for(x: Tensor) -> str:
@@ -27,10 +61,10 @@ def backend_for(x: Tensor) -> str:
     mode = os.environ.get("MINILORA_KERNELS", "auto")
     if mode not in BACKENDS:
         raise ValueError(f"MINILORA_KERNELS={mode!r}: expected one of {BACKENDS}")
-    if mode == "triton" and triton_impl is None:
+    if mode == "triton" and _triton() is None:
         raise RuntimeError("MINILORA_KERNELS=triton, but triton cannot be imported")
     if mode == "auto":
-        return "triton" if x.is_cuda and triton_impl is not None else "torch"
+        return "triton" if x.is_cuda and _triton() is not None else "torch"
     return mode
 
 
@@ -44,7 +78,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Sequence[Tensor], lora_b: Seq
     Differentiable in x and in each adapter tensor that requires grad (others get no grad and cost nothing);
     dropout on the LoRA input applies only when ``training``. Output dtype: autocast's if enabled, else x's.
     """
-    impl = triton_impl if backend_for(x) == "triton" else reference
+    impl = _triton() if backend_for(x) == "triton" else reference
     return impl.lora_linear(x, weight, lora_a, lora_b, scaling, dropout_p, training, b_rows)
 
 

@@ -124,7 +124,11 @@ def pack_linears(modules: Sequence[nn.Module]) -> None:
         return
     if len({(w.shape[1], w.dtype, w.device) for w in weights}) != 1:
         return
-    packed = torch.cat([w.detach() for w in weights])
+    w0 = weights[0]
+    if w0.is_meta:  # no values to copy; and torch.cat of meta tensors imports torch._dynamo (Embedding in model.py)
+        packed = torch.empty((sum(w.shape[0] for w in weights), w0.shape[1]), dtype=w0.dtype, device=w0.device)
+    else:
+        packed = torch.cat([w.detach() for w in weights])
     offset = 0
     for w in weights:
         w.data = packed[offset:offset + w.shape[0]]

@@ -3,10 +3,14 @@ and the masked mean of LlamaModel's final hidden states, with right padding."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from conftest import save_tiny_hf
+from conftest import ROOT, save_tiny_hf
 from minilora import from_pretrained
 from minilora.classify import Classifier
 
@@ -60,3 +64,31 @@ def test_mean_pooling_is_the_masked_mean_of_the_final_hidden_states(models):
         n = int(mask[i].sum())
         torch.testing.assert_close(clf(ids[i : i + 1, :n], mask[i : i + 1, :n]), clf(ids, mask)[i : i + 1],
                                    rtol=1e-4, atol=1e-5)
+
+
+_LOAD_AND_CLASSIFY = """
+import sys
+import torch
+from minilora import from_pretrained
+from minilora.classify import Classifier
+from minilora.lora import add_adapter
+model, tok = from_pretrained(sys.argv[1], dtype=torch.bfloat16, device="cpu")
+add_adapter(model, "domain", r=4, alpha=8, targets=("q_proj", "v_proj", "gate_proj", "down_proj"), trainable=False)
+add_adapter(model, "task", r=4, alpha=8)
+clf = Classifier(model, 3).eval()
+ids = torch.randint(0, model.config.vocab_size, (2, 40))
+with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    assert clf(ids, torch.ones_like(ids)).shape == (2, 3) and model(ids).shape[-1] == model.config.vocab_size
+print(sorted({"triton", "torch._dynamo"} & set(sys.modules)))
+"""
+
+
+def test_loading_and_inference_on_the_cpu_import_neither_triton_nor_dynamo(tiny_lm):
+    """Importing torch._dynamo (which imports triton) costs about 150 MB of resident memory and half a second: a
+    sixth of SmolLM2's classification peak. Loading builds the model on the meta device, where ``normal_`` and
+    ``cat`` would import it; kernels imports its Triton implementation only for CUDA tensors."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MINILORA_KERNELS")}
+    proc = subprocess.run([sys.executable, "-c", _LOAD_AND_CLASSIFY, str(tiny_lm)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -502,3 +504,18 @@ def test_cuda_auto_choice_is_correct_and_adds_no_peak_memory(monkeypatch: pytest
     picked = impl.choices()
     assert len(picked) == 2 and all(c["fused_ms"] > 0 and c["cublas_ms"] > 0 for c in picked), picked
     assert first_mb <= again_mb + 32, f"first call peaked {first_mb:.0f} MB, later ones {again_mb:.0f} MB"
+
+
+def test_importing_the_triton_submodule_keeps_the_dispatch_function():
+    """``kernels.lora_linear`` is both the dispatch function and the Triton submodule's name, and the submodule is
+    imported lazily: whichever code imports it first, the package attribute must stay the function."""
+    pytest.importorskip("triton")
+    code = ("import sys, kernels; f = kernels.lora_linear; assert 'triton' not in sys.modules\n"
+            "from kernels.lora_linear import DEFAULT_CONFIG\n"
+            "import kernels.lora_linear; m = sys.modules['kernels.lora_linear']\n"
+            "assert kernels.lora_linear is f and m.__name__ == 'kernels.lora_linear' and kernels.triton_impl is m\n"
+            "from kernels import lora_linear, triton_impl\n"
+            "assert lora_linear is f and triton_impl is m and 'triton' in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
