@@ -6,6 +6,10 @@
   python eval.py --run RUN_DIR --test FILE
                                          score that run's model on a new labelled CSV/JSONL(.gz) file; writes
                                          predictions_<stem>.npz and eval_<stem>.json to the run folder (or --out)
+  python eval.py --run RUN_DIR --predict FILE
+                                         apply that run's model to unlabelled notes (CSV/JSONL(.gz)); writes
+                                         predictions_<stem>.csv (id, then prob_<label> for each of the run's
+                                         labels) and predictions_<stem>.npz, no metrics
 
 Metrics (fractions in [0, 1] in JSON, percent in report.md):
   auroc      the paper's: binary on P(class 1); multi-class one-vs-one macro (LOS); multi-label macro over the
@@ -29,6 +33,7 @@ report.json:
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import pickle
@@ -91,15 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs", help="where to look for runs when no RUN_DIR is given (default "
                    "%(default)s)")
     p.add_argument("--out", default=None,
-                   help="output folder (default: <runs-dir>/report; with --test: the run folder)")
+                   help="output folder (default: <runs-dir>/report; with --test or --predict: the run folder)")
     p.add_argument("--n-boot", type=int, default=None,
                    help=f"bootstrap resamples for the 95%% CI (default {DEFAULT_BOOT}; {MANY_LABELS_BOOT} for "
                         f"multi-label tasks with over {MANY_LABELS} labels)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g = p.add_argument_group("scoring a trained model on new data (--run with --test)")
+    g = p.add_argument_group("scoring a trained model on new data (--run with --test or --predict)")
     g.add_argument("--run", default=None, help="a train_task.py run folder (head/, task_adapter/, summary.json)")
     g.add_argument("--test", default=None, help="labelled CSV or JSONL(.gz) file to score")
+    g.add_argument("--predict", default=None, metavar="FILE",
+                   help="unlabelled CSV or JSONL(.gz) file to apply the model to (a label column is ignored)")
     g.add_argument("--text-col", default="text", help="text column / JSON field (default text)")
     g.add_argument("--label-col", default="label", help="label column / JSON field (codes joined by "
                    "--label-sep; default label)")
@@ -568,9 +575,27 @@ def write_npz_atomic(path: Path, **arrays: np.ndarray) -> Path:
     return path
 
 
-def score_file(args: argparse.Namespace) -> int:
-    """Predict a labelled file with a trained run's model; write its predictions and metrics, print AUROC + CI."""
-    run, test = Path(args.run), Path(args.test)
+def read_unlabelled(path: Path, args: argparse.Namespace) -> tuple[list[str], list[str], int]:
+    """(ids, cleaned texts, rows with empty text skipped) of a file of notes; any label column is ignored."""
+    ids, texts, empty = [], [], 0
+    for line, rec in read_rows(path, [args.text_col]):
+        text = clean_note(rec[args.text_col] or "")
+        if not text:
+            empty += 1
+            continue
+        rid = rec.get(args.id_col) if args.id_col else None
+        ids.append(rid if rid else f"{path.name}:{line}")
+        texts.append(text)
+    if empty:
+        print(f"{path}: {empty} rows with empty text skipped", file=sys.stderr)
+    if not ids:
+        raise InputError(f"{path}: no row with text in {args.text_col!r}")
+    return ids, texts, empty
+
+
+def load_run(args: argparse.Namespace, path: Path) -> tuple[Path, dict, Path, str]:
+    """(run folder, its summary, output folder, file stem) for scoring ``path`` with ``--run``, checked."""
+    run = Path(args.run)
     if not (run / "summary.json").is_file():
         raise FileNotFoundError(f"{run / 'summary.json'}: missing (--run expects a train_task.py run folder)")
     summary = read_summary(run)
@@ -579,19 +604,54 @@ def score_file(args: argparse.Namespace) -> int:
     check_summary(summary, run / "summary.json")
     if not isinstance(summary.get("labels"), list) or not isinstance(summary.get("config"), dict):
         raise InputError(f"{run / 'summary.json'}: expected 'labels' (list) and 'config' (object)")
-    kind, labels, cfg = summary["kind"], [str(x) for x in summary["labels"]], summary["config"]
-    out, stem = Path(args.out) if args.out else run, file_stem(test)
+    out, stem = Path(args.out) if args.out else run, file_stem(path)
     if out.resolve() == run.resolve() and stem in ("val", "test"):
-        raise InputError(f"{test}: its predictions would overwrite train_task.py's predictions_{stem}.npz in {run}; "
+        raise InputError(f"{path}: its predictions would overwrite train_task.py's predictions_{stem}.npz in {run}; "
                          f"pass --out DIR")
-    split, counts = read_labelled(test, labels, kind, args)
+    return run, summary, out, stem
+
+
+def run_model(args: argparse.Namespace, run: Path, summary: dict, split: Split) -> np.ndarray:
+    """The run's model (base, adapters, head) applied to ``split``: probabilities [n, labels]."""
+    labels, cfg = summary["labels"], summary["config"]
     model, tok, _ = load_classifier(run, device=args.device)
     if model.num_labels != len(labels):
         raise InputError(f"{run}: the head has {model.num_labels} outputs but summary.json lists {len(labels)} labels")
     dataset = EncodedSplit(split, tok, args.max_seq_len or cfg.get("max_seq_len", 512))
-    probs = predict(model, dataset, pad_id=tok.pad_id, batch_size=args.batch_size or cfg.get("batch_size", 16),
-                    device=next(model.parameters()).device, precision=args.precision or cfg.get("precision", "bf16"),
-                    progress=not args.no_progress and sys.stderr.isatty())
+    return predict(model, dataset, pad_id=tok.pad_id, batch_size=args.batch_size or cfg.get("batch_size", 16),
+                   device=next(model.parameters()).device, precision=args.precision or cfg.get("precision", "bf16"),
+                   progress=not args.no_progress and sys.stderr.isatty())
+
+
+def predict_file(args: argparse.Namespace) -> int:
+    """Apply a trained run's model to unlabelled notes; write the probabilities as CSV and npz."""
+    path = Path(args.predict)
+    run, summary, out, stem = load_run(args, path)
+    kind, labels = summary["kind"], [str(x) for x in summary["labels"]]
+    ids, texts, _ = read_unlabelled(path, args)
+    targets = np.zeros((len(ids), len(labels)) if kind == "multilabel" else len(ids), dtype=np.int64)  # unused
+    probs = run_model(args, run, summary, Split(ids, texts, targets, [""] * len(ids))).astype(np.float32)
+    npz = write_npz_atomic(out / f"predictions_{stem}.npz", ids=np.asarray(ids, dtype=str), probs=probs,
+                           labels=np.asarray(labels, dtype=str), kind=np.array(kind))
+    csv_path = out / f"predictions_{stem}.csv"
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", *(f"prob_{lab}" for lab in labels)])
+        w.writerows([rid, *(f"{p:.6g}" for p in row)] for rid, row in zip(ids, probs.tolist()))
+    os.replace(tmp, csv_path)
+    print(f"{summary['task']} ({summary['setting']}): {len(ids):,} notes of {path.name} scored; predictions in "
+          f"{csv_path} and {npz.name}")
+    return 0
+
+
+def score_file(args: argparse.Namespace) -> int:
+    """Predict a labelled file with a trained run's model; write its predictions and metrics, print AUROC + CI."""
+    test = Path(args.test)
+    run, summary, out, stem = load_run(args, test)
+    kind, labels = summary["kind"], [str(x) for x in summary["labels"]]
+    split, counts = read_labelled(test, labels, kind, args)
+    probs = run_model(args, run, summary, split)
     npz = write_npz_atomic(out / f"predictions_{stem}.npz", ids=np.asarray(split.ids, dtype=str), y_true=split.targets,
                            probs=probs.astype(np.float32), labels=np.asarray(labels, dtype=str), kind=np.array(kind))
     n_boot = args.n_boot or default_n_boot(kind, len(labels))
@@ -608,12 +668,16 @@ def score_file(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if (args.run is None) != (args.test is None):
-        raise InputError("--run and --test go together: --run RUN_DIR --test FILE")
+    if args.test is not None and args.predict is not None:
+        raise InputError("give one of --test FILE (labelled: metrics) and --predict FILE (unlabelled), not both")
+    if (args.run is None) != (args.test is None and args.predict is None):
+        raise InputError("--run goes with --test or --predict: --run RUN_DIR --test FILE (or --predict FILE)")
     if args.run and args.run_dirs:
-        raise InputError("give either RUN_DIRs (report) or --run with --test (score a file), not both")
+        raise InputError("give either RUN_DIRs (report) or --run with --test / --predict (score a file), not both")
     if args.n_boot is not None and args.n_boot < 1:
         raise InputError(f"--n-boot must be >= 1, got {args.n_boot}")
+    if args.predict is not None:
+        return predict_file(args)
     return score_file(args) if args.run else report(args)
 
 

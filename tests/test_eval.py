@@ -365,3 +365,25 @@ def test_score_a_new_file_with_a_trained_run(tiny_lm, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "missing column 'label'" in err and str(no_label) in err
     code, err = run_in_process(capsys, "--run", str(run), "--test", str(tmp_path / "test.csv.gz"))
     assert code == 2 and "would overwrite train_task.py's predictions_test.npz" in err and "--out" in err
+
+    # --predict: the same notes without labels (JSONL, one with empty text) -> CSV and npz, no metrics
+    cohort = tmp_path / "cohort.jsonl"
+    cohort.write_text("".join(json.dumps({"id": f"u{i}", "text": t}) + "\n" for i, t in enumerate(texts))
+                      + json.dumps({"id": "e", "text": " [** **] "}) + "\n")
+    proc = run_eval("--run", str(run), "--predict", str(cohort), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "16 notes of cohort.jsonl scored" in proc.stdout and "1 rows with empty text skipped" in proc.stderr
+    with open(run / "predictions_cohort.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["id", "prob_0", "prob_1"] and [r[0] for r in rows[1:]] == [f"u{i}" for i in range(16)]
+    np.testing.assert_allclose(np.array([[float(x) for x in r[1:]] for r in rows[1:]]), expected, atol=1e-5)
+    with np.load(run / "predictions_cohort.npz") as npz:
+        assert "y_true" not in npz.files and npz["ids"].tolist() == [f"u{i}" for i in range(16)]
+        np.testing.assert_allclose(npz["probs"], expected, atol=1e-5)
+    assert not (run / "eval_cohort.json").exists()
+    code, err = run_in_process(capsys, "--run", str(run), "--predict", str(cohort), "--text-col", "note")
+    assert code == 2 and err.count("\n") == 1 and "no field 'note'" in err and str(cohort) in err
+    code, err = run_in_process(capsys, "--run", str(run), "--test", str(test), "--predict", str(cohort))
+    assert code == 2 and "not both" in err
+    code, err = run_in_process(capsys, "--predict", str(cohort))
+    assert code == 2 and "--run goes with --test or --predict" in err
