@@ -49,6 +49,7 @@ from tqdm import tqdm
 from minilora.classify import load_classifier, predict
 from minilora.cli import InputError, run_cli, write_json_atomic
 from minilora.data.notes import clean_note
+from minilora.data.synthetic import task_spec
 from minilora.data.tasks import EncodedSplit, Split, read_rows
 from minilora.metrics import UndefinedMetricError, average_precision, bootstrap_ci, f1, roc_auc, roc_curve, task_auroc
 
@@ -108,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--predict", default=None, metavar="FILE",
                    help="unlabelled CSV or JSONL(.gz) file to apply the model to (a label column is ignored)")
     g.add_argument("--text-col", default="text", help="text column / JSON field (default text)")
-    g.add_argument("--label-col", default="label", help="label column / JSON field (codes joined by "
-                   "--label-sep; default label)")
+    g.add_argument("--label-col", default=None, help="label column / JSON field (codes joined by --label-sep; "
+                   "default: the run's task's column, e.g. short_codes for diagnoses, when the file has it, else "
+                   "label)")
     g.add_argument("--id-col", default="id", help="id column (default id; absent: <file>:<line>)")
     g.add_argument("--label-sep", default=",", help="separator of multi-label codes (default ,)")
     g.add_argument("--max-seq-len", type=int, default=None, help="tokens per note (default: the run's)")
@@ -517,6 +519,18 @@ def file_stem(path: Path) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
 
+def default_label_col(path: Path, task: str) -> str:
+    """The label column of a named task's files (van Aken's ``short_codes``, say) when ``path`` has it, else
+    ``label`` (the two-column re-uploads and custom files)."""
+    try:
+        column = task_spec(task).label_column
+    except ValueError:
+        return "label"
+    for _, rec in read_rows(path, []):
+        return column if column in rec else "label"
+    return "label"
+
+
 def read_labelled(path: Path, labels: list[str], kind: str, args: argparse.Namespace) -> tuple[Split, dict]:
     """The rows of a labelled file mapped to the run's label vocabulary; (split, counts). Empty texts are skipped;
     single-label rows with an unknown label are left out, unknown multi-label codes dropped; all are counted."""
@@ -650,6 +664,8 @@ def score_file(args: argparse.Namespace) -> int:
     test = Path(args.test)
     run, summary, out, stem = load_run(args, test)
     kind, labels = summary["kind"], [str(x) for x in summary["labels"]]
+    if args.label_col is None:
+        args.label_col = default_label_col(test, summary["task"])
     split, counts = read_labelled(test, labels, kind, args)
     probs = run_model(args, run, summary, split)
     npz = write_npz_atomic(out / f"predictions_{stem}.npz", ids=np.asarray(split.ids, dtype=str), y_true=split.targets,

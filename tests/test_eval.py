@@ -387,3 +387,16 @@ def test_score_a_new_file_with_a_trained_run(tiny_lm, tmp_path, capsys):
     assert code == 2 and "not both" in err
     code, err = run_in_process(capsys, "--predict", str(cohort))
     assert code == 2 and "--run goes with --test or --predict" in err
+
+
+def test_test_files_default_to_the_tasks_label_column(tmp_path):
+    """--test without --label-col reads van Aken's column of the run's task (short_codes for DIAG) when the file has
+    it, else ``label`` (re-uploads, custom tasks)."""
+    van_aken = tmp_path / "DIA_GROUPS_3_DIGITS_adm_test.csv"
+    van_aken.write_text('"id","text","short_codes"\n"1","chest pain","401,250"\n')
+    two_col = tmp_path / "diag.jsonl"
+    two_col.write_text('{"text": "chest pain", "label": "401,250"}\n')
+    assert ev.default_label_col(van_aken, "diagnoses") == "short_codes"
+    assert ev.default_label_col(van_aken, "DIAG") == "short_codes"
+    assert ev.default_label_col(two_col, "diagnoses") == "label"
+    assert ev.default_label_col(van_aken, "my-custom-task") == "label"
