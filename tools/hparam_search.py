@@ -136,8 +136,8 @@ def write_markdown(path: Path, search: dict) -> None:
         cells = [("-" if not defined(t[k]) else f"{t[k]:.4f}") for k in ("val_auroc", "test_auroc")]
         lines.append(f"| {t['r']} | {t['alpha']:g} | {t['dropout']:g} | {cells[0]} | {cells[1]} | "
                      f"{t['best_epoch']} | `{t['dir']}` |")
-    lines += ["", "The test AUROC of the trials other than the selected one is shown for reference only: choosing by it "
-              "would overstate the result."]
+    lines += ["", "The test AUROC of the trials other than the selected one is shown for reference only: choosing by "
+              "it would overstate the result."]
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
