@@ -473,8 +473,14 @@ class Trainer:
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
-        self.run_eval()
-        self.save_checkpoint()
+        if not self._evaluated_at(st.step):  # a run resumed from its final checkpoint has nothing left to do
+            self.run_eval()
+            self.save_checkpoint()
+
+    def _evaluated_at(self, step: int) -> bool:
+        """Whether the history holds an evaluation at ``step`` (the same on every rank: all keep the history)."""
+        return self.evaluate is not None and any(
+            row.get("step") == step and self.metric in row for row in reversed(self.state.history))
 
     def _reduce_gradients(self, total_count: float) -> None:
         """Sum gradients over ranks (one flat all-reduce) and divide by the global number of loss terms."""

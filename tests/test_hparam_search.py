@@ -81,6 +81,17 @@ def test_a_rerun_reuses_finished_trials_and_other_arguments_are_refused(done):
     proc = search("--out", str(out), "--r", "2,4", "--alpha", "8", "--dropout", "0,0.1", "--", *done["train"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "training in" not in proc.stderr and {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # a trial interrupted after its checkpoint (here: its summary.json gone) is resumed, not restarted
+    trial = out / "trials" / "r4-alpha8-dropout0.1"
+    before = json.loads((trial / "summary.json").read_text())
+    metrics = (trial / "metrics.jsonl").read_text()  # a fresh start would log new timings
+    (trial / "summary.json").unlink()
+    proc = search("--out", str(out), "--r", "2,4", "--alpha", "8", "--dropout", "0,0.1", "--", *done["train"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("training in") == 1 and f"training in {trial}" in proc.stderr
+    after = json.loads((trial / "summary.json").read_text())
+    assert after["val_auroc"] == before["val_auroc"] and after["best_step"] == before["best_step"]
+    assert (trial / "metrics.jsonl").read_text() == metrics
     proc = search("--out", str(out), "--", *done["train"], "--lr", "1e-3")
     assert proc.returncode == 2 and "an earlier search here ran train_task.py with other arguments" in proc.stderr
 

@@ -164,3 +164,26 @@ def test_a_step_reads_its_sums_back_once_whatever_the_accumulation(tmp_path):
         assert state.step == 2 and state.tokens == 2 * accum * 2 * 3
         reads[accum] = Reads.seen
     assert reads[4] == reads[1], reads
+
+
+def test_resuming_a_finished_run_neither_evaluates_nor_logs_again(tmp_path):
+    """A run killed after its final checkpoint (before its outputs were written) is resumed to write them: the final
+    evaluation is in the checkpoint's history, so the resume does not repeat it (a full validation pass on a large
+    model) or add a second line for it to metrics.jsonl."""
+    calls = []
+
+    def make() -> Trainer:
+        torch.manual_seed(0)
+        net = nn.Linear(3, 1)
+        cfg = TrainConfig(lr=1e-2, max_steps=3, batch_size=2, precision="fp32", progress=False, save_every=0)
+        return Trainer(net, cfg, [torch.randn(3) for _ in range(8)], lambda xs: {"input_ids": torch.stack(xs)},
+                       lambda m, b: (m(b["input_ids"]).pow(2).sum(), b["input_ids"].shape[0]), tmp_path,
+                       evaluate=lambda m: calls.append(1) or {"val_loss": 1.0 / len(calls)})
+
+    first = make().fit()
+    assert len(calls) == 1 and first.step == 3
+    lines = (tmp_path / "metrics.jsonl").read_text()
+    assert lines.count('"val_loss"') == 1
+    again = make().fit(resume=True)
+    assert len(calls) == 1 and again.step == 3 and again.best == first.best
+    assert (tmp_path / "metrics.jsonl").read_text() == lines
