@@ -65,12 +65,9 @@ def trial_name(r: int, alpha: float, dropout: float) -> str:
 def check_passthrough(args: list[str]) -> None:
     """Parse the train_task.py arguments with its own parser (abbreviations included): they must leave what the
     search sets at its defaults, and train a task adapter."""
-    import importlib.util
+    from train_task import build_parser  # ROOT is on sys.path
 
-    spec = importlib.util.spec_from_file_location("train_task", ROOT / "train_task.py")
-    train_task = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_task)
-    parser = train_task.build_parser()
+    parser = build_parser()
     parser.prog, parser.usage = "train_task.py (the arguments after --)", "see train_task.py --help"
     given, defaults = parser.parse_args(args), parser.parse_args([])
     for flag in SET_HERE:

@@ -178,15 +178,14 @@ def read_ventilation(icu: Path, counts: Counter[str]) -> dict[str, float]:
 
 
 def _union_seconds(spans: list[tuple[dt.datetime, dt.datetime]]) -> float:
-    total, cur_start, cur_end = 0.0, None, None
+    """Seconds covered by the union of the intervals: each counts only past the furthest end before it."""
+    total, covered = 0.0, None
     for start, end in sorted(spans):
-        if cur_end is None or start > cur_end:
-            if cur_end is not None:
-                total += (cur_end - cur_start).total_seconds()
-            cur_start, cur_end = start, end
-        else:
-            cur_end = max(cur_end, end)
-    return total + ((cur_end - cur_start).total_seconds() if cur_end is not None else 0.0)
+        if covered is not None:
+            start = max(start, covered)
+        total += max((end - start).total_seconds(), 0.0)
+        covered = end if covered is None else max(covered, end)
+    return total
 
 
 class AtomicOutputs:
