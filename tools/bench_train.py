@@ -601,9 +601,15 @@ def worker_train(spec: dict) -> dict:
     device = spec["device"]
     ids = torch.load(spec["data_file"]).to(device)
     model, loss_fn, params, info = _setup_train(spec, torch)
-    # both sides: fused AdamW, the HF Trainer's default optimizer ("adamw_torch_fused") and minilora's Trainer's
+    # both sides: torch's fused AdamW kernel, the HF Trainer's default optimizer ("adamw_torch_fused") through
+    # torch.optim, and minilora's Trainer's through minilora.optim (which does not import torch._dynamo)
     graph = bool(spec.get("cuda_graph")) and spec["side"] == "minilora"
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    if spec["side"] == "minilora":
+        from minilora.optim import AdamW
+
+        opt = AdamW(params, lr=1e-4)
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     autocast = spec["mode"] == "bf16"
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
 
