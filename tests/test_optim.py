@@ -3,6 +3,7 @@ and optimizer/scheduler states that load both ways (checkpoints of earlier versi
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -11,11 +12,15 @@ import torch
 from minilora import optim
 
 
-def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs a CUDA GPU (tools/gpu_check.sh)"))]
+
+
+def _params(seed: int = 0, device: str = "cpu") -> list[torch.nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
     shapes_dtypes = [((16, 8), torch.float32), ((8, 16), torch.float32), ((3,), torch.float32),
                      ((4, 4), torch.bfloat16), ((5, 2), torch.float32)]
-    return [torch.nn.Parameter(torch.randn(s, generator=g).to(d)) for s, d in shapes_dtypes]
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(device, d)) for s, d in shapes_dtypes]
 
 
 def _groups(ps: list[torch.nn.Parameter]) -> list[dict]:
@@ -32,7 +37,7 @@ def _run(opt, sched, ps: list[torch.nn.Parameter], steps: range) -> list[float]:
         g = torch.Generator().manual_seed(100 + k)
         for i, p in enumerate(ps):
             # the last parameter gets no gradient on odd steps: it must be left alone, its state not advanced
-            p.grad = None if (i == len(ps) - 1 and k % 2) else torch.randn(p.shape, generator=g).to(p.dtype)
+            p.grad = None if (i == len(ps) - 1 and k % 2) else torch.randn(p.shape, generator=g).to(p.device, p.dtype)
         lrs.append(sched.get_last_lr()[0])
         opt.step()
         sched.step()
@@ -55,29 +60,36 @@ def _assert_same(ps, qs):
         assert p.dtype == q.dtype and torch.equal(p, q)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_updates_and_schedule_equal_torch_fused_adamw_to_the_bit():
-    ps, qs = _params(), _params()
+def test_updates_and_schedule_equal_torch_fused_adamw_to_the_bit(device):
+    ps, qs = _params(device=device), _params(device=device)
     lr_torch = _run(*_torch(ps), ps, range(9))
     lr_ours = _run(*_ours(qs), qs, range(9))
     assert lr_ours == lr_torch and lr_ours[0] == pytest.approx(1e-2 / 3)
     _assert_same(ps, qs)
-    assert not torch.equal(qs[0], _params()[0])  # they did move
+    assert not torch.equal(qs[0], _params(device=device)[0])  # they did move
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("direction", ["torch->ours", "ours->torch"])
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_a_state_saved_by_one_resumes_in_the_other_exactly(direction):
-    """A checkpoint written by torch.optim (every minilora run before this module) resumes here, and back."""
-    ref = _params()
+def test_a_state_saved_by_one_resumes_in_the_other_exactly(direction, device):
+    """A checkpoint written by torch.optim (every minilora run before this module) resumes here, and back; the
+    Trainer saves and loads its states through the CPU (torch.save, map_location="cpu")."""
+    ref = _params(device=device)
     _run(*_torch(ref), ref, range(8))
     first, second = (_torch, _ours) if direction == "torch->ours" else (_ours, _torch)
-    ps = _params()
+    ps = _params(device=device)
     opt, sched = first(ps)
     _run(opt, sched, ps, range(4))
-    saved_opt, saved_sched = opt.state_dict(), sched.state_dict()
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, map_location="cpu", weights_only=False)
+    saved_opt, saved_sched = saved["opt"], saved["sched"]
     saved_params = [p.detach().clone() for p in ps]
-    qs = _params(seed=7)  # a fresh process: other initial values, overwritten from the checkpoint
+    qs = _params(seed=7, device=device)  # a fresh process: other initial values, overwritten from the checkpoint
     with torch.no_grad():
         for q, p in zip(qs, saved_params):
             q.copy_(p)

@@ -96,7 +96,8 @@ def test_training_on_the_cpu_imports_neither_triton_nor_dynamo(tiny_lm, notes, t
                                "--cache-dir", str(tmp_path / "cache"), *FAST, *extra],
                               capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+        imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                    if line.startswith("import time:")}
         assert {"minilora.optim", "minilora.train"} <= imported and not {"torch._dynamo", "triton"} & imported
     assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3]
 

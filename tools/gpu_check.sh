@@ -165,8 +165,8 @@ step kernel-tests 170 env MINILORA_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_
 # The recipes with --device cuda on a tiny random LLaMA: fp32 runs match the same runs on the CPU (DAPT losses and
 # adapter, task predictions, eval.py's rescoring), and so does a DAPT run with --cuda-graph; a bf16 DAPT run with
 # dropout learns and resumes. -n 4: one worker per test (one at a time, three of them took 99 s of the 100 s limit
-# on the H200).
-step recipes-cuda 100 "$PY" -m pytest tests/test_recipes_cuda.py -n 4 -v -rfE -p no:cacheprovider \
+# on the H200). test_optim: minilora.optim's AdamW equals torch.optim's fused one on the GPU too (seconds).
+step recipes-cuda 100 "$PY" -m pytest tests/test_recipes_cuda.py tests/test_optim.py -n 4 -v -rfE -p no:cacheprovider \
     --junitxml="$WORK/recipes-cuda.xml"
 # The GPU targets: training tokens/s and peak memory (max_memory_allocated) against transformers+PEFT, both
 # of its bf16 recipes (fp32 weights under autocast, bf16 weights), LoRA on q_proj/v_proj, batch 8 x 256, at
