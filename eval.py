@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import pickle
 import re
@@ -47,7 +46,8 @@ import numpy as np
 from tqdm import tqdm
 
 from minilora.classify import load_classifier, predict
-from minilora.cli import InputError, run_cli, write_json_atomic
+from minilora.cli import InputError, positive_int, run_cli, write_json_atomic
+from minilora.files import read_json_object
 from minilora.data.notes import clean_note
 from minilora.data.synthetic import task_spec
 from minilora.data.tasks import EncodedSplit, Split, read_rows
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "%(default)s)")
     p.add_argument("--out", default=None,
                    help="output folder (default: <runs-dir>/report; with --test or --predict: the run folder)")
-    p.add_argument("--n-boot", type=int, default=None,
+    p.add_argument("--n-boot", type=positive_int, default=None,
                    help=f"bootstrap resamples for the 95%% CI (default {DEFAULT_BOOT}; {MANY_LABELS_BOOT} for "
                         f"multi-label tasks with over {MANY_LABELS} labels)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "label)")
     g.add_argument("--id-col", default="id", help="id column (default id; absent: <file>:<line>)")
     g.add_argument("--label-sep", default=",", help="separator of multi-label codes (default ,)")
-    g.add_argument("--max-seq-len", type=int, default=None, help="tokens per note (default: the run's)")
-    g.add_argument("--batch-size", type=int, default=None, help="inference batch (default: the run's)")
+    g.add_argument("--max-seq-len", type=positive_int, default=None, help="tokens per note (default: the run's)")
+    g.add_argument("--batch-size", type=positive_int, default=None, help="inference batch (default: the run's)")
     g.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default: the run's")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     return p
@@ -124,14 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------ inputs
 def read_summary(run: Path) -> dict:
     """A run's summary.json as a dict (an error names the file when it is not JSON)."""
-    path = run / "summary.json"
-    try:
-        summary = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(summary, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return summary
+    return read_json_object(run / "summary.json")
 
 
 def check_summary(summary: dict, path: Path) -> None:

@@ -18,7 +18,7 @@ import torch
 from minilora import from_pretrained, graphs
 from minilora.cli import (
     InputError, add_lora_args, add_optimisation_args, add_run_args, parse_with_config, resolve_recipe_precision,
-    run_cli, write_json_atomic,
+    nonneg_int, positive_float, positive_int, run_cli, write_json_atomic,
 )
 from minilora.data.notes import build_token_cache
 from minilora.data.packing import PackedDataset, TruncatedDataset, collate
@@ -51,21 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="token cache folder (default: <out>/../cache)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of the notes held out for validation "
                    "(by note; default %(default)g)")
-    p.add_argument("--max-seq-len", type=int, default=None, help="tokens per sequence (default 128, demo 256)")
+    p.add_argument("--max-seq-len", type=positive_int, default=None, help="tokens per sequence (default 128, demo 256)")
     p.add_argument("--no-packing", action="store_true",
                    help="the paper's mode: only the first max-seq-len tokens of each note (default: pack notes)")
     add_lora_args(p.add_argument_group("LoRA (defaults: the paper's best clinical adapter)"), r=16, alpha=32)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default %(default)g)")
-    g.add_argument("--epochs", type=float, default=1.0, help="passes over the training notes (default %(default)g)")
+    g.add_argument("--lr", type=positive_float, default=3e-4, help="peak learning rate (default %(default)g)")
+    g.add_argument("--epochs", type=positive_float, default=1.0,
+                   help="passes over the training notes (default %(default)g)")
     add_optimisation_args(g, demo_max_steps=DEMO_MAX_STEPS)
     g.add_argument("--cuda-graph", action="store_true",
                    help="GPU: replay the decoder's training forward and backward as CUDA graphs, which removes the "
                         "host's per-kernel overhead at small batches (needs --dropout 0, no --grad-checkpointing; "
                         "batches with padding run without)")
-    g.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: at the end only)")
-    g.add_argument("--eval-max-seqs", type=int, default=None, help="cap on validation sequences (default: all; demo "
-                   f"{DEMO_EVAL_SEQS})")
+    g.add_argument("--eval-every", type=nonneg_int, default=0, help="steps between validations (0: at the end only)")
+    g.add_argument("--eval-max-seqs", type=positive_int, default=None,
+                   help=f"cap on validation sequences (default: all; demo {DEMO_EVAL_SEQS})")
     add_run_args(p, g, save_every=25)
     return p
 

@@ -24,7 +24,7 @@ from minilora import from_pretrained
 from minilora.classify import Classifier, class_weights, classification_loss_sum, predict
 from minilora.cli import (
     InputError, add_lora_args, add_optimisation_args, add_run_args, parse_with_config, resolve_recipe_precision,
-    run_cli, write_json_atomic,
+    positive_float, positive_int, run_cli, write_json_atomic,
 )
 from minilora.data.synthetic import TASKS, write_task_csvs
 from minilora.data.tasks import (
@@ -75,14 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pooling", default=None, choices=["last", "mean"],
                    help="last non-pad token (the paper; default) or mean over tokens (demo default: a 135M model "
                    "reading 128 tokens for a few hundred steps learns the outcomes from the mean, not the last token)")
-    g.add_argument("--max-seq-len", type=int, default=None, help="tokens per note (default 512, demo 128)")
+    g.add_argument("--max-seq-len", type=positive_int, default=None, help="tokens per note (default 512, demo 128)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=None,
+    g.add_argument("--lr", type=positive_float, default=None,
                    help="peak learning rate of the adapters (and of the head); default 3e-4, demo 5e-4")
-    g.add_argument("--head-lr", type=float, default=None,
+    g.add_argument("--head-lr", type=positive_float, default=None,
                    help="peak learning rate of the classification head (default: --lr; demo 5e-3); a freshly "
                    "initialised head often wants a larger one than the adapters")
-    g.add_argument("--epochs", type=float, default=None, help=f"default 10 (the paper), demo {DEMO_EPOCHS}")
+    g.add_argument("--epochs", type=positive_float, default=None, help=f"default 10 (the paper), demo {DEMO_EPOCHS}")
     add_optimisation_args(g)
     add_run_args(p, g, save_every=50)
     return p

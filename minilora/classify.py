@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minilora.files import read_json_object, read_safetensors
 from minilora.model import Transformer
 
 if TYPE_CHECKING:
@@ -76,13 +77,14 @@ class Classifier(nn.Module):
     @staticmethod
     def read_head(directory: str | Path) -> tuple[dict, torch.Tensor]:
         """(head config, weight) from a folder written by ``save_head``."""
-        from safetensors.torch import load_file
-
         d = Path(directory)
         for name in (HEAD_CONFIG, HEAD_WEIGHTS):
             if not (d / name).is_file():
                 raise FileNotFoundError(f"{d / name}: missing (expected a trained task run's head)")
-        return json.loads((d / HEAD_CONFIG).read_text()), load_file(str(d / HEAD_WEIGHTS))["weight"]
+        weights = read_safetensors(d / HEAD_WEIGHTS)
+        if "weight" not in weights:
+            raise ValueError(f"{d / HEAD_WEIGHTS}: no tensor 'weight' (expected a classification head)")
+        return read_json_object(d / HEAD_CONFIG), weights["weight"]
 
 
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -146,8 +148,10 @@ def load_classifier(run_dir: str | Path, device: torch.device | str | None = Non
     summary_path = run / "summary.json"
     if not summary_path.is_file():
         raise FileNotFoundError(f"{summary_path}: missing (expected a train_task.py run folder)")
-    summary = json.loads(summary_path.read_text())
-    cfg = summary["config"]
+    summary = read_json_object(summary_path)
+    cfg = summary.get("config")
+    if not isinstance(cfg, dict) or "model" not in cfg:
+        raise ValueError(f"{summary_path}: no 'config' object with the run's 'model' (expected a train_task.py run)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if cfg.get("precision", "bf16") == "bf16" else torch.float32
     lm, tok = from_pretrained(cfg["model"], dtype=dtype, device=device)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
 import sys
 import tomllib
@@ -20,6 +22,28 @@ class InputError(ValueError):
     """Bad user input (file, field, value): reported in one line, exit code 2."""
 
 
+def _number(kind: type, test: Callable[[float], bool], expect: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expect}, got {text!r}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"expected {expect}, got {text}")
+        return value
+
+    parse.__name__ = expect  # argparse names the type in some messages
+    return parse
+
+
+# argparse types for flags whose zero or negative values would run but do something else than asked
+positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a number > 0")
+nonneg_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+fraction = _number(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+
+
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """Parse ``argv``; values from ``--config FILE.toml`` replace the defaults and explicit flags override both.
 
@@ -31,9 +55,13 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = 
     if not path:
         return args
     try:
-        data = tomllib.loads(Path(path).read_text())
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         parser.exit(EXIT_BAD_INPUT, f"error: {path}: config file not found\n")
+    except IsADirectoryError:
+        parser.exit(EXIT_BAD_INPUT, f"error: {path}: is a folder, expected a TOML config file\n")
+    except UnicodeDecodeError as e:
+        parser.exit(EXIT_BAD_INPUT, f"error: {path}: not UTF-8 text (byte {e.start}), expected a TOML file\n")
     except tomllib.TOMLDecodeError as e:
         parser.exit(EXIT_BAD_INPUT, f"error: {path}: invalid TOML ({e})\n")
     flat: dict[str, Any] = {}
@@ -42,15 +70,63 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = 
             flat.update(value)
         else:
             flat[key] = value
-    known = {a.dest for a in parser._actions}
+    actions = {a.dest: a for a in parser._actions}
     defaults = {}
     for key, value in flat.items():
         dest = key.replace("-", "_")
-        if dest not in known or dest in ("help", "config"):
+        if dest not in actions or dest in ("help", "config"):
             parser.exit(EXIT_BAD_INPUT, f"error: {path}: unknown setting {key!r}\n")
-        defaults[dest] = value
+        try:
+            defaults[dest] = _config_value(actions[dest], value)
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
+            parser.exit(EXIT_BAD_INPUT, f"error: {path}: setting {key!r}: {e}\n")
     parser.set_defaults(**defaults)
     return parser.parse_args(argv)
+
+
+def _config_value(action: argparse.Action, value: Any) -> Any:
+    """A TOML value checked and converted as its flag's value would be (argparse applies ``type`` and ``choices``
+    to command-line strings, not to defaults): switches take booleans, list flags lists (or one value), the others
+    one value."""
+    if action.nargs == 0:  # store_true / store_false
+        if not isinstance(value, bool):
+            raise TypeError(f"expected true or false, got {value!r}")
+        return value
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    values = value if many and isinstance(value, list) else [value]
+    out = []
+    for v in values:
+        if isinstance(v, (list, dict)):
+            raise TypeError(f"expected {'a list of values' if many else 'one value'}, got {v!r}")
+        if isinstance(v, bool) and action.type is not None:
+            raise TypeError(f"expected a number or a string, got {str(v).lower()}")
+        if isinstance(v, float) and action.type is int:
+            raise TypeError(f"expected an integer, got {v!r}")
+        if action.type is not None:
+            v = action.type(v if isinstance(v, str) else str(v))
+        elif not isinstance(v, str):
+            raise TypeError(f"expected a string, got {v!r}")
+        if action.choices is not None and v not in action.choices:
+            raise ValueError(f"expected one of {', '.join(map(str, action.choices))}, got {v!r}")
+        out.append(v)
+    return out if many else out[0]
+
+
+_OS_HINTS = {
+    errno.EEXIST: "a file stands where a folder is needed",
+    errno.ENOTDIR: "a file stands where a folder is needed",
+    errno.EISDIR: "a folder stands where a file is needed",
+    errno.ENOENT: "no such file or folder, or it cannot be created there",
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError in one line naming its path; the recipes' own FileNotFoundErrors are already such lines."""
+    if e.errno is None or not e.filename:
+        return str(e)
+    hint = _OS_HINTS.get(e.errno, e.strerror)
+    other = f" -> {e.filename2}" if e.filename2 else ""
+    return f"{e.filename}{other}: {hint}" + (f" ({e.strerror})" if hint != e.strerror else "")
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
@@ -70,7 +146,10 @@ def run_cli(main: Callable[[], int | None]) -> None:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         code = 1
-    except (InputError, FileNotFoundError, ValueError, KeyError, MissingPackage) as e:
+    except OSError as e:  # a path that cannot be read or created: an output folder that is a file, /proc, ...
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        code = EXIT_BAD_INPUT
+    except (InputError, ValueError, KeyError, MissingPackage) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         code = EXIT_BAD_INPUT
@@ -95,8 +174,8 @@ PRECISION_HELP = ("auto (default): bf16 autocast and bf16 frozen weights where b
 
 def add_lora_args(g: argparse._ArgumentGroup, *, r: int, alpha: float) -> None:
     """The LoRA flags of both training recipes (their defaults differ: r and alpha)."""
-    g.add_argument("--r", type=int, default=r, help="LoRA rank (default %(default)s)")
-    g.add_argument("--alpha", type=float, default=alpha, help="LoRA alpha; the update is scaled by alpha / r "
+    g.add_argument("--r", type=positive_int, default=r, help="LoRA rank (default %(default)s)")
+    g.add_argument("--alpha", type=positive_float, default=alpha, help="LoRA alpha; the update is scaled by alpha / r "
                    "(default %(default)g)")
     g.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout on the adapters' input "
                    "(default %(default)g)")
@@ -108,18 +187,18 @@ def add_optimisation_args(g: argparse._ArgumentGroup, *, demo_max_steps: int | N
     """The optimisation flags both training recipes share, after their own --lr and --epochs (AdamW over the
     trainable parameters; the HF Trainer's defaults)."""
     demo = f"; demo {demo_max_steps}" if demo_max_steps else ""
-    g.add_argument("--max-steps", type=int, default=None,
+    g.add_argument("--max-steps", type=positive_int, default=None,
                    help=f"stop after this many optimizer steps (default: the epochs decide{demo})")
-    g.add_argument("--batch-size", type=int, default=8,
+    g.add_argument("--batch-size", type=positive_int, default=8,
                    help="global micro-batch in sequences, split over torchrun ranks (default %(default)s)")
-    g.add_argument("--grad-accum", type=int, default=1,
+    g.add_argument("--grad-accum", type=positive_int, default=1,
                    help="micro-batches per optimizer step (default %(default)s)")
     g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"],
                    help="learning-rate decay after the warm-up (default %(default)s)")
-    g.add_argument("--warmup-ratio", type=float, default=0.0,
+    g.add_argument("--warmup-ratio", type=fraction, default=0.0,
                    help="fraction of the steps with a linear warm-up (default %(default)g)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default %(default)g)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0,
+    g.add_argument("--weight-decay", type=nonneg_float, default=0.0, help="AdamW weight decay (default %(default)g)")
+    g.add_argument("--max-grad-norm", type=positive_float, default=1.0,
                    help="gradient clipping by global norm (default %(default)g)")
     g.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     g.add_argument("--grad-checkpointing", action="store_true",
@@ -128,13 +207,13 @@ def add_optimisation_args(g: argparse._ArgumentGroup, *, demo_max_steps: int | N
 
 def add_run_args(p: argparse.ArgumentParser, g: argparse._ArgumentGroup, *, save_every: int) -> None:
     """Checkpointing, seed, resume, tokenizer workers, device and progress flags of both training recipes."""
-    g.add_argument("--save-every", type=int, default=save_every,
+    g.add_argument("--save-every", type=nonneg_int, default=save_every,
                    help="optimizer steps between resumable checkpoints (default %(default)s)")
     g.add_argument("--seed", type=int, default=0,
                    help="random seed: initialisation of the adapters (and head), data order, dropout and the "
                    "demo data (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint exactly")
-    p.add_argument("--workers", type=int, default=2, help="tokenizer worker processes (default %(default)s)")
+    p.add_argument("--workers", type=nonneg_int, default=2, help="tokenizer worker processes (default %(default)s)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; under torchrun "
                    "each rank uses cuda:LOCAL_RANK)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -7,12 +7,12 @@ stays near the model's own size. Any error is raised before a model is returned:
 from __future__ import annotations
 
 import importlib.util
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
+from minilora.files import read_json_object
 from minilora.formats import read_gguf, read_llama2c
 from minilora.model import LlamaConfig, Transformer
 from minilora.tokenizer import BPETokenizer, Tokenizer, load_tokenizer
@@ -86,13 +86,6 @@ def build_model(
     return model.eval()
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
-
-
 def _safetensors_items(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import SafetensorError, safe_open
 
@@ -122,7 +115,7 @@ def _weight_files(d: Path) -> tuple[list[Path], str]:
     for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "torch")):
         index = d / index_name
         if index.is_file():
-            weight_map = _read_json(index).get("weight_map")
+            weight_map = read_json_object(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{index}: missing 'weight_map' object")
             return [d / f for f in dict.fromkeys(weight_map.values())], kind
@@ -134,7 +127,7 @@ def _weight_files(d: Path) -> tuple[list[Path], str]:
 
 
 def _load_hf_dir(d: Path, dtype: torch.dtype, device) -> tuple[Transformer, Tokenizer | None]:
-    cfg = LlamaConfig.from_hf(_read_json(d / "config.json"), source=str(d / "config.json"))
+    cfg = LlamaConfig.from_hf(read_json_object(d / "config.json"), source=str(d / "config.json"))
     files, kind = _weight_files(d)
     items = _safetensors_items(files) if kind == "safetensors" else _torch_bin_items(files)
     model = build_model(cfg, items, dtype, device, source=str(d))

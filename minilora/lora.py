@@ -21,6 +21,7 @@ from torch import nn
 
 import kernels
 from minilora import graphs
+from minilora.files import read_json_object, read_safetensors
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
@@ -328,17 +329,12 @@ def _pattern_value(pattern: dict, module: str, default):
 
 def _read_adapter(model: nn.Module, directory: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]], Path]:
     """(config, {module: {lora_A, lora_B}}, weights path) of a PEFT LoRA folder, checked against ``model``."""
-    from safetensors.torch import load_file
-
     d = Path(directory)
     cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: missing (expected a PEFT adapter folder)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
+    cfg = read_json_object(cfg_path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported; expected 'LORA'")
     for key, ok in (("use_dora", False), ("fan_in_fan_out", False)):
@@ -349,8 +345,13 @@ def _read_adapter(model: nn.Module, directory: str | Path) -> tuple[dict, dict[s
     for key in ("r", "lora_alpha"):
         if key not in cfg:
             raise ValueError(f"{cfg_path}: missing required key {key!r}")
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, float)) or cfg[key] <= 0:
+            raise ValueError(f"{cfg_path}: {key} is {cfg[key]!r}, expected a number > 0")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(cfg.get(key) or {}, dict):
+            raise ValueError(f"{cfg_path}: {key} is {type(cfg[key]).__name__}, expected an object")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in load_file(str(w_path)).items():
+    for key, t in read_safetensors(w_path).items():
         module, ab = _module_from_key(key, w_path)
         pairs.setdefault(module, {})[ab] = t
     modules = dict(model.named_modules())

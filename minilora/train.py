@@ -313,10 +313,17 @@ class Trainer:
             ck = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
         except Exception as e:
             raise ValueError(f"{self.ckpt_path}: cannot read checkpoint ({e})") from None
+        keys = ("trainable", "optimizer", "scheduler", "state", "rng")
+        if not isinstance(ck, dict) or any(k not in ck for k in keys):
+            raise ValueError(f"{self.ckpt_path}: not a minilora checkpoint (expected a dict with {', '.join(keys)})")
         named = dict(self.model.named_parameters())
         missing = [n for n in ck["trainable"] if n not in named]
         if missing or len(ck["trainable"]) != len(self.params):
             raise ValueError(f"{self.ckpt_path}: trainable parameters differ from this model's (different settings?)")
+        for n, t in ck["trainable"].items():
+            if tuple(t.shape) != tuple(named[n].shape):
+                raise ValueError(f"{self.ckpt_path}: {n} has shape {tuple(t.shape)}, this run's "
+                                 f"{tuple(named[n].shape)} (other --r, targets or labels than the run that saved it?)")
         with torch.no_grad():
             for n, t in ck["trainable"].items():
                 named[n].copy_(t)
@@ -394,10 +401,11 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> TrainState:
         """Train to ``total_steps``; returns the final state. Exits the process (code 130/143) on SIGINT/SIGTERM."""
-        if resume:
-            self.load_checkpoint()
-        elif is_main() and self.metrics_path.exists():
-            self.metrics_path.unlink()
+        if not (resume and self.load_checkpoint()):
+            if resume and is_main():
+                print(f"resume: no checkpoint at {self.ckpt_path}; training from the start", file=sys.stderr)
+            if is_main() and self.metrics_path.exists():
+                self.metrics_path.unlink()
         old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self._loop()

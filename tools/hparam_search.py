@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import shutil
@@ -36,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from minilora.cli import InputError, run_cli, write_json_atomic  # noqa: E402
+from minilora.files import read_json_object  # noqa: E402
 
 PAPER_GRID = {"r": "2,4,8,16", "alpha": "4,8,16,32", "dropout": "0,0.1,0.2"}
 SET_HERE = ("--out", "--r", "--alpha", "--dropout", "--resume")
@@ -89,9 +89,11 @@ def run_trial(train_args: list[str], trial: Path, r: int, alpha: float, dropout:
 def finished(trial: Path) -> dict | None:
     """The trial's summary.json when train_task.py finished it, else None."""
     try:
-        return json.loads((trial / "summary.json").read_text())
+        summary = read_json_object(trial / "summary.json")
     except (OSError, ValueError):
         return None
+    ok = "val_auroc" in summary and isinstance(summary["val_auroc"], (int, float, type(None)))
+    return summary if ok else None
 
 
 def defined(x) -> bool:
@@ -157,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     record = out / "search.json"
     if record.is_file():
-        earlier = json.loads(record.read_text()).get("train_task_args")
-        if earlier != train_args:
+        earlier = read_json_object(record).get("train_task_args")
+        started = [t for t in (out / "trials").glob("*")
+                   if (t / "summary.json").exists() or (t / "checkpoint").exists()]
+        if earlier != train_args and started:  # with no trial trained yet (a typo in the arguments) it starts afresh
             raise InputError(f"{record}: an earlier search here ran train_task.py with other arguments "
                              f"({' '.join(earlier or [])!r}); use another --out")
     out.mkdir(parents=True, exist_ok=True)

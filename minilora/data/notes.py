@@ -107,7 +107,7 @@ def _kind(path: Path) -> str:
     )
 
 
-_FIELD_NAME = re.compile(r"[A-Za-z_][\w.-]{0,39}")
+_FIELD_NAME = re.compile(r"[A-Za-z_](?:[\w.-]{0,38}[\w-])?")  # a sentence's final full stop is not a name's
 
 
 def describe_fields(names: Iterable[object]) -> str:
@@ -203,7 +203,7 @@ def _read_jsonl(path: Path, lines: Iterator[tuple[int, str]], field: str) -> Ite
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise NotesError(
-                f"{path}: line {number}: not valid JSON ({e.msg} at column {e.colno}); expected one object per line"
+                f"{path}: line {number}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); expected one object per line"
             ) from None
         if not isinstance(obj, dict):
             raise NotesError(f"{path}: line {number}: a JSON {type(obj).__name__}, expected an object")

@@ -7,6 +7,7 @@ counted and dropped from that row's targets. Rows with empty text are counted an
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
@@ -61,13 +62,15 @@ def _open_text(path: Path):
 def read_rows(path: Path, columns: list[str], list_sep: str = ",") -> Iterator[tuple[int, dict[str, str]]]:
     """(line number, row) from a CSV or JSONL(.gz) file, checking that ``columns`` exist and (CSV) that every row
     has the header's number of fields. A JSON list value (multi-label codes) is joined with ``list_sep``."""
+    if path.is_dir():
+        raise TaskDataError(f"{path}: is a folder, expected a CSV or JSONL file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise TaskDataError(f"{path}: empty file")
     is_jsonl = bool({".jsonl", ".json", ".ndjson"} & set(path.suffixes))
     csv.field_size_limit(2**31 - 1)
-    try:
+    with _read_errors(path):
         with _open_text(path) as fh:
             if is_jsonl:
                 for i, line in enumerate(fh, 1):
@@ -77,6 +80,12 @@ def read_rows(path: Path, columns: list[str], list_sep: str = ",") -> Iterator[t
                         row = json.loads(line)
                     except json.JSONDecodeError:
                         raise TaskDataError(f"{path}: line {i} is not valid JSON") from None
+                    if not isinstance(row, dict):
+                        raise TaskDataError(f"{path}: line {i} is a JSON {_json_kind(row)}, expected an object")
+                    nested = [c for c in columns if isinstance(row.get(c), dict)]
+                    if nested:
+                        raise TaskDataError(f"{path}: line {i}: field {nested[0]!r} is a JSON object, expected a "
+                                            "string, number or list")
                     missing = [c for c in columns if c not in row]
                     if missing:
                         raise TaskDataError(f"{path}: line {i} has no field {missing[0]!r} "
@@ -97,10 +106,23 @@ def read_rows(path: Path, columns: list[str], list_sep: str = ",") -> Iterator[t
                                             f"{len(header) + len(extra) - short} fields, expected {len(header)} as "
                                             "in the header (an unquoted comma or line break in the text?)")
                     yield reader.line_num, row
+
+
+@contextlib.contextmanager
+def _read_errors(path: Path) -> Iterator[None]:
+    """Reading ``path`` inside: undecodable text, a .gz name on other data and I/O errors become TaskDataErrors."""
+    try:
+        yield
     except UnicodeDecodeError as e:
         raise TaskDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except gzip.BadGzipFile:  # its message quotes the file's first bytes
+        raise TaskDataError(f"{path}: not a gzip file, though its name ends in .gz") from None
     except (OSError, EOFError) as e:
         raise TaskDataError(f"{path}: cannot read ({e})") from None
+
+
+def _json_kind(value: object) -> str:
+    return {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
 
 
 def _split_labels(value: str, sep: str) -> list[str]:
@@ -149,6 +171,11 @@ def load_task_files(
     labels = _sort_labels(train_labels)
     if not multilabel and len(labels) < 2:
         raise TaskDataError(f"{files['train']}: {label_col!r} has a single class in training; expected at least 2")
+    if multilabel and not labels:
+        raise TaskDataError(f"{files['train']}: {label_col!r} holds no label code in training; expected at least one")
+    if kind == "binary" and len(labels) > 2:
+        raise TaskDataError(f"{files['train']}: {label_col!r} has {len(labels)} distinct values in training; the "
+                            f"{name} task is binary (expected 2, e.g. 0 and 1)")
     index = {lab: i for i, lab in enumerate(labels)}
     splits = {}
     for split, rows in raw.items():
@@ -171,6 +198,8 @@ def load_task_files(
             targets.append(t)
             raw_labels.append(value)
         report[split]["unknown_labels"] = unknown
+        if not ids:
+            raise TaskDataError(f"{files[split]}: no row with text and a label seen in training ({unknown} left out)")
         splits[split] = Split(ids, texts, np.stack(targets) if multilabel else np.array(targets, dtype=np.int64),
                               raw_labels)
     return TaskData(name, kind, labels, splits, report)
@@ -187,7 +216,7 @@ def van_aken_files(task: str, data_dir: Path) -> tuple[dict[str, Path], str, str
         if found is None:
             raise FileNotFoundError(f"{cands[0]}: missing (expected the {task} task's {split} split in {data_dir})")
         files[split] = found
-    with _open_text(files["train"]) as fh:
+    with _read_errors(files["train"]), _open_text(files["train"]) as fh:
         header = next(csv.reader(fh), [])
     label_col = spec.label_column if spec.label_column in header else "label"
     return files, spec.kind, label_col

@@ -1,0 +1,301 @@
+"""Bad input found by an audit of the CLIs (20261202): each case now stops with one line naming the file, setting or
+flag and what was expected (exit 2 from the CLIs), before any work, and writes nothing half-way."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import train_dapt
+import train_task
+from conftest import ROOT
+from minilora.classify import Classifier
+from minilora.cli import parse_with_config, run_cli
+from minilora.data.tasks import TaskDataError, load_task_files
+from minilora.lora import add_adapter, load_adapter, save_adapter
+from minilora.model import LlamaConfig, Transformer
+from minilora.train import TrainConfig, Trainer
+
+SECRET = "ZQSECRET"
+
+
+# ---- flags and TOML settings
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch-size", "0", "argument --batch-size: expected an integer >= 1, got 0"),
+    ("--grad-accum", "0", "argument --grad-accum: expected an integer >= 1, got 0"),
+    ("--max-steps", "0", "argument --max-steps: expected an integer >= 1, got 0"),
+    ("--max-seq-len", "-1", "argument --max-seq-len: expected an integer >= 1, got -1"),
+    ("--lr", "-1", "argument --lr: expected a number > 0, got -1"),
+    ("--head-lr", "0", "argument --head-lr: expected a number > 0, got 0"),
+    ("--epochs", "0", "argument --epochs: expected a number > 0, got 0"),
+    ("--warmup-ratio", "2", "argument --warmup-ratio: expected a fraction in [0, 1), got 2"),
+    ("--weight-decay", "nan", "argument --weight-decay: expected a number >= 0, got nan"),
+    ("--r", "x", "argument --r: expected an integer >= 1, got 'x'"),
+])
+def test_numeric_flags_refuse_values_that_would_run_but_not_as_asked(flag, value, message, capsys):
+    """Before: --max-seq-len 0 fell back to the default, -1 cut the last token, --epochs 0 trained 10 epochs, --lr -1
+    ascended the loss, --grad-accum 0 divided by zero."""
+    with pytest.raises(SystemExit) as e:
+        train_task.build_parser().parse_args([flag, value])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_eval_refuses_a_negative_batch(capsys):
+    """Before: --batch-size -1 wrote all-zero probabilities and reported AUROC 50."""
+    import eval as eval_cli
+
+    with pytest.raises(SystemExit) as e:
+        eval_cli.build_parser().parse_args(["--batch-size", "-1"])
+    assert e.value.code == 2 and "argument --batch-size: expected an integer >= 1, got -1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("toml, message", [
+    ("r = 1.5", "setting 'r': expected an integer >= 1, got '1.5'"),
+    ("seed = 1.5", "setting 'seed': expected an integer, got 1.5"),
+    ("r = 0", "setting 'r': expected an integer >= 1, got 0"),
+    ('r = "sixteen"', "setting 'r': expected an integer >= 1, got 'sixteen'"),
+    ("r = true", "setting 'r': expected a number or a string, got true"),
+    ("max_seq_len = [32, 64]", "setting 'max_seq_len': expected one value, got [32, 64]"),
+    ('no_packing = "false"', "setting 'no_packing': expected true or false, got 'false'"),
+    ('precision = "fp16"', "setting 'precision': expected one of auto, bf16, fp32, got 'fp16'"),
+    ("targets = 3", "setting 'targets': expected a string, got 3"),
+    ("notes = [[1]]", "setting 'notes': expected a list of values, got [1]"),
+])
+def test_toml_settings_are_checked_like_their_flags(tmp_path, toml, message, capsys):
+    """argparse applies a flag's type and choices to command-line strings only, not to defaults, so TOML values went
+    through unchecked: 'false' counted as true, r = 1.5 crashed in torch.empty."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml + "\n")
+    with pytest.raises(SystemExit) as e:
+        parse_with_config(train_dapt.build_parser(), ["--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"error: {cfg}: {message}" in err and err.count("\n") == 1, err
+
+
+def test_toml_settings_of_the_right_types_are_taken(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('notes = "a.jsonl"\nno_packing = true\nr = 4\nalpha = 8\nlr = 1e-3\n[optim]\nmax_steps = 3\n')
+    args = parse_with_config(train_dapt.build_parser(), ["--config", str(cfg), "--r", "2"])
+    assert (args.notes, args.no_packing, args.r, args.alpha, args.lr, args.max_steps) == (["a.jsonl"], True, 2, 8.0,
+                                                                                         1e-3, 3)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.mkdir(), "is a folder, expected a TOML config file"),
+    (lambda p: p.write_bytes(b"r = 16 # caf\xe9\n"), "not UTF-8 text (byte 12), expected a TOML file"),
+])
+def test_a_config_that_is_not_a_toml_text_file(tmp_path, make, message, capsys):
+    cfg = tmp_path / "c.toml"
+    make(cfg)
+    with pytest.raises(SystemExit) as e:
+        parse_with_config(train_task.build_parser(), ["--config", str(cfg)])
+    assert e.value.code == 2 and f"error: {cfg}: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where, message", [
+    ("file", "a file stands where a folder is needed (File exists)"),
+    ("file/run", "a file stands where a folder is needed (Not a directory)"),
+])
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, where, message, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: (tmp_path / where).mkdir(parents=True, exist_ok=True))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"error: {tmp_path / where}: {message}\n", err
+
+
+def test_recipe_out_on_a_file_exits_2(tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = subprocess.run([sys.executable, str(ROOT / "train_task.py"), "--out", str(tmp_path / "file" / "run"),
+                           "--max-steps", "1", "--no-progress"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ") and \
+        "a file stands where a folder is needed" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+# ---- task files
+
+
+def _task(tmp_path: Path, train: str, name: str = "t.csv", val: str | None = None) -> dict:
+    path = tmp_path / name
+    path.write_text(train)
+    other = tmp_path / f"other_{name}"
+    other.write_text(val if val is not None else train)
+    return {"train": path, "val": other, "test": other}
+
+
+@pytest.mark.parametrize("line, message", [
+    ("42", "line 2 is a JSON number, expected an object"),
+    (json.dumps(f"{SECRET} text label"), "line 2 is a JSON string, expected an object"),
+    (json.dumps({"id": 3, "text": {"a": SECRET}, "label": 1}), "line 2: field 'text' is a JSON object"),
+])
+def test_jsonl_lines_that_are_not_rows(tmp_path, line, message):
+    good = json.dumps({"id": 1, "text": f"{SECRET} fever", "label": 0})
+    with pytest.raises(TaskDataError) as e:
+        load_task_files(_task(tmp_path, f"{good}\n{line}\n", "t.jsonl"), "t", "binary")
+    assert message in str(e.value) and SECRET not in str(e.value)
+
+
+def test_a_folder_or_a_gz_name_on_plain_text(tmp_path):
+    files = _task(tmp_path, "id,text,label\n1,a,0\n2,b,1\n")
+    with pytest.raises(TaskDataError, match="is a folder, expected a CSV or JSONL file"):
+        load_task_files({**files, "train": tmp_path}, "t", "binary")
+    fake = tmp_path / "t2.csv.gz"
+    fake.write_text("id,text,label\n1,a,0\n")
+    with pytest.raises(TaskDataError) as e:
+        load_task_files({**files, "train": fake}, "t", "binary")
+    assert str(e.value) == f"{fake}: not a gzip file, though its name ends in .gz"  # no bytes of it quoted
+
+
+def test_van_aken_files_named_gz_that_are_not(tmp_path):
+    for split in ("train", "val", "test"):
+        (tmp_path / f"MP_IN_adm_{split}.csv.gz").write_text("id,text,hospital_expire_flag\n1,a,0\n")
+    from minilora.data.tasks import load_named_task
+
+    with pytest.raises(TaskDataError, match="MP_IN_adm_train.csv.gz: not a gzip file"):
+        load_named_task("mortality", tmp_path)
+
+
+def test_labels_that_would_fail_only_after_training(tmp_path):
+    """Before: a binary task with a third value, or a split whose labels training never saw, trained and then
+    failed in the AUROC, leaving a run folder without summary.json; multi-label with no codes ended in a NaN loss."""
+    rows = "id,text,label\n1,a,0\n2,b,1\n3,c,2\n"
+    with pytest.raises(TaskDataError, match="'label' has 3 distinct values in training; the t task is binary"):
+        load_task_files(_task(tmp_path, rows), "t", "binary")
+    files = _task(tmp_path, "id,text,label\n1,a,0\n2,b,1\n", val="id,text,label\n5,e,yes\n6,f,no\n")
+    with pytest.raises(TaskDataError, match=r"other_t.csv: no row with text and a label seen in training \(2 left"):
+        load_task_files(files, "t", "binary")
+    with pytest.raises(TaskDataError, match="'label' holds no label code in training"):
+        load_task_files(_task(tmp_path, "id,text,label\n1,a,\n2,b,\n"), "t", "multilabel")
+
+
+# ---- checkpoints, adapters, heads
+
+
+class Net(nn.Module):
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.body = nn.Linear(4, width)
+        self.head = nn.Linear(width, 2, bias=False)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def _trainer(tmp_path: Path, width: int) -> Trainer:
+    cfg = TrainConfig(lr=1e-3, epochs=1, batch_size=2, precision="fp32", progress=False, save_every=0)
+    return Trainer(Net(width), cfg, [torch.randn(4) for _ in range(4)], lambda rows: {"input_ids": torch.stack(rows)},
+                   lambda m, b: (m(b["input_ids"]).pow(2).sum(), b["input_ids"].shape[0]), tmp_path)
+
+
+def test_resuming_with_other_shapes_or_a_foreign_file_names_the_checkpoint(tmp_path):
+    """Before: --resume with another --r failed in copy_ with a size mismatch; a file that was not a checkpoint in
+    a TypeError or a bare KeyError ('trainable')."""
+    _trainer(tmp_path, 4).save_checkpoint()
+    path = tmp_path / "checkpoint" / "state.pt"
+    with pytest.raises(ValueError, match=r"state.pt: body.weight has shape \(4, 4\), this run's \(8, 4\)"):
+        _trainer(tmp_path, 8).load_checkpoint()
+    for foreign in ([1, 2], {"x": 1}):
+        torch.save(foreign, path)
+        with pytest.raises(ValueError, match="state.pt: not a minilora checkpoint"):
+            _trainer(tmp_path, 4).load_checkpoint()
+
+
+def _tiny_model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "adapter_config.json").write_text("[1, 2]"), "holds a JSON list, expected an object"),
+    (lambda d: (d / "adapter_config.json").write_text(
+        json.dumps({**json.loads((d / "adapter_config.json").read_text()), "lora_alpha": None})),
+     "lora_alpha is None, expected a number > 0"),
+    (lambda d: (d / "adapter_model.safetensors").write_bytes((d / "adapter_model.safetensors").read_bytes()[:100]),
+     "adapter_model.safetensors: corrupt or truncated safetensors file"),
+    (lambda d: (d / "adapter_model.safetensors").write_bytes(b"\xff" * 64),
+     "adapter_model.safetensors: corrupt or truncated safetensors file"),
+])
+def test_a_damaged_adapter_folder_names_its_file(tmp_path, damage, message):
+    model = _tiny_model()
+    add_adapter(model, "domain", r=2, alpha=4)
+    d = save_adapter(model, "domain", tmp_path / "adapter")
+    damage(d)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        load_adapter(_tiny_model(), d, "domain")
+
+
+def test_a_truncated_head_names_its_file(tmp_path):
+    clf = Classifier(_tiny_model(), 2)
+    clf.save_head(tmp_path / "head", ["0", "1"])
+    weights = tmp_path / "head" / "head.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="head.safetensors: corrupt or truncated safetensors file"):
+        Classifier.read_head(tmp_path / "head")
+    clf.save_head(tmp_path / "head", ["0", "1"])
+    (tmp_path / "head" / "head_config.json").write_text("{oops")
+    with pytest.raises(ValueError, match="head_config.json: invalid JSON"):
+        Classifier.read_head(tmp_path / "head")
+
+
+def test_gzip_is_not_confused_here(tmp_path):  # the real .gz reader still works after the error handling moved
+    path = tmp_path / "t.csv.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("id,text,label\n1,a,0\n2,b,1\n")
+    assert load_task_files({"train": path, "val": path, "test": path}, "t", "binary").splits["val"].ids == ["1", "2"]
+
+
+def test_resume_without_a_checkpoint_says_so_and_starts_clean(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 7, "loss": 1.0}\n')  # an earlier run's, never checkpointed
+    state = _trainer(tmp_path, 4).fit(resume=True)
+    assert state.step == 2 and "resume: no checkpoint at" in capsys.readouterr().err
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+            if "loss" in line] == [1, 2]
+
+
+def test_a_header_less_file_whose_first_note_is_one_word_does_not_show_it(tmp_path):
+    from minilora.data.notes import describe_fields
+
+    with pytest.raises(TaskDataError) as e:
+        load_task_files(_task(tmp_path, "p1,Unremarkable.,pos\np2,Stable,neg\n"), "t", "binary")
+    assert "Unremarkable" not in str(e.value) and "3 fields, not shown" in str(e.value)
+    assert describe_fields(["note_id", "hadm_id", "v1.2", "x-y"]) == "note_id, hadm_id, v1.2, x-y"
+
+
+def test_a_json_control_character_message_reads_once(tmp_path):
+    from minilora.data.notes import NotesError, iter_notes
+
+    path = tmp_path / "n.jsonl"
+    path.write_bytes(b'{"text": "a\x01b"}\n')
+    with pytest.raises(NotesError) as e:
+        list(iter_notes(path))
+    assert "(Invalid control character at column 12)" in str(e.value)  # was "... at at column 12"
+
+
+def test_a_search_whose_first_trial_never_started_can_be_rerun_with_other_arguments(tmp_path):
+    """Before: search.json recorded the arguments before the first trial ran, so after a typo (a missing file) the
+    corrected command was refused as 'an earlier search here ran train_task.py with other arguments'."""
+    out = tmp_path / "s"
+
+    def search(train: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "tools" / "hparam_search.py"), "--out", str(out), "--r", "2",
+                               "--alpha", "4", "--dropout", "0", "--", "--task", "t", "--train", train, "--val",
+                               train, "--test", train, "--max-steps", "1", "--no-progress"],
+                              capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              timeout=300)
+
+    first = search(str(tmp_path / "typo.csv"))
+    assert first.returncode == 2 and "typo.csv: no such file" in first.stderr, first.stderr
+    second = search(str(tmp_path / "other.csv"))
+    assert second.returncode == 2 and "other.csv: no such file" in second.stderr, second.stderr
+    assert "with other arguments" not in second.stderr
