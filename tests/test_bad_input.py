@@ -299,3 +299,12 @@ def test_a_search_whose_first_trial_never_started_can_be_rerun_with_other_argume
     second = search(str(tmp_path / "other.csv"))
     assert second.returncode == 2 and "other.csv: no such file" in second.stderr, second.stderr
     assert "with other arguments" not in second.stderr
+
+
+@pytest.mark.parametrize("rows", ["id,text,label\n1,a,0\n2,b,1\n3,c,nan\n",
+                                  '{"id": 1, "text": "a", "label": 0}\n{"id": 2, "text": "b", "label": NaN}\n'])
+def test_a_missing_label_written_out_is_not_a_class(tmp_path, rows):
+    """Before: 'nan' (str of a float NaN, or JSON NaN) became a third class: multiclass ['0', '1', 'nan']."""
+    name = "t.jsonl" if rows.startswith("{") else "t.csv"
+    with pytest.raises(TaskDataError, match="has 'nan' as its 'label': a missing value, expected a class label"):
+        load_task_files(_task(tmp_path, rows, name), "t", "multiclass")

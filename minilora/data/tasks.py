@@ -125,6 +125,10 @@ def _json_kind(value: object) -> str:
     return {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
 
 
+# NaN written out (str of a float NaN, JSON NaN): never a class name; "none" or "NA" can be one, so they are taken
+MISSING_LABELS = {"nan"}
+
+
 def _split_labels(value: str, sep: str) -> list[str]:
     return [v.strip() for v in value.split(sep) if v.strip()]
 
@@ -161,6 +165,9 @@ def load_task_files(
                 continue
             if not label and not multilabel:
                 raise TaskDataError(f"{path}: line {line} has an empty {label_col!r}; expected a class label")
+            if label.lower() in MISSING_LABELS:
+                raise TaskDataError(f"{path}: line {line} has {label!r} as its {label_col!r}: a missing value, "
+                                    "expected a class label")
             rid = row.get(id_col) if id_col else None
             rows.append((rid if rid not in (None, "") else f"{Path(path).name}:{line}", text, label))
         if not rows:
