@@ -270,6 +270,14 @@ def test_a_header_less_file_whose_first_note_is_one_word_does_not_show_it(tmp_pa
         load_task_files(_task(tmp_path, "p1,Unremarkable.,pos\np2,Stable,neg\n"), "t", "binary")
     assert "Unremarkable" not in str(e.value) and "3 fields, not shown" in str(e.value)
     assert describe_fields(["note_id", "hadm_id", "v1.2", "x-y"]) == "note_id, hadm_id, v1.2, x-y"
+    # a CSV's first row of single words: shown only when it has a column asked for or a common column name
+    with pytest.raises(TaskDataError) as e:
+        load_task_files(_task(tmp_path, f"p1,{SECRET},pos\np2,Stable,neg\n"), "t", "binary")
+    assert SECRET not in str(e.value) and "3 fields, not shown" in str(e.value)
+    assert describe_fields(["p1", SECRET], expected=["text"]) == "2 fields, not shown: the first row does not look " \
+        "like a header"
+    assert describe_fields(["note_id", "body"], expected=["text"]) == "note_id, body"
+    assert describe_fields(["ID", "note_text", "label"], expected=["text", "label"]) == "ID, note_text, label"
 
 
 def test_a_json_control_character_message_reads_once(tmp_path):

@@ -110,11 +110,21 @@ def _kind(path: Path) -> str:
 _FIELD_NAME = re.compile(r"[A-Za-z_](?:[\w.-]{0,38}[\w-])?")  # a sentence's final full stop is not a name's
 
 
-def describe_fields(names: Iterable[object]) -> str:
+# Column names that show a CSV's first row to be a header (besides the columns asked for)
+HEADER_WORDS = {"id", "note_id", "row_id", "hadm_id", "subject_id", "text", "label", "labels", "note_type"}
+
+
+def describe_fields(names: Iterable[object], expected: Iterable[str] | None = None) -> str:
     """Field names for an error message, or only how many there are when one of them does not look like a name
-    (a header-less file's first row is data: note text is never printed)."""
+    (a header-less file's first row is data: note text is never printed). ``expected``: for a CSV's first row, the
+    columns asked for; the names are shown only when one of them, or a common column name, is among them, since a
+    header-less file whose first note is one word would otherwise show it."""
     names = list(names)
-    if all(isinstance(n, str) and _FIELD_NAME.fullmatch(n) for n in names):
+    looks = all(isinstance(n, str) and _FIELD_NAME.fullmatch(n) for n in names)
+    if looks and expected is not None:
+        known = {e.lower() for e in expected} | HEADER_WORDS
+        looks = any(n.lower() in known for n in names)
+    if looks:
         return ", ".join(names) if names else "none"
     return f"{len(names)} fields, not shown: the first row does not look like a header"
 
@@ -172,7 +182,7 @@ def _read_csv(path: Path, lines: Iterator[tuple[int, str]], field: str) -> Itera
         raise NotesError(f"{path}: line {line_no[0]}: malformed CSV header ({e})") from None
     header = [h.strip() for h in header]  # a byte-order mark went with line 1 (_decoded_lines)
     if field not in header:
-        raise NotesError(f"{path}: no column {field!r} (available: {describe_fields(header)}); choose one with "
+        raise NotesError(f"{path}: no column {field!r} (available: {describe_fields(header, [field])}); choose one with "
                          "--text-field (text_field=)")
     text_col = header.index(field)
     id_col = header.index(ID_FIELD) if ID_FIELD in header else None
