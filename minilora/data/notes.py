@@ -182,8 +182,8 @@ def _read_csv(path: Path, lines: Iterator[tuple[int, str]], field: str) -> Itera
         raise NotesError(f"{path}: line {line_no[0]}: malformed CSV header ({e})") from None
     header = [h.strip() for h in header]  # a byte-order mark went with line 1 (_decoded_lines)
     if field not in header:
-        raise NotesError(f"{path}: no column {field!r} (available: {describe_fields(header, [field])}); choose one with "
-                         "--text-field (text_field=)")
+        raise NotesError(f"{path}: no column {field!r} (available: {describe_fields(header, [field])}); choose one "
+                         "with --text-field (text_field=)")
     text_col = header.index(field)
     id_col = header.index(ID_FIELD) if ID_FIELD in header else None
     row_no = 0
@@ -213,7 +213,8 @@ def _read_jsonl(path: Path, lines: Iterator[tuple[int, str]], field: str) -> Ite
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise NotesError(
-                f"{path}: line {number}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); expected one object per line"
+                f"{path}: line {number}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); expected "
+                "one object per line"
             ) from None
         if not isinstance(obj, dict):
             raise NotesError(f"{path}: line {number}: a JSON {type(obj).__name__}, expected an object")

@@ -98,7 +98,8 @@ def read_rows(path: Path, columns: list[str], list_sep: str = ",") -> Iterator[t
                 header = reader.fieldnames or []
                 missing = [c for c in columns if c not in header]
                 if missing:
-                    raise TaskDataError(f"{path}: missing column {missing[0]!r} (columns: {describe_fields(header, columns)})")
+                    raise TaskDataError(f"{path}: missing column {missing[0]!r} "
+                                        f"(columns: {describe_fields(header, columns)})")
                 for row in reader:
                     extra, short = row.get(None) or [], sum(v is None for v in row.values())
                     if extra or short:  # DictReader files surplus fields under None and fills missing ones with None
