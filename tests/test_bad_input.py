@@ -278,6 +278,11 @@ def test_a_header_less_file_whose_first_note_is_one_word_does_not_show_it(tmp_pa
         "like a header"
     assert describe_fields(["note_id", "body"], expected=["text"]) == "note_id, body"
     assert describe_fields(["ID", "note_text", "label"], expected=["text", "label"]) == "ID, note_text, label"
+    # snake_case names are column names (MIMIC's tables, a hospital's export); a de-identified "___" note is not
+    assert describe_fields(["icd_code", "icd_version", "long_title"], expected=["text"]) == \
+        "icd_code, icd_version, long_title"
+    assert describe_fields(["NOTE_BODY", "ENC"], expected=["text"]) == "NOTE_BODY, ENC"
+    assert describe_fields(["p1", "___"], expected=["text"]).startswith("2 fields, not shown")
 
 
 def test_a_json_control_character_message_reads_once(tmp_path):
@@ -316,3 +321,33 @@ def test_a_missing_label_written_out_is_not_a_class(tmp_path, rows):
     name = "t.jsonl" if rows.startswith("{") else "t.csv"
     with pytest.raises(TaskDataError, match="has 'nan' as its 'label': a missing value, expected a class label"):
         load_task_files(_task(tmp_path, rows, name), "t", "multiclass")
+
+
+@pytest.mark.parametrize("body, line", [
+    (f'1,{SECRET} fever,"0\n2,{SECRET} cough,1\n3,{SECRET} rash,0\n', 2),   # a stray quote opens the label field
+    (f'1,{SECRET} fever,0\n2,"{SECRET} cough,1\n3,{SECRET} rash,0\n', 3),   # ... or a note's text
+])
+def test_an_unclosed_quote_is_an_error_not_one_row_swallowing_the_rest(tmp_path, body, line):
+    """Before: a lenient csv reader read from a stray double quote to the end of the file as one field, so the rows
+    after it vanished silently into one label (or one note) and the run trained on what was left."""
+    from minilora.data.notes import NotesError, iter_notes
+
+    files = _task(tmp_path, "id,text,label\n" + body)
+    with pytest.raises(TaskDataError) as e:
+        load_task_files(files, "t", "multiclass")
+    assert str(e.value) == (f"{files['train']}: line {line}: a quoted field is not closed before the end of the file "
+                            "(a stray double quote?); expected every quote doubled inside quoted text")
+    with pytest.raises(NotesError) as e:  # the DAPT notes reader: the same file as notes
+        list(iter_notes(files["train"]))
+    assert f"{files['train']}: line {line}: a quoted field is not closed" in str(e.value) and SECRET not in str(e.value)
+
+
+def test_text_after_a_closing_quote_names_its_line(tmp_path):
+    files = _task(tmp_path, f'id,text,label\n1,a,0\n2,"{SECRET} cough" x,1\n')
+    with pytest.raises(TaskDataError) as e:
+        load_task_files(files, "t", "binary")
+    assert str(e.value) == f"""{files['train']}: line 3: malformed CSV (',' expected after '"')"""
+    # quotes doubled inside quoted text, and quoted line breaks, stay fine
+    files = _task(tmp_path, 'id,text,label\n1,"a ""quoted"" word, and\na second line",0\n2,b,1\n')
+    data = load_task_files(files, "t", "binary")
+    assert data.splits["train"].texts[0].startswith('a "quoted" word, and') and len(data.splits["train"].ids) == 2

@@ -110,20 +110,21 @@ def _kind(path: Path) -> str:
 _FIELD_NAME = re.compile(r"[A-Za-z_](?:[\w.-]{0,38}[\w-])?")  # a sentence's final full stop is not a name's
 
 
-# Column names that show a CSV's first row to be a header (besides the columns asked for)
+# Column names that show a CSV's first row to be a header (besides the columns asked for and snake_case names)
 HEADER_WORDS = {"id", "note_id", "row_id", "hadm_id", "subject_id", "text", "label", "labels", "note_type"}
+_SNAKE_CASE = re.compile(r"[A-Za-z0-9]_[A-Za-z0-9]")  # icd_code, NOTE_BODY; not a de-identified note's "___"
 
 
 def describe_fields(names: Iterable[object], expected: Iterable[str] | None = None) -> str:
     """Field names for an error message, or only how many there are when one of them does not look like a name
     (a header-less file's first row is data: note text is never printed). ``expected``: for a CSV's first row, the
-    columns asked for; the names are shown only when one of them, or a common column name, is among them, since a
-    header-less file whose first note is one word would otherwise show it."""
+    columns asked for; the names are shown only when one of them, a common column name or a snake_case name is
+    among them, since a header-less file whose first note is one word would otherwise show it."""
     names = list(names)
     looks = all(isinstance(n, str) and _FIELD_NAME.fullmatch(n) for n in names)
     if looks and expected is not None:
         known = {e.lower() for e in expected} | HEADER_WORDS
-        looks = any(n.lower() in known for n in names)
+        looks = any(n.lower() in known or _SNAKE_CASE.search(n) for n in names)
     if looks:
         return ", ".join(names) if names else "none"
     return f"{len(names)} fields, not shown: the first row does not look like a header"
@@ -163,6 +164,16 @@ def _decoded_lines(path: Path, encoding_errors: str, stats: NoteStats) -> Iterat
         raise NotesError(f"{path}: empty file, expected notes")
 
 
+def csv_error_line(path: Path, error: csv.Error, row_start: int, line: int) -> str:
+    """One line for a malformed CSV row that starts on line ``row_start`` and failed on line ``line`` (strict
+    reader); an unclosed quote is named as such, since a lenient reader would swallow the rest of the file."""
+    if str(error) == "unexpected end of data":
+        return (f"{path}: line {row_start}: a quoted field is not closed before the end of the file (a stray double "
+                "quote?); expected every quote doubled inside quoted text")
+    where = f"line {line}" if line <= row_start else f"line {line} (row starting on line {row_start})"
+    return f"{path}: {where}: malformed CSV ({error})"
+
+
 def _read_csv(path: Path, lines: Iterator[tuple[int, str]], field: str) -> Iterator[tuple[str, str]]:
     """Rows of a CSV with a header; the text column is ``field``, the id column ``note_id`` when present."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # discharge summaries exceed the 128 KiB default
@@ -173,13 +184,13 @@ def _read_csv(path: Path, lines: Iterator[tuple[int, str]], field: str) -> Itera
             line_no[0] = number
             yield text
 
-    reader = csv.reader(text_lines())
+    reader = csv.reader(text_lines(), strict=True)  # strict: an unclosed quote is an error, not one huge note
     try:
         header = next(reader)
     except StopIteration:
         raise NotesError(f"{path}: empty file, expected a CSV header") from None
     except csv.Error as e:
-        raise NotesError(f"{path}: line {line_no[0]}: malformed CSV header ({e})") from None
+        raise NotesError(csv_error_line(path, e, 1, line_no[0])) from None
     header = [h.strip() for h in header]  # a byte-order mark went with line 1 (_decoded_lines)
     if field not in header:
         raise NotesError(f"{path}: no column {field!r} (available: {describe_fields(header, [field])}); choose one "
@@ -188,12 +199,13 @@ def _read_csv(path: Path, lines: Iterator[tuple[int, str]], field: str) -> Itera
     id_col = header.index(ID_FIELD) if ID_FIELD in header else None
     row_no = 0
     while True:
+        row_start = line_no[0] + 1
         try:
             row = next(reader)
         except StopIteration:
             return
         except csv.Error as e:
-            raise NotesError(f"{path}: line {line_no[0]}: malformed CSV ({e})") from None
+            raise NotesError(csv_error_line(path, e, row_start, line_no[0])) from None
         row_no += 1
         if not row:
             continue

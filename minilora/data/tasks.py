@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minilora.data.notes import clean_note, describe_fields
+from minilora.data.notes import clean_note, csv_error_line, describe_fields
 from minilora.data.synthetic import TASKS, task_spec
 from minilora.tokenizer import Tokenizer
 
@@ -94,13 +94,18 @@ def read_rows(path: Path, columns: list[str], list_sep: str = ",") -> Iterator[t
                                                            list_sep.join(map(str, row[c])) if isinstance(row[c], list)
                                                            else str(row[c])) for c in row}
             else:
-                reader = csv.DictReader(fh)
-                header = reader.fieldnames or []
+                reader = csv.DictReader(fh, strict=True)  # strict: an unclosed quote is an error, not one huge row
+                with _csv_errors(path, reader, 1):
+                    header = reader.fieldnames or []
                 missing = [c for c in columns if c not in header]
                 if missing:
                     raise TaskDataError(f"{path}: missing column {missing[0]!r} "
                                         f"(columns: {describe_fields(header, columns)})")
-                for row in reader:
+                while True:
+                    with _csv_errors(path, reader, reader.line_num + 1):
+                        row = next(reader, None)
+                    if row is None:
+                        return
                     extra, short = row.get(None) or [], sum(v is None for v in row.values())
                     if extra or short:  # DictReader files surplus fields under None and fills missing ones with None
                         raise TaskDataError(f"{path}: line {reader.line_num}: row has "
@@ -120,6 +125,16 @@ def _read_errors(path: Path) -> Iterator[None]:
         raise TaskDataError(f"{path}: not a gzip file, though its name ends in .gz") from None
     except (OSError, EOFError) as e:
         raise TaskDataError(f"{path}: cannot read ({e})") from None
+
+
+@contextlib.contextmanager
+def _csv_errors(path: Path, reader: csv.DictReader, row_start: int) -> Iterator[None]:
+    """A malformed CSV row (read inside, starting on line ``row_start``) becomes a TaskDataError naming its line."""
+    try:
+        yield
+    except csv.Error as e:
+        # reader.reader: the DictReader's own line_num moves only when a row is read well
+        raise TaskDataError(csv_error_line(path, e, row_start, reader.reader.line_num)) from None
 
 
 def _json_kind(value: object) -> str:
