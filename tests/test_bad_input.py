@@ -321,6 +321,11 @@ def test_a_missing_label_written_out_is_not_a_class(tmp_path, rows):
     name = "t.jsonl" if rows.startswith("{") else "t.csv"
     with pytest.raises(TaskDataError, match="has 'nan' as its 'label': a missing value, expected a class label"):
         load_task_files(_task(tmp_path, rows, name), "t", "multiclass")
+    # multi-label: a missing list of codes is no codes (as an empty field), not a code 'nan'
+    rows = rows.replace(",0\n", ",A\n").replace(",1\n", ",B\n").replace(": 0}", ': "A"}').replace(': 1}', ': "B"}')
+    data = load_task_files(_task(tmp_path, rows, name), "t", "multilabel")
+    assert "nan" not in data.labels and data.splits["train"].targets[-1].sum() == 0
+    assert data.splits["train"].targets[0].tolist() == [1] + [0] * (len(data.labels) - 1)  # row 1: code A
 
 
 @pytest.mark.parametrize("body, line", [

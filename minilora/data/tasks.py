@@ -181,7 +181,9 @@ def load_task_files(
                 continue
             if not label and not multilabel:
                 raise TaskDataError(f"{path}: line {line} has an empty {label_col!r}; expected a class label")
-            if label.lower() in MISSING_LABELS:
+            if label.lower() in MISSING_LABELS and multilabel:
+                label = ""  # a missing list of codes: no codes, as an empty field or a JSON null
+            elif label.lower() in MISSING_LABELS:
                 raise TaskDataError(f"{path}: line {line} has {label!r} as its {label_col!r}: a missing value, "
                                     "expected a class label")
             rid = row.get(id_col) if id_col else None
