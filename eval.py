@@ -50,7 +50,7 @@ from minilora.cli import InputError, positive_int, run_cli, write_json_atomic
 from minilora.files import read_json_object
 from minilora.data.notes import clean_note
 from minilora.data.synthetic import task_spec
-from minilora.data.tasks import EncodedSplit, Split, read_rows
+from minilora.data.tasks import MISSING_LABELS, EncodedSplit, Split, read_rows
 from minilora.metrics import UndefinedMetricError, average_precision, bootstrap_ci, f1, roc_auc, roc_curve, task_auroc
 
 KINDS = ("binary", "multiclass", "multilabel")
@@ -531,6 +531,7 @@ def read_labelled(path: Path, labels: list[str], kind: str, args: argparse.Names
     ids, texts, targets, raw = [], [], [], []
     counts = {"rows": 0, "empty_text": 0, "unknown_labels": 0}
     unknown: set[str] = set()
+    unmatched = 0  # rows whose label (codes) the run has none of
     for line, rec in read_rows(path, [args.text_col, args.label_col]):
         text = clean_note(rec[args.text_col] or "")
         value = (rec[args.label_col] or "").strip()
@@ -538,14 +539,17 @@ def read_labelled(path: Path, labels: list[str], kind: str, args: argparse.Names
             counts["empty_text"] += 1
             continue
         if kind == "multilabel":
-            codes = [c.strip() for c in value.split(args.label_sep) if c.strip()]
+            codes = [] if value.lower() in MISSING_LABELS else [c.strip() for c in value.split(args.label_sep)
+                                                               if c.strip()]
             known = [index[c] for c in codes if c in index]
             unknown.update(c for c in codes if c not in index)
             counts["unknown_labels"] += len(codes) - len(known)
+            unmatched += bool(codes) and not known
             target: Any = np.zeros(len(labels), dtype=np.uint8)
             target[known] = 1
         elif value not in index:
             counts["unknown_labels"] += 1
+            unmatched += 1
             unknown.add(value)
             continue
         else:
@@ -558,11 +562,15 @@ def read_labelled(path: Path, labels: list[str], kind: str, args: argparse.Names
     counts["rows"] = len(ids)
     if unknown:
         what = "label codes dropped" if kind == "multilabel" else "rows left out"
-        # label values only where they look like codes: a wrong --label-col or a ragged row would put text here
-        codes = sorted(v for v in unknown if re.fullmatch(r"[\w.-]{1,20}", v))
-        shown = ", ".join(codes[:5]) + (", ..." if len(codes) > 5 else "")
-        hidden = len(unknown) - len(codes)
-        shown += (", " if shown and hidden else "") + (f"{hidden} longer values not shown" if hidden else "")
+        # label values only where they look like codes: a wrong --label-col or a ragged row would put text here,
+        # and when most rows have none of the run's labels the column is likely text (one-word notes look like codes)
+        if 2 * unmatched > unmatched + len(ids):
+            shown = f"{len(unknown)} distinct values not shown: most rows have none of them; is --label-col right?"
+        else:
+            codes = sorted(v for v in unknown if re.fullmatch(r"[\w.-]{1,20}", v))
+            shown = ", ".join(codes[:5]) + (", ..." if len(codes) > 5 else "")
+            hidden = len(unknown) - len(codes)
+            shown += (", " if shown and hidden else "") + (f"{hidden} longer values not shown" if hidden else "")
         print(f"{path}: {counts['unknown_labels']} {what}: {args.label_col!r} values not among the run's "
               f"{len(labels)} labels ({shown})", file=sys.stderr)
     if counts["empty_text"]:

@@ -356,3 +356,27 @@ def test_text_after_a_closing_quote_names_its_line(tmp_path):
     files = _task(tmp_path, 'id,text,label\n1,"a ""quoted"" word, and\na second line",0\n2,b,1\n')
     data = load_task_files(files, "t", "binary")
     assert data.splits["train"].texts[0].startswith('a "quoted" word, and') and len(data.splits["train"].ids) == 2
+
+
+def test_eval_does_not_list_label_values_when_the_label_column_is_likely_text(tmp_path, capsys):
+    """A --label-col that points at a column of one-word notes: every value looks like a code, so before, the
+    first five notes were printed as 'label values not among the run's labels'."""
+    import argparse
+
+    import eval as eval_cli
+
+    args = argparse.Namespace(text_col="text", label_col="label", label_sep=",", id_col="id")
+    path = tmp_path / "test.csv"
+    path.write_text("id,text,label\n1,a,0\n" + "".join(f"{i},b,{SECRET}{i}\n" for i in range(2, 6)))
+    split, counts = eval_cli.read_labelled(path, ["0", "1"], "binary", args)
+    err = capsys.readouterr().err
+    assert counts["unknown_labels"] == 4 and split.ids == ["1"] and SECRET not in err
+    assert "4 rows left out: 'label' values not among the run's 2 labels (4 distinct values not shown: most rows " \
+           "have none of them; is --label-col right?)" in err
+    # a few unseen codes among known ones are still listed; a multi-label 'nan' is no codes, not an unseen code
+    path.write_text("id,text,label\n1,a,0\n2,b,1\n3,c,7\n")
+    eval_cli.read_labelled(path, ["0", "1"], "binary", args)
+    assert "1 rows left out: 'label' values not among the run's 2 labels (7)" in capsys.readouterr().err
+    path.write_text("id,text,label\n1,a,\"A,B\"\n2,b,nan\n")
+    split, counts = eval_cli.read_labelled(path, ["A", "B"], "multilabel", args)
+    assert counts["unknown_labels"] == 0 and split.targets.tolist() == [[1, 1], [0, 0]]
