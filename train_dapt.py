@@ -17,8 +17,8 @@ import torch
 
 from minilora import from_pretrained, graphs
 from minilora.cli import (
-    InputError, add_lora_args, add_optimisation_args, add_run_args, parse_with_config, resolve_recipe_precision,
-    nonneg_int, positive_float, positive_int, run_cli, write_json_atomic,
+    InputError, add_lora_args, add_optimisation_args, add_run_args, check_out_folder, nonneg_int, parse_with_config,
+    positive_float, positive_int, remove_outputs, resolve_recipe_precision, run_cli, write_json_atomic,
 )
 from minilora.data.notes import build_token_cache
 from minilora.data.packing import PackedDataset, TruncatedDataset, collate
@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# What a run leaves in --out besides its checkpoint: an --out holding any of them takes --resume or --overwrite
+RUN_OUTPUTS = ("adapter", "summary.json", "metrics.jsonl", "loss.png", "base_eval.json")
+
+
 def perplexity_evaluator(dataset, batch_size: int, pad_id: int, device: torch.device, limit: int | None):
     """Validation loss and perplexity (exp of the mean token loss) over a fixed set of sequences, sharded by rank."""
     n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -101,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--cuda-graph: {why}")
     torch.manual_seed(args.seed)
     out = Path(args.out)
+    check_out_folder(out, RUN_OUTPUTS, args.resume, args.overwrite)
     demo = args.notes is None
     max_len = args.max_seq_len or (256 if demo else 128)
     if demo:
@@ -139,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"({len(train_ds)} train / {len(val_ds)} validation sequences of {max_len} tokens)")
     targets = "all-linear" if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
     add_adapter(model, ADAPTER, r=args.r, alpha=args.alpha, dropout=args.dropout, targets=targets)
+    if args.overwrite and is_main():  # the inputs have loaded: nothing of the earlier run goes for a typo
+        remove_outputs(out, RUN_OUTPUTS)
     n_train, pct = trainable_parameters(model)
 
     cfg = TrainConfig(
@@ -156,8 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     def on_best(m, metrics):
         save_adapter(m, ADAPTER, out / "adapter", base_model_name=str(args.model))
 
+    identity = {"model": str(args.model), "notes": cache.path.name, "val_fraction": args.val_fraction,
+                "max_seq_len": max_len, "packing": not args.no_packing,
+                "adapter": f"r={args.r} alpha={args.alpha:g} dropout={args.dropout:g} targets={args.targets}"}
     trainer = Trainer(model, cfg, train_ds, lambda b: collate(b, tok.pad_id), loss_fn, out, evaluate=evaluate,
-                      on_best=on_best, metric="val_ppl", device=device)
+                      on_best=on_best, metric="val_ppl", device=device, identity=identity)
     base_path = out / "base_eval.json"
     if args.resume and base_path.is_file():
         base = json.loads(base_path.read_text())

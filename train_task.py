@@ -23,14 +23,15 @@ import torch
 from minilora import from_pretrained
 from minilora.classify import Classifier, class_weights, classification_loss_sum, predict
 from minilora.cli import (
-    InputError, add_lora_args, add_optimisation_args, add_run_args, parse_with_config, resolve_recipe_precision,
-    positive_float, positive_int, run_cli, write_json_atomic,
+    InputError, add_lora_args, add_optimisation_args, add_run_args, check_out_folder, parse_with_config,
+    positive_float, positive_int, remove_outputs, resolve_recipe_precision, run_cli, write_json_atomic,
 )
 from minilora.data.synthetic import TASKS, write_task_csvs
 from minilora.data.tasks import (
     EncodedSplit, bucketed_batches, collate_classification, data_source, load_named_task, load_task_files,
     print_report,
 )
+from minilora.data.tasks import fingerprint as task_fingerprint
 from minilora.lora import (
     add_adapter, load_adapter, restore_adapter, save_adapter, set_trainable, trainable_parameters,
 )
@@ -132,14 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     precision_note = resolve_recipe_precision(args, device)
     torch.manual_seed(args.seed)
     out = Path(args.out or f"runs/{args.task}")
+    check_out_folder(out, RUN_OUTPUTS, args.resume, args.overwrite)
     demo = not (args.data_dir or args.train)
     data, source = load_data(args, out)
     if is_main():
         print_report(data)
         if precision_note:
             print(precision_note, file=sys.stderr)
-        if not args.resume:
-            clear_outputs(out)
     # Demo defaults: short notes, a few epochs over ~800 training notes and a faster head fit each task in under 10
     # minutes on 2 CPU cores (the slow test checks it); real data gets the paper's settings.
     max_len = args.max_seq_len or (128 if demo else 512)
@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     n_train, pct = trainable_parameters(model)
 
     encoded = {s: EncodedSplit(data.splits[s], tok, max_len, workers=args.workers) for s in data.splits}
+    if args.overwrite and is_main():  # the inputs have loaded: nothing of the earlier run goes for a typo
+        remove_outputs(out, RUN_OUTPUTS)
     train_ds = encoded["train"]
     weights = None if multilabel else class_weights(torch.as_tensor(data.splits["train"].targets), data.num_labels)
     weights = weights.to(device) if weights is not None else None
@@ -219,7 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(model, cfg, train_ds, lambda b: collate_classification(b, tok.pad_id), loss_fn, out,
                       evaluate=evaluate, on_best=on_best, metric="val_auroc", higher_is_better=True,
                       batches=lambda epoch: bucketed_batches(train_ds.lengths, args.batch_size, args.seed, epoch),
-                      device=device)
+                      device=device, identity={
+                          "model": str(args.model), "data": task_fingerprint(data), "max_seq_len": max_len,
+                          "pooling": args.pooling, "domain_adapter": str(domain) if domain else None,
+                          "domain_trainable": args.domain_trainable,
+                          "task_adapter": None if args.no_task_adapter else
+                          f"r={args.r} alpha={args.alpha:g} dropout={args.dropout:g} targets={args.targets}"})
     state = trainer.fit(resume=args.resume)
     if not is_main():
         return 0
@@ -250,21 +257,9 @@ def finite_or_none(x: float) -> float | None:
     return x if np.isfinite(x) else None
 
 
-RUN_OUTPUTS = ("task_adapter", "domain_adapter", "head", "predictions_val.npz", "predictions_test.npz", "summary.json")
-
-
-def clear_outputs(out: Path) -> None:
-    """A new (not resumed) run removes what an earlier run into the same folder left: eval.py and ``restore_best``
-    would otherwise load, say, a trained domain adapter into a run whose domain adapter was frozen. The checkpoint
-    stays (the first save replaces it), so a run started without --resume by mistake loses nothing before that."""
-    import shutil
-
-    for name in RUN_OUTPUTS:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+# What a run leaves in --out besides its checkpoint: an --out holding any of them takes --resume or --overwrite
+RUN_OUTPUTS = ("task_adapter", "domain_adapter", "head", "predictions_val.npz", "predictions_test.npz", "summary.json",
+               "metrics.jsonl", "loss.png")
 
 
 def restore_best(model: Classifier, out: Path, task: bool, domain: bool) -> Classifier:

@@ -153,6 +153,9 @@ def run_cli(main: Callable[[], int | None]) -> None:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         code = EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves a checkpoint and returns 130 itself)
+        print("interrupted", file=sys.stderr)
+        code = 130
     finally:
         shutdown_distributed()
     sys.exit(code or 0)
@@ -212,11 +215,38 @@ def add_run_args(p: argparse.ArgumentParser, g: argparse._ArgumentGroup, *, save
     g.add_argument("--seed", type=int, default=0,
                    help="random seed: initialisation of the adapters (and head), data order, dropout and the "
                    "demo data (default %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint exactly")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint exactly (with the same "
+                   "data and settings)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out: its outputs and "
+                   "checkpoint are removed once this run's inputs have loaded (without --resume or --overwrite an "
+                   "--out holding a run is refused)")
     p.add_argument("--workers", type=nonneg_int, default=2, help="tokenizer worker processes (default %(default)s)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; under torchrun "
                    "each rank uses cuda:LOCAL_RANK)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def check_out_folder(out: Path, outputs: tuple[str, ...], resume: bool, overwrite: bool) -> None:
+    """A run that neither resumes nor overwrites refuses an ``out`` holding an earlier run (any of ``outputs`` or a
+    checkpoint): a rerun by mistake would replace a finished run, or its checkpoint at the first save."""
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite: choose one (continue the run in --out, or replace it)")
+    found = [name for name in ("checkpoint", *outputs) if (out / name).exists()]
+    if found and not (resume or overwrite):
+        raise InputError(f"{out}: holds an earlier run ({', '.join(found)}); pass --resume to continue it, "
+                         "--overwrite to replace it, or choose another --out")
+
+
+def remove_outputs(out: Path, outputs: tuple[str, ...]) -> None:
+    """Remove an earlier run's ``outputs`` and checkpoint from ``out`` (files or folders; --overwrite)."""
+    import shutil
+
+    for name in ("checkpoint", *outputs):
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def resolve_recipe_precision(args: argparse.Namespace, device) -> str:

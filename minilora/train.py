@@ -37,6 +37,19 @@ Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
 
 
+# Settings of TrainConfig a resume must share with the run that saved the checkpoint. The others may change: the
+# run's length (epochs, max_steps: a resume may train on, and says so, since the schedule then stretches),
+# precision, checkpointing, the evaluation and saving intervals
+RESUME_SETTINGS = ("lr", "lr_overrides", "weight_decay", "betas", "eps", "schedule", "warmup_steps", "warmup_ratio",
+                   "batch_size", "grad_accum", "max_grad_norm", "seed")
+RESUME_LENGTH = ("epochs", "max_steps")
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` as JSON would give it back (tuples as lists), so that saved and current values compare equal."""
+    return json.loads(json.dumps(obj, default=str))
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings (defaults: the paper's DAPT setup, HF-Trainer AdamW defaults)."""
@@ -249,8 +262,13 @@ class Trainer:
         higher_is_better: bool = False,
         batches: Callable[[int], list[list[int]]] | None = None,
         device: torch.device | str = "cpu",
+        identity: dict[str, Any] | None = None,
     ):
+        """``identity``: what else a resume must share with the run that saved the checkpoint (JSON values: the data's
+        fingerprint, the model, the adapter's settings); it is saved with the checkpoint and compared on resume,
+        with the optimisation settings of ``cfg`` (``RESUME_SETTINGS``)."""
         self.model, self.cfg, self.dataset, self.collate, self.loss_fn = model, cfg, dataset, collate, loss_fn
+        self.identity = _plain(identity or {})
         self.out_dir = Path(out_dir)
         self.evaluate, self.on_best = evaluate, on_best
         self.metric, self.higher = metric, higher_is_better
@@ -301,9 +319,24 @@ class Trainer:
                     "python": random.getstate(),
                 },
                 "config": asdict(self.cfg),
+                "identity": self.identity,
             },
             self.ckpt_path,
         )
+
+    def resume_differences(self, ck: dict) -> list[str]:
+        """How this run differs from the one that saved ``ck``: ``"name old -> new"`` for each setting of
+        ``RESUME_SETTINGS`` and each identity entry (checkpoints without them: nothing to compare)."""
+        diffs = []
+        saved, now = ck.get("config"), _plain(asdict(self.cfg))
+        if isinstance(saved, dict):
+            saved = _plain(saved)
+            diffs += [f"{k} {saved[k]!r} -> {now[k]!r}" for k in RESUME_SETTINGS if k in saved and saved[k] != now[k]]
+        saved_id = ck.get("identity")
+        if isinstance(saved_id, dict):
+            diffs += [f"{k} {saved_id.get(k)!r} -> {self.identity.get(k)!r}"
+                      for k in sorted(set(saved_id) | set(self.identity)) if saved_id.get(k) != self.identity.get(k)]
+        return diffs
 
     def load_checkpoint(self) -> bool:
         """Restore from ``checkpoint/state.pt`` if present; returns whether a checkpoint was found."""
@@ -316,6 +349,16 @@ class Trainer:
         keys = ("trainable", "optimizer", "scheduler", "state", "rng")
         if not isinstance(ck, dict) or any(k not in ck for k in keys):
             raise ValueError(f"{self.ckpt_path}: not a minilora checkpoint (expected a dict with {', '.join(keys)})")
+        diffs = self.resume_differences(ck)
+        if diffs:
+            raise ValueError(f"{self.ckpt_path}: saved by a run with other settings ({'; '.join(diffs)}); resume "
+                             "with the same ones, or start again with --overwrite")
+        saved = _plain(ck.get("config") or {})
+        longer = [f"{k} {saved[k]!r} -> {getattr(self.cfg, k)!r}" for k in RESUME_LENGTH
+                  if k in saved and saved[k] != getattr(self.cfg, k)]
+        if longer and is_main():
+            print(f"resume: {'; '.join(longer)}: the learning-rate schedule now runs over {self.total_steps} steps",
+                  file=sys.stderr)
         named = dict(self.model.named_parameters())
         missing = [n for n in ck["trainable"] if n not in named]
         if missing or len(ck["trainable"]) != len(self.params):

@@ -191,10 +191,52 @@ class Net(nn.Module):
         return self.head(self.body(x))
 
 
-def _trainer(tmp_path: Path, width: int) -> Trainer:
-    cfg = TrainConfig(lr=1e-3, epochs=1, batch_size=2, precision="fp32", progress=False, save_every=0)
+def _trainer(tmp_path: Path, width: int, identity: dict | None = None, **settings) -> Trainer:
+    cfg = TrainConfig(**{"lr": 1e-3, "epochs": 1, "batch_size": 2, "precision": "fp32", "progress": False,
+                         "save_every": 0, **settings})
     return Trainer(Net(width), cfg, [torch.randn(4) for _ in range(4)], lambda rows: {"input_ids": torch.stack(rows)},
-                   lambda m, b: (m(b["input_ids"]).pow(2).sum(), b["input_ids"].shape[0]), tmp_path)
+                   lambda m, b: (m(b["input_ids"]).pow(2).sum(), b["input_ids"].shape[0]), tmp_path,
+                   identity=identity)
+
+
+def test_resuming_with_other_data_or_settings_is_refused(tmp_path, capsys):
+    """Before: --resume with other notes, --lr or --seed continued the saved optimizer and schedule on the new data,
+    and summary.json recorded settings that had not trained the adapter."""
+    _trainer(tmp_path, 4, {"notes": "abc", "max_seq_len": 128}, seed=1).save_checkpoint()
+    with pytest.raises(ValueError) as e:
+        _trainer(tmp_path, 4, {"notes": "def", "max_seq_len": 128}, lr=5e-2, seed=7).load_checkpoint()
+    assert str(e.value) == (f"{tmp_path / 'checkpoint' / 'state.pt'}: saved by a run with other settings (lr 0.001 "
+                            "-> 0.05; seed 1 -> 7; notes 'abc' -> 'def'); resume with the same ones, or start again "
+                            "with --overwrite")
+    # the same run resumes; a longer one too, saying that its schedule stretches; precision may change
+    assert _trainer(tmp_path, 4, {"notes": "abc", "max_seq_len": 128}, seed=1).load_checkpoint()
+    assert "resume:" not in capsys.readouterr().err
+    assert _trainer(tmp_path, 4, {"notes": "abc", "max_seq_len": 128}, seed=1, max_steps=9,
+                    precision="bf16").load_checkpoint()
+    assert "resume: max_steps None -> 9: the learning-rate schedule now runs over 9 steps" in capsys.readouterr().err
+    torch.save({k: v for k, v in torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False).items()
+                if k not in ("identity", "config")}, tmp_path / "checkpoint" / "state.pt")
+    assert _trainer(tmp_path, 4, {"other": 1}, lr=1.0).load_checkpoint()  # an older checkpoint: nothing to compare
+
+
+@pytest.mark.parametrize("recipe, outputs", [("train_dapt.py", ["adapter", "summary.json"]),
+                                             ("train_task.py", ["checkpoint/state.pt"])])
+def test_a_rerun_into_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path, recipe, outputs):
+    """Before: a rerun without --resume replaced a finished run without a word (train_task removed its outputs even
+    before a typo in the arguments stopped it), and a stopped run's checkpoint at the first save."""
+    out = tmp_path / "run"
+    for name in outputs:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("earlier")
+    stamps = {p: p.read_text() for p in out.rglob("*") if p.is_file()}
+    for extra, message in (([], f"error: {out}: holds an earlier run ({', '.join(Path(n).parts[0] for n in outputs)}"
+                                "); pass --resume to continue it, --overwrite to replace it, or choose another --out"),
+                           (["--resume", "--overwrite"], "error: --resume and --overwrite: choose one"),
+                           (["--overwrite", "--model", str(tmp_path / "missing.gguf")], "missing.gguf")):
+        proc = subprocess.run([sys.executable, str(ROOT / recipe), "--out", str(out), "--no-progress", *extra],
+                              capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr
+        assert {p: p.read_text() for p in out.rglob("*") if p.is_file()} == stamps  # nothing of it touched
 
 
 def test_resuming_with_other_shapes_or_a_foreign_file_names_the_checkpoint(tmp_path):
@@ -380,3 +422,13 @@ def test_eval_does_not_list_label_values_when_the_label_column_is_likely_text(tm
     path.write_text("id,text,label\n1,a,\"A,B\"\n2,b,nan\n")
     split, counts = eval_cli.read_labelled(path, ["A", "B"], "multilabel", args)
     assert counts["unknown_labels"] == 0 and split.targets.tolist() == [[1, 1], [0, 0]]
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(capsys):
+    """Before: Ctrl-C while the model loaded or the test split was scored gave a KeyboardInterrupt traceback."""
+    def main():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(main)
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"

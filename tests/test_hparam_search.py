@@ -106,3 +106,81 @@ def test_bad_arguments_exit_2_before_training(tmp_path, args, message):
     proc = search("--out", str(tmp_path / "s"), *args)
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert not (tmp_path / "s" / "trials").exists()
+
+
+def _hparam_search_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hparam_search", ROOT / "tools" / "hparam_search.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_failing_trial_is_listed_and_the_others_go_on(tmp_path, monkeypatch, capsys):
+    """Before: one diverging grid point (NaN loss, exit 1) stopped the search, and the advice to rerun hit the same
+    trial again each time, so the other trials never ran."""
+    hs = _hparam_search_module()
+
+    def fake_trial(train_args, trial, r, alpha, dropout):  # r=4 diverges; the others finish with AUROC 0.5 + r/100
+        if r == 4:
+            return 1
+        trial.mkdir(parents=True, exist_ok=True)
+        (trial / "summary.json").write_text(json.dumps({"task": "mortality", "setting": "LoRA",
+                                                        "val_auroc": 0.5 + r / 100, "test_auroc": 0.6}))
+        return 0
+
+    monkeypatch.setattr(hs, "run_trial", fake_trial)
+    out = tmp_path / "s"
+    assert hs.main(["--out", str(out), "--r", "2,4,8", "--alpha", "8", "--dropout", "0", "--", "--task",
+                    "mortality"]) == 0
+    err = capsys.readouterr().err
+    assert "r=4 alpha=8 dropout=0: FAILED (train_task.py exited with code 1" in err
+    assert "warning: 1 of 3 trials failed and were left out of the selection" in err
+    record = json.loads((out / "search.json").read_text())
+    assert Path(record["best"]["dir"]).name == "r8-alpha8-dropout0" and record["complete"] is False
+    assert [t.get("failed") for t in record["trials"]] == [None, 1, None]
+    assert "| 4 | 8 | 0 | failed (exit 1) | - | - |" in (out / "search.md").read_text()
+
+
+def test_an_out_holding_another_run_is_refused(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text("{}")
+    proc = search("--out", str(tmp_path / "run"), "--", "--task", "mortality")
+    assert proc.returncode == 2 and "holds a run that is not a search (no search.json)" in proc.stderr
+    assert not (tmp_path / "run" / "search.json").exists()
+
+
+def test_sigterm_stops_the_running_trial_too(tiny_lm, tmp_path):
+    """Before: SIGTERM ended the search, and its train_task.py child trained on alone in the trial folder."""
+    import signal
+    import time
+
+    write_task_csvs(tmp_path / "data", "mortality", 160, seed=3)
+    out = tmp_path / "s"
+    train = ["--task", "mortality", "--data-dir", str(tmp_path / "data"), "--model", str(tiny_lm), *FAST[:-2],
+             "--epochs", "500", "--save-every", "1"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "hparam_search.py"), "--out", str(out), "--r", "2",
+                             "--alpha", "8", "--dropout", "0", "--", *train], stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    ckpt = out / "trials" / "r2-alpha8-dropout0" / "checkpoint" / "state.pt"
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert ckpt.exists(), proc.stderr.read() if proc.poll() is not None else "no checkpoint in 120 s"
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, err[-2000:]
+    assert "SIGTERM received: checkpoint saved" in err and "stopped:" in err
+    assert not [pid for pid in _pids() if str(out).encode() in _cmdline(pid)], "a trial is still running"
+
+
+def _pids() -> list[str]:
+    return [p.name for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return (Path("/proc") / pid / "cmdline").read_bytes()
+    except OSError:  # gone meanwhile
+        return b""

@@ -81,9 +81,13 @@ def test_stacked_domain_adapter_and_head_only(tiny_lm, task_dir, tmp_path):
     assert s["head"]["trainable_params"] == 2 * 32  # the bias-free head only: 2 classes x hidden 32
     assert s["trainable"]["trainable_params"] > s["frozen"]["trainable_params"] > s["head"]["trainable_params"]
     assert (tmp_path / "trainable" / "domain_adapter").is_dir() and not (tmp_path / "frozen" / "domain_adapter").exists()
-    # the frozen setting again, into the trainable run's folder: nothing of that run is used (its trained domain
-    # adapter is gone), so it predicts what the frozen run in a clean folder did, and eval.py agrees
-    run("train_task.py", *common, "--out", str(tmp_path / "trainable"))
+    # the frozen setting again, into the trainable run's folder: refused without --overwrite (nothing touched); with
+    # it, nothing of that run is used (its trained domain adapter is gone), so it predicts what the frozen run in a
+    # clean folder did, and eval.py agrees
+    refused = run("train_task.py", *common, "--out", str(tmp_path / "trainable"), check=False)
+    assert refused.returncode == 2 and "holds an earlier run" in refused.stderr and "--overwrite" in refused.stderr
+    assert (tmp_path / "trainable" / "domain_adapter").is_dir()
+    run("train_task.py", *common, "--out", str(tmp_path / "trainable"), "--overwrite")
     assert not (tmp_path / "trainable" / "domain_adapter").exists()
     rerun, clean = (np.load(tmp_path / d / "predictions_test.npz")["probs"] for d in ("trainable", "frozen"))
     assert np.abs(rerun - clean).max() <= 1e-6

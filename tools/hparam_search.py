@@ -3,8 +3,8 @@ dropout, the best by validation AUROC.
 
     PYTHONPATH=. python tools/hparam_search.py --out runs/search-mortality -- --task mortality --data-dir DATA ...
 
-Everything after ``--`` goes to every train_task.py run (not --out, --r, --alpha, --dropout or --resume, which this
-tool sets). The default grid is the paper's: r in {2, 4, 8, 16}, alpha in {4, 8, 16, 32}, dropout in {0, 0.1, 0.2}
+Everything after ``--`` goes to every train_task.py run (not --out, --r, --alpha, --dropout, --resume or --overwrite,
+which this tool sets). The default grid is the paper's: r in {2, 4, 8, 16}, alpha in {4, 8, 16, 32}, dropout in {0, 0.1, 0.2}
 (48 runs); --r, --alpha and --dropout take comma-separated lists.
 
 Layout of --out:
@@ -27,6 +27,7 @@ import itertools
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +39,7 @@ from minilora.cli import InputError, run_cli, write_json_atomic  # noqa: E402
 from minilora.files import read_json_object  # noqa: E402
 
 PAPER_GRID = {"r": "2,4,8,16", "alpha": "4,8,16,32", "dropout": "0,0.1,0.2"}
-SET_HERE = ("--out", "--r", "--alpha", "--dropout", "--resume")
+SET_HERE = ("--out", "--r", "--alpha", "--dropout", "--resume", "--overwrite")
 # the selected trial's outputs copied into --out (checkpoint/ stays in the trial); summary.json last
 COPIED = ("task_adapter", "domain_adapter", "head", "predictions_val.npz", "predictions_test.npz", "metrics.jsonl",
           "loss.png")
@@ -78,12 +79,26 @@ def check_passthrough(args: list[str]) -> None:
         raise InputError("--no-task-adapter: a head-only run has no LoRA hyper-parameters to search")
 
 
+STOPPED = (130, 143)  # train_task.py's exit codes after SIGINT / SIGTERM (it saved its checkpoint)
+
+
 def run_trial(train_args: list[str], trial: Path, r: int, alpha: float, dropout: float) -> int:
+    """Run one trial and return its exit code. SIGINT and SIGTERM sent to this process go on to the trial, which
+    saves its checkpoint and stops (the search then stops too): no trial is left training on its own."""
     cmd = [sys.executable, str(ROOT / "train_task.py"), *train_args, "--out", str(trial), "--r", str(r),
            "--alpha", f"{alpha:g}", "--dropout", f"{dropout:g}"]
     if (trial / "checkpoint").is_dir():
         cmd.append("--resume")
-    return subprocess.run(cmd, cwd=os.getcwd()).returncode
+    elif trial.exists():  # what an unfinished trial left before its first checkpoint: the search's own folder
+        cmd.append("--overwrite")
+    proc = subprocess.Popen(cmd, cwd=os.getcwd())
+    forward = {sig: signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
+               for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in forward.items():
+            signal.signal(sig, handler)
 
 
 def finished(trial: Path) -> dict | None:
@@ -133,8 +148,10 @@ def write_markdown(path: Path, search: dict) -> None:
              "| r | alpha | dropout | val AUROC | test AUROC | best epoch | trial |", "|---|---|---|---|---|---|---|"]
     for t in sorted(search["trials"], key=lambda t: -(t["val_auroc"] if defined(t["val_auroc"]) else -1)):
         cells = [("-" if not defined(t[k]) else f"{t[k]:.4f}") for k in ("val_auroc", "test_auroc")]
+        if "failed" in t:
+            cells = [f"failed (exit {t['failed']})", "-"]
         lines.append(f"| {t['r']} | {t['alpha']:g} | {t['dropout']:g} | {cells[0]} | {cells[1]} | "
-                     f"{t['best_epoch']} | `{t['dir']}` |")
+                     f"{'-' if t['best_epoch'] is None else t['best_epoch']} | `{t['dir']}` |")
     lines += ["", "The test AUROC of the trials other than the selected one is shown for reference only: choosing by "
               "it would overstate the result."]
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -165,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         if earlier != train_args and started:  # with no trial trained yet (a typo in the arguments) it starts afresh
             raise InputError(f"{record}: an earlier search here ran train_task.py with other arguments "
                              f"({' '.join(earlier or [])!r}); use another --out")
+    elif any((out / name).exists() for name in ("summary.json", "checkpoint", "adapter", "task_adapter")):
+        raise InputError(f"{out}: holds a run that is not a search (no search.json); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(record, {"train_task_args": train_args, "complete": False})  # the arguments, for a resume
 
@@ -178,18 +197,29 @@ def main(argv: list[str] | None = None) -> int:
             if code == 2:
                 raise InputError(f"{trial}: train_task.py rejected its input (its message is above); finished trials "
                                  f"are kept")
-            if code != 0 or (summary := finished(trial)) is None:
-                print(f"error: {trial}: train_task.py exited with code {code}; rerun the same command to resume",
+            if code in STOPPED or code < 0:  # stopped by a signal: the search stops too, to resume later
+                print(f"stopped: {trial}: train_task.py exited with code {code}; rerun the same command to resume",
                       file=sys.stderr)
-                return 1
+                return code if code > 0 else 128 - code
+            if code != 0 or (summary := finished(trial)) is None:  # e.g. a diverging grid point: the others go on
+                print(f"[{i}/{len(grid)}] r={r} alpha={alpha:g} dropout={dropout:g}: FAILED (train_task.py exited "
+                      f"with code {code}; its message is above)", file=sys.stderr)
+                trials.append({"r": r, "alpha": alpha, "dropout": dropout, "dir": str(trial), "val_auroc": None,
+                               "test_auroc": None, "best_epoch": None, "failed": code, "summary": {}})
+                continue
         trials.append({"r": r, "alpha": alpha, "dropout": dropout, "dir": str(trial),
                        "val_auroc": summary.get("val_auroc"), "test_auroc": summary.get("test_auroc"),
                        "best_epoch": summary.get("best_epoch"), "summary": summary})
         shown = f"{summary['val_auroc']:.4f}" if defined(summary.get("val_auroc")) else "undefined"
         print(f"[{i}/{len(grid)}] r={r} alpha={alpha:g} dropout={dropout:g}: val AUROC {shown}", file=sys.stderr)
 
+    failed = [t for t in trials if "failed" in t]
     scored = [t for t in trials if defined(t["val_auroc"])]
     if not scored:
+        if failed:
+            print(f"error: all {len(failed)} trials that could be scored failed (messages above); rerun the same "
+                  "command to retry them", file=sys.stderr)
+            return 1
         raise InputError(f"{out}: no trial has a defined validation AUROC (one class in the validation split?)")
     best = max(scored, key=lambda t: t["val_auroc"])  # max keeps the first of equals: grid order breaks ties
     summary = {**best["summary"], "search": {"grid": {"r": args.r, "alpha": args.alpha, "dropout": args.dropout},
@@ -198,13 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     search = {"task": summary.get("task"), "setting": summary.get("setting"), "train_task_args": train_args,
               "grid": {"r": args.r, "alpha": args.alpha, "dropout": args.dropout}, "selection": "val_auroc",
               "trials": [{k: v for k, v in t.items() if k != "summary"} for t in trials],
-              "best": {k: v for k, v in best.items() if k != "summary"}, "complete": True}
+              "best": {k: v for k, v in best.items() if k != "summary"}, "complete": not failed}
     write_json_atomic(record, search)
     write_markdown(out / "search.md", search)
     test = "undefined" if best["test_auroc"] is None else f"{best['test_auroc']:.4f}"
     print(f"selected r={best['r']} alpha={best['alpha']:g} dropout={best['dropout']:g} on validation AUROC "
           f"{best['val_auroc']:.4f}; its test AUROC {test}. {out} holds its outputs (eval.py reads it); "
           f"{out / 'search.md'} lists all {len(trials)} trials")
+    if failed:
+        print(f"warning: {len(failed)} of {len(trials)} trials failed and were left out of the selection (search.md "
+              "lists them); rerun the same command to retry them", file=sys.stderr)
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import gzip
+import hashlib
 import io
 import json
 import sys
@@ -228,6 +229,17 @@ def load_task_files(
         splits[split] = Split(ids, texts, np.stack(targets) if multilabel else np.array(targets, dtype=np.int64),
                               raw_labels)
     return TaskData(name, kind, labels, splits, report)
+
+
+def fingerprint(data: TaskData) -> str:
+    """A short hash of a task's content (kind, labels and every split's ids, texts and labels): what a resumed run
+    must train on again, whatever the files are called or however they were copied."""
+    h = hashlib.sha256(json.dumps([data.kind, data.labels]).encode())
+    for split in sorted(data.splits):
+        s = data.splits[split]
+        for part in (s.ids, s.texts, s.raw_labels):
+            h.update(split.encode() + b"\0" + "\0".join(part).encode() + b"\1")
+    return h.hexdigest()[:20]
 
 
 def van_aken_files(task: str, data_dir: Path) -> tuple[dict[str, Path], str, str]:
