@@ -50,7 +50,7 @@ from minilora.cli import InputError, positive_int, run_cli, write_json_atomic
 from minilora.files import read_json_object
 from minilora.data.notes import clean_note
 from minilora.data.synthetic import task_spec
-from minilora.data.tasks import MISSING_LABELS, EncodedSplit, Split, read_rows
+from minilora.data.tasks import MISSING_LABELS, EncodedSplit, Split, id_columns, read_rows, warn_duplicate_ids
 from minilora.metrics import UndefinedMetricError, average_precision, bootstrap_ci, f1, roc_auc, roc_curve, task_auroc
 
 KINDS = ("binary", "multiclass", "multilabel")
@@ -532,7 +532,7 @@ def read_labelled(path: Path, labels: list[str], kind: str, args: argparse.Names
     counts = {"rows": 0, "empty_text": 0, "unknown_labels": 0}
     unknown: set[str] = set()
     unmatched = 0  # rows whose label (codes) the run has none of
-    for line, rec in read_rows(path, [args.text_col, args.label_col]):
+    for line, rec in read_rows(path, [args.text_col, args.label_col, *id_columns(args.id_col)]):
         text = clean_note(rec[args.text_col] or "")
         value = (rec[args.label_col] or "").strip()
         if not text:
@@ -560,6 +560,7 @@ def read_labelled(path: Path, labels: list[str], kind: str, args: argparse.Names
         targets.append(target)
         raw.append(value)
     counts["rows"] = len(ids)
+    warn_duplicate_ids(path, ids)
     if unknown:
         what = "label codes dropped" if kind == "multilabel" else "rows left out"
         # label values only where they look like codes: a wrong --label-col or a ragged row would put text here,
@@ -593,7 +594,7 @@ def write_npz_atomic(path: Path, **arrays: np.ndarray) -> Path:
 def read_unlabelled(path: Path, args: argparse.Namespace) -> tuple[list[str], list[str], int]:
     """(ids, cleaned texts, rows with empty text skipped) of a file of notes; any label column is ignored."""
     ids, texts, empty = [], [], 0
-    for line, rec in read_rows(path, [args.text_col]):
+    for line, rec in read_rows(path, [args.text_col, *id_columns(args.id_col)]):
         text = clean_note(rec[args.text_col] or "")
         if not text:
             empty += 1
@@ -605,6 +606,7 @@ def read_unlabelled(path: Path, args: argparse.Namespace) -> tuple[list[str], li
         print(f"{path}: {empty} rows with empty text skipped", file=sys.stderr)
     if not ids:
         raise InputError(f"{path}: no row with text in {args.text_col!r}")
+    warn_duplicate_ids(path, ids)
     return ids, texts, empty
 
 

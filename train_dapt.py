@@ -18,7 +18,8 @@ import torch
 from minilora import from_pretrained, graphs
 from minilora.cli import (
     InputError, add_lora_args, add_optimisation_args, add_run_args, check_out_folder, nonneg_int, parse_with_config,
-    positive_float, positive_int, remove_outputs, resolve_recipe_precision, run_cli, write_json_atomic,
+    positive_float, positive_int, remove_outputs, resolve_recipe_precision, run_cli, warn_beyond_positions,
+    write_json_atomic,
 )
 from minilora.data.notes import build_token_cache
 from minilora.data.packing import PackedDataset, TruncatedDataset, collate
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = from_pretrained(args.model, dtype=base_dtype, device=device)
     if tok is None:
         raise InputError(f"{args.model}: no tokenizer found beside the model")
+    if is_main():
+        warn_beyond_positions(max_len, model.config)
     cache_dir = Path(args.cache_dir) if args.cache_dir else out.parent / "cache"
     for building in (True, False):  # rank 0 tokenizes; the other ranks then read its cache
         if is_main() == building:

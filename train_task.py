@@ -24,7 +24,8 @@ from minilora import from_pretrained
 from minilora.classify import Classifier, class_weights, classification_loss_sum, predict
 from minilora.cli import (
     InputError, add_lora_args, add_optimisation_args, add_run_args, check_out_folder, parse_with_config,
-    positive_float, positive_int, remove_outputs, resolve_recipe_precision, run_cli, write_json_atomic,
+    positive_float, positive_int, remove_outputs, resolve_recipe_precision, run_cli, warn_beyond_positions,
+    write_json_atomic,
 )
 from minilora.data.synthetic import TASKS, write_task_csvs
 from minilora.data.tasks import (
@@ -155,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     lm, tok = from_pretrained(args.model, dtype=base_dtype, device=device)
     if tok is None:
         raise InputError(f"{args.model}: no tokenizer found beside the model")
+    if is_main():
+        warn_beyond_positions(max_len, lm.config)
     if domain:
         load_adapter(lm, domain, "domain", trainable=args.domain_trainable)
     targets = "all-linear" if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))

@@ -432,3 +432,88 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(capsys):
     with pytest.raises(SystemExit) as e:
         run_cli(main)
     assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
+def test_a_label_column_of_text_is_refused_before_its_values_go_into_files(tmp_path):
+    """Before: --label-col text --multilabel trained a head of 1,333 'codes' (note fragments), written into
+    summary.json and head_config.json and drawn as the ROC plot's legend."""
+    words = " ".join(["word"] * 30)
+    rows = "".join(f'{i},"{SECRET} note {i}","{SECRET} a phrase {i}, {words} {i}"\n' for i in range(30))
+    with pytest.raises(TaskDataError) as e:
+        load_task_files(_task(tmp_path, "id,text,label\n" + rows), "t", "multilabel")
+    assert "'label' looks like free text, not labels (60 distinct values in 30 rows, 30 over 100 characters); " \
+           "expected class labels or codes (is --label-col right?)" in str(e.value) and SECRET not in str(e.value)
+    rows = "".join(f"{i},note {i},{SECRET}{i}\n" for i in range(30))  # single-label: a value per row
+    with pytest.raises(TaskDataError, match=r"looks like free text, not labels \(30 distinct values in 30 rows\)"):
+        load_task_files(_task(tmp_path, "id,text,label\n" + rows), "t", "multiclass")
+    rows = "".join(f"{i},note {i},class {i % 25}\n" for i in range(60))  # 25 classes in 60 rows: labels
+    assert load_task_files(_task(tmp_path, "id,text,label\n" + rows), "t", "multiclass").num_labels == 25
+
+
+def test_an_id_column_asked_for_must_exist_and_repeated_ids_are_reported(tmp_path, capsys):
+    """Before: --id-col ID on a file with 'id' named every row <file>:<line> without a word; ids that repeat could
+    not be joined back, unnoticed; a duplicated text column was read from its last copy."""
+    import argparse
+
+    import eval as eval_cli
+
+    files = _task(tmp_path, "id,text,label\n1,a,0\n2,b,1\n")
+    with pytest.raises(TaskDataError, match="missing column 'ID' \\(columns: id, text, label\\)"):
+        load_task_files(files, "t", "binary", id_col="ID")
+    path = tmp_path / "p.csv"
+    path.write_text("id,text\nA,a\nA,b\nB,c\n")
+    ids, _, _ = eval_cli.read_unlabelled(path, argparse.Namespace(text_col="text", id_col="id"))
+    assert ids == ["A", "A", "B"] and f"warning: {path}: 1 rows repeat an id of an earlier row" in \
+        capsys.readouterr().err
+    path.write_text("id,text,text,label\n1,a,b,0\n")
+    with pytest.raises(TaskDataError, match="column 'text' appears 2 times in the header; expected it once"):
+        eval_cli.read_unlabelled(path, argparse.Namespace(text_col="text", id_col="id"))
+
+
+def test_sequences_past_the_models_positions_are_warned_about(capsys):
+    from minilora.cli import warn_beyond_positions
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      max_position_embeddings=512)
+    warn_beyond_positions(512, cfg)
+    assert capsys.readouterr().err == ""
+    warn_beyond_positions(2048, cfg)
+    assert capsys.readouterr().err == ("warning: --max-seq-len 2048 exceeds the model's 512 positions "
+                                       "(max_position_embeddings); sequences past them are outside what it was "
+                                       "trained on\n")
+
+
+def _tool(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / name), *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_the_task_tools_give_one_line_errors(tmp_path):
+    """Before: tfidf_baseline.py and mtsamples_task.py ran outside run_cli: a missing file, --max-features 0, an --out
+    that is a file or a source that is not gzip gave tracebacks, and --min-count above every specialty wrote empty
+    splits and exited 0."""
+    from conftest import shared_path
+
+    files = _task(tmp_path, "id,text,label\n1,a,0\n2,b,1\n")
+    cases = [
+        ("tfidf_baseline.py", ["--task", "t", "--train", str(files["train"]), "--val", str(files["val"]), "--test",
+                               str(tmp_path / "none.csv"), "--out", str(tmp_path / "o")], "none.csv: no such file"),
+        ("tfidf_baseline.py", ["--task", "t", "--max-features", "0", "--out", "o"],
+         "argument --max-features: expected an integer >= 1, got 0"),
+        ("tfidf_baseline.py", ["--task", "t", "--out", "o"], "give --data-dir, or all of --train, --val and --test"),
+        ("mtsamples_task.py", ["--source", str(files["train"])], "not a gzip file, though its name ends in .gz"),
+    ]
+    gz_named = tmp_path / "m.jsonl.gz"
+    gz_named.write_text("{}\n")
+    cases[-1][1][1] = str(gz_named)
+    source = shared_path("mtsamples", "mtsamples.jsonl.gz")
+    (tmp_path / "afile").write_text("x")
+    cases += [("mtsamples_task.py", ["--source", str(source), "--out", str(tmp_path / "afile")], "afile"),
+              ("mtsamples_task.py", ["--source", str(source), "--min-count", "100000", "--out", str(tmp_path / "m")],
+               "0 specialties have at least --min-count 100000 notes; a task needs 2 or more")]
+    for tool, args, message in cases:
+        proc = _tool(tool, *args, cwd=tmp_path)
+        lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith(("usage:", " "))]
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (tool, args, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "m").exists()

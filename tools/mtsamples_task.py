@@ -17,25 +17,40 @@ from pathlib import Path
 
 import numpy as np
 
+from minilora.cli import InputError, positive_int, run_cli
+from minilora.data.tasks import read_errors
+
 DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mtsamples" / "mtsamples.jsonl.gz"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="mtsamples.jsonl.gz")
-    p.add_argument("--out", type=Path, default=Path("runs/mtsamples-data"))
-    p.add_argument("--min-count", type=int, default=100, help="keep specialties with at least this many notes")
-    p.add_argument("--max-per-class", type=int, default=None, help="cap notes per specialty (faster runs)")
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="mtsamples.jsonl.gz (default %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("runs/mtsamples-data"),
+                   help="folder for the task CSVs and DAPT notes (default %(default)s)")
+    p.add_argument("--min-count", type=positive_int, default=100,
+                   help="keep specialties with at least this many notes (default %(default)s)")
+    p.add_argument("--max-per-class", type=positive_int, default=None,
+                   help="cap notes per specialty (faster runs; default: no cap)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split (default %(default)s)")
     args = p.parse_args(argv)
     if not args.source.is_file():
-        p.exit(2, f"error: {args.source}: not found (MTSamples ships in ../shared/data on developer machines)\n")
-    with gzip.open(args.source, "rt", encoding="utf-8") as fh:
-        rows = [json.loads(line) for line in fh]
-    rows = [r for r in rows if (r.get("transcription") or "").strip()]
+        raise FileNotFoundError(f"{args.source}: not found (MTSamples ships in ../shared/data on developer machines)")
+    rows = []
+    with read_errors(args.source), gzip.open(args.source, "rt", encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise InputError(f"{args.source}: line {i} is not valid JSON") from None
+    rows = [r for r in rows if isinstance(r, dict) and (r.get("transcription") or "").strip()
+            and isinstance(r.get("medical_specialty"), str) and "note_id" in r]
     label = {r["note_id"]: r["medical_specialty"].strip() for r in rows}
     counts = Counter(label.values())
     keep = sorted(c for c, n in counts.items() if n >= args.min_count)
+    if len(keep) < 2:
+        raise InputError(f"{args.source}: {len(keep)} specialties have at least --min-count {args.min_count} notes; "
+                         "a task needs 2 or more (lower --min-count)")
     rng = np.random.default_rng(args.seed)
     splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     for cls in keep:
@@ -67,4 +82,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

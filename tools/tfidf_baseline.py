@@ -16,24 +16,28 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 
-from minilora.cli import write_json_atomic
+from minilora.cli import InputError, positive_int, run_cli, write_json_atomic
 from minilora.data.tasks import load_named_task, load_task_files
 from minilora.metrics import task_auroc
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--task", required=True)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--train")
-    p.add_argument("--val")
-    p.add_argument("--test")
-    p.add_argument("--multilabel", action="store_true")
-    p.add_argument("--text-col", default="text")
-    p.add_argument("--label-col", default="label")
-    p.add_argument("--out", required=True)
-    p.add_argument("--max-features", type=int, default=50000)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True, help="task name (mortality, los, pmv, diagnoses, procedures with "
+                   "--data-dir; any name for --train/--val/--test)")
+    p.add_argument("--data-dir", default=None, help="folder of a named task's van Aken (or mimic4_tasks.py) CSVs")
+    p.add_argument("--train", help="custom task: training CSV/JSONL")
+    p.add_argument("--val", help="custom task: validation CSV/JSONL")
+    p.add_argument("--test", help="custom task: test CSV/JSONL")
+    p.add_argument("--multilabel", action="store_true", help="custom task: the label column holds codes")
+    p.add_argument("--text-col", default="text", help="custom task: text column (default %(default)s)")
+    p.add_argument("--label-col", default="label", help="custom task: label column (default %(default)s)")
+    p.add_argument("--out", required=True, help="run folder to write (eval.py reports it)")
+    p.add_argument("--max-features", type=positive_int, default=50000,
+                   help="TF-IDF vocabulary size, uni- and bigrams (default %(default)s)")
     args = p.parse_args(argv)
+    if not args.data_dir and not (args.train and args.val and args.test):
+        raise InputError("give --data-dir, or all of --train, --val and --test")
     t0 = time.perf_counter()
     if args.data_dir:
         data, source = load_named_task(args.task, args.data_dir), "mimic"
@@ -76,4 +80,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

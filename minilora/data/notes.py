@@ -195,6 +195,8 @@ def _read_csv(path: Path, lines: Iterator[tuple[int, str]], field: str) -> Itera
     if field not in header:
         raise NotesError(f"{path}: no column {field!r} (available: {describe_fields(header, [field])}); choose one "
                          "with --text-field (text_field=)")
+    if header.count(field) > 1:
+        raise NotesError(f"{path}: column {field!r} appears {header.count(field)} times in the header; expected it once")
     text_col = header.index(field)
     id_col = header.index(ID_FIELD) if ID_FIELD in header else None
     row_no = 0

@@ -71,7 +71,7 @@ def read_rows(path: Path, columns: list[str], list_sep: str = ",") -> Iterator[t
         raise TaskDataError(f"{path}: empty file")
     is_jsonl = bool({".jsonl", ".json", ".ndjson"} & set(path.suffixes))
     csv.field_size_limit(2**31 - 1)
-    with _read_errors(path):
+    with read_errors(path):
         with _open_text(path) as fh:
             if is_jsonl:
                 for i, line in enumerate(fh, 1):
@@ -102,6 +102,10 @@ def read_rows(path: Path, columns: list[str], list_sep: str = ",") -> Iterator[t
                 if missing:
                     raise TaskDataError(f"{path}: missing column {missing[0]!r} "
                                         f"(columns: {describe_fields(header, columns)})")
+                twice = [c for c in columns if header.count(c) > 1]
+                if twice:  # DictReader would keep the last of them
+                    raise TaskDataError(f"{path}: column {twice[0]!r} appears {header.count(twice[0])} times in the "
+                                        "header; expected it once")
                 while True:
                     with _csv_errors(path, reader, reader.line_num + 1):
                         row = next(reader, None)
@@ -116,7 +120,7 @@ def read_rows(path: Path, columns: list[str], list_sep: str = ",") -> Iterator[t
 
 
 @contextlib.contextmanager
-def _read_errors(path: Path) -> Iterator[None]:
+def read_errors(path: Path) -> Iterator[None]:
     """Reading ``path`` inside: undecodable text, a .gz name on other data and I/O errors become TaskDataErrors."""
     try:
         yield
@@ -141,6 +145,8 @@ def _csv_errors(path: Path, reader: csv.DictReader, row_start: int) -> Iterator[
 def _json_kind(value: object) -> str:
     return {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
 
+
+MAX_LABEL_CHARS = 100  # a longer class name or code is text in the wrong column
 
 # NaN written out (str of a float NaN, JSON NaN): never a class name; "none" or "NA" can be one, so they are taken
 MISSING_LABELS = {"nan"}
@@ -174,7 +180,7 @@ def load_task_files(
     report: dict[str, dict[str, int]] = {}
     for split, path in files.items():
         rows, empty = [], 0
-        for line, row in read_rows(Path(path), [text_col, label_col], list_sep=label_sep):
+        for line, row in read_rows(Path(path), [text_col, label_col, *id_columns(id_col)], list_sep=label_sep):
             text = clean_note(row[text_col] or "")
             label = (row[label_col] or "").strip()
             if not text:
@@ -199,6 +205,12 @@ def load_task_files(
         raise TaskDataError(f"{files['train']}: {label_col!r} has a single class in training; expected at least 2")
     if multilabel and not labels:
         raise TaskDataError(f"{files['train']}: {label_col!r} holds no label code in training; expected at least one")
+    long = sum(len(lab) > MAX_LABEL_CHARS for lab in labels)
+    rows = len(raw["train"])
+    if long or (not multilabel and len(labels) > 20 and 2 * len(labels) > rows):  # labels go into files and plots
+        raise TaskDataError(f"{files['train']}: {label_col!r} looks like free text, not labels ({len(labels)} distinct "
+                            f"values in {rows} rows" + (f", {long} over {MAX_LABEL_CHARS} characters" if long else "")
+                            + "); expected class labels or codes (is --label-col right?)")
     if kind == "binary" and len(labels) > 2:
         raise TaskDataError(f"{files['train']}: {label_col!r} has {len(labels)} distinct values in training; the "
                             f"{name} task is binary (expected 2, e.g. 0 and 1)")
@@ -242,6 +254,22 @@ def fingerprint(data: TaskData) -> str:
     return h.hexdigest()[:20]
 
 
+DEFAULT_ID_COL = "id"  # optional: without it a row's id is <file>:<line>; any other --id-col must exist
+
+
+def id_columns(id_col: str | None) -> list[str]:
+    """The id column as a required column: none for the default (optional), the column for any other."""
+    return [id_col] if id_col and id_col != DEFAULT_ID_COL else []
+
+
+def warn_duplicate_ids(path: Path, ids: list[str]) -> None:
+    """One line on stderr when ``ids`` repeat (rows that cannot be told apart by id); ids are not note text."""
+    repeated = len(ids) - len(set(ids))
+    if repeated:
+        print(f"warning: {path}: {repeated} rows repeat an id of an earlier row (predictions cannot be joined back "
+              "by id alone)", file=sys.stderr)
+
+
 def van_aken_files(task: str, data_dir: Path) -> tuple[dict[str, Path], str, str]:
     """The split files of a named task in ``data_dir`` and its (kind, label column); accepts val or dev."""
     spec = task_spec(task)
@@ -253,7 +281,7 @@ def van_aken_files(task: str, data_dir: Path) -> tuple[dict[str, Path], str, str
         if found is None:
             raise FileNotFoundError(f"{cands[0]}: missing (expected the {task} task's {split} split in {data_dir})")
         files[split] = found
-    with _read_errors(files["train"]), _open_text(files["train"]) as fh:
+    with read_errors(files["train"]), _open_text(files["train"]) as fh:
         header = next(csv.reader(fh), [])
     label_col = spec.label_column if spec.label_column in header else "label"
     return files, spec.kind, label_col
