@@ -33,6 +33,7 @@ from minilora.data.tasks import (
     print_report,
 )
 from minilora.data.tasks import fingerprint as task_fingerprint
+from minilora.loading import adapter_fingerprint, weights_fingerprint
 from minilora.lora import (
     add_adapter, load_adapter, restore_adapter, save_adapter, set_trainable, trainable_parameters,
 )
@@ -158,8 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"{args.model}: no tokenizer found beside the model")
     if is_main():
         warn_beyond_positions(max_len, lm.config)
+    fingerprints = {"model": weights_fingerprint(lm)}  # eval.py checks that it rebuilds the same model
     if domain:
         load_adapter(lm, domain, "domain", trainable=args.domain_trainable)
+        if not args.domain_trainable:  # the run keeps no copy of a frozen domain adapter
+            fingerprints["domain_adapter"] = adapter_fingerprint(domain)
     targets = "all-linear" if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
     if not args.no_task_adapter:
         add_adapter(lm, "task", r=args.r, alpha=args.alpha, dropout=args.dropout, targets=targets)
@@ -247,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_mem_mb": peak_memory_mb(device), "wall_s": time.perf_counter() - t_start, "world_size": world()[1],
         "labels": data.labels, "data_report": data.report,
         "config": {**vars(args), "max_seq_len": max_len, "epochs": epochs, "domain_adapter": domain},
+        "fingerprints": fingerprints,
     }
     write_json_atomic(out / "summary.json", summary)
     shown = {k: "undefined" if summary[k] is None else f"{summary[k]:.4f}" for k in ("val_auroc", "test_auroc")}

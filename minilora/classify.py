@@ -141,7 +141,7 @@ def predict(model: Classifier, dataset, pad_id: int, batch_size: int = 16, devic
 
 def load_classifier(run_dir: str | Path, device: torch.device | str | None = None):
     """(Classifier, tokenizer, summary) rebuilt from a ``train_task.py`` run folder: base model, adapters, head."""
-    from minilora.loading import from_pretrained
+    from minilora.loading import adapter_fingerprint, from_pretrained, weights_fingerprint
     from minilora.lora import load_adapter
 
     run = Path(run_dir)
@@ -155,11 +155,21 @@ def load_classifier(run_dir: str | Path, device: torch.device | str | None = Non
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if cfg.get("precision", "bf16") == "bf16" else torch.float32
     lm, tok = from_pretrained(cfg["model"], dtype=dtype, device=device)
+    # a run records what it was trained on (since 20261202): a path that now holds other weights is refused
+    expected = summary.get("fingerprints") if isinstance(summary.get("fingerprints"), dict) else {}
+    if "model" in expected and weights_fingerprint(lm) != expected["model"]:
+        raise ValueError(f"{cfg['model']}: not the base model {run} was trained on (its weights differ from the "
+                         f"fingerprint in {summary_path}); put that model back at this path")
     # the adapters the run used: its trained domain adapter (--domain-trainable) or the frozen one it was given,
     # and its task adapter unless --no-task-adapter
     if cfg.get("domain_adapter"):
         trained = cfg.get("domain_trainable", (run / "domain_adapter").is_dir())
-        load_adapter(lm, run / "domain_adapter" if trained else cfg["domain_adapter"], "domain")
+        domain = run / "domain_adapter" if trained else Path(cfg["domain_adapter"])
+        if not trained and "domain_adapter" in expected and (domain / "adapter_model.safetensors").is_file() and \
+                adapter_fingerprint(domain) != expected["domain_adapter"]:
+            raise ValueError(f"{domain}: not the domain adapter {run} was trained with (changed since: its weights "
+                             f"differ from the fingerprint in {summary_path})")
+        load_adapter(lm, domain, "domain")
     if not cfg.get("no_task_adapter", not (run / "task_adapter").is_dir()):
         load_adapter(lm, run / "task_adapter", "task")
     head_cfg, weight = Classifier.read_head(run / "head")

@@ -188,3 +188,28 @@ def from_pretrained(
             f"{path}: tokenizer has {tok.vocab_size} tokens but the embedding has {model.config.vocab_size} rows"
         )
     return model, tok
+
+
+FINGERPRINT_ELEMENTS = 4096  # per tensor: enough to tell checkpoints apart, cheap at 7B
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of a model's base weights (not its adapters): the first ``FINGERPRINT_ELEMENTS`` values of every
+    tensor, rounded to bf16 so that an fp32 and a bf16 load of one checkpoint agree, in any file format. eval.py
+    compares it with the run's to catch a model path that now holds other weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if "lora_" in name:
+            continue
+        head = p.detach().reshape(-1)[:FINGERPRINT_ELEMENTS].to("cpu", torch.bfloat16).view(torch.int16)
+        h.update(f"{name}{tuple(p.shape)}".encode() + head.numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def adapter_fingerprint(folder: str | Path) -> str:
+    """A short hash of an adapter folder's weights file (``adapter_model.safetensors``)."""
+    import hashlib
+
+    return hashlib.sha256((Path(folder) / "adapter_model.safetensors").read_bytes()).hexdigest()[:20]

@@ -517,3 +517,51 @@ def test_the_task_tools_give_one_line_errors(tmp_path):
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (tool, args, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_eval_refuses_a_model_path_or_frozen_domain_adapter_that_changed_since_training(tiny_lm, tmp_path):
+    """Before: eval.py rebuilt a run's model from the paths in its summary.json as they were now: another model at
+    the same path scored AUROC 50.61 without a word, and a DAPT run redone into the frozen adapter's folder shifted
+    the probabilities by up to 0.47."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from minilora import from_pretrained
+    from minilora.classify import load_classifier
+    from minilora.loading import adapter_fingerprint, weights_fingerprint
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_lm, model_dir)
+    lm, _ = from_pretrained(model_dir, dtype="fp32")
+    fingerprint = weights_fingerprint(lm)
+    assert weights_fingerprint(from_pretrained(model_dir, dtype="bf16")[0]) == fingerprint  # either precision
+    add_adapter(lm, "domain", r=2, alpha=4)
+    domain = save_adapter(lm, "domain", tmp_path / "dapt" / "adapter")
+    assert weights_fingerprint(lm) == fingerprint  # adapters are not part of it
+    add_adapter(lm, "task", r=2, alpha=4)
+    run = tmp_path / "run"
+    save_adapter(lm, "task", run / "task_adapter")
+    Classifier(lm, 2).save_head(run / "head", labels=["0", "1"])
+    (run / "summary.json").write_text(json.dumps({
+        "task": "mortality", "kind": "binary", "labels": ["0", "1"], "config": {
+            "model": str(model_dir), "precision": "fp32", "domain_adapter": str(domain), "domain_trainable": False},
+        "fingerprints": {"model": fingerprint, "domain_adapter": adapter_fingerprint(domain)}}))
+    load_classifier(run, device="cpu")  # as trained: fine
+    weights = next(model_dir.glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(n for n in tensors if n.endswith("q_proj.weight"))
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, weights)
+    with pytest.raises(ValueError, match=f"{model_dir}: not the base model {run} was trained on"):
+        load_classifier(run, device="cpu")
+    shutil.rmtree(model_dir)
+    shutil.copytree(tiny_lm, model_dir)
+    add_adapter(lm, "domain2", r=2, alpha=4)  # a redone DAPT run: other weights in the same folder
+    with torch.no_grad():
+        for p in lm.parameters():
+            if p.requires_grad:
+                p.normal_()
+    save_adapter(lm, "domain2", tmp_path / "dapt" / "adapter")
+    with pytest.raises(ValueError, match=f"{domain}: not the domain adapter {run} was trained with"):
+        load_classifier(run, device="cpu")

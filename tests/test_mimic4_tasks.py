@@ -277,6 +277,26 @@ def test_without_icu_no_pmv_is_built(demo, tmp_path):
                                if t != "pmv"}
 
 
+def test_a_rebuild_into_the_same_folder_leaves_nothing_stale(demo, tmp_path):
+    """Before: a rebuild without --icu into a folder with PMV files kept them (train_task.py trained on them as this
+    build's), and the earlier DAPT notes, drawn under another patient split, stayed without a word."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(demo["out"], out)
+    summary = json.loads((out / "summary.json").read_text())
+    summary["settings"]["dapt_notes"] = str(demo["dapt"])
+    (out / "summary.json").write_text(json.dumps(summary))
+    assert list(out.glob("pmv_*"))
+    proc = _run_tool("--hosp", str(demo["hosp"]), "--notes", str(demo["notes"]), "--out", str(out), "--seed", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not list(out.glob("pmv_*")) and f"removed {out / 'pmv_train.csv.gz'}" in proc.stderr
+    assert f"warning: {demo['dapt']}: DAPT notes of an earlier build into {out}, with another patient split" in \
+        proc.stderr
+    proc = _run_tool("--hosp", str(demo["hosp"]), "--notes", str(demo["notes"]), "--out", str(out), "--seed", "1")
+    assert proc.returncode == 0 and "removed" not in proc.stderr and "warning" not in proc.stderr, proc.stderr
+
+
 def test_no_left_out_section_or_death_mention_reaches_any_task_text(demo):
     for task in ALL_TASKS:
         for split, rows in _task(demo, task).items():

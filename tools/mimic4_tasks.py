@@ -44,6 +44,7 @@ from pathlib import Path
 from minilora.cli import InputError, run_cli, write_json_atomic
 from minilora.data.synthetic import ADMISSION_SECTIONS, TASKS, remove_death_mentions
 from minilora.data.tasks import MIMIC4_SOURCE, read_rows
+from minilora.files import read_json_object
 
 SPLITS = (("train", 0.7), ("val", 0.8), ("test", 1.0))  # upper bounds of the hash's unit interval
 TASK_NAMES = ("mortality", "los", "diagnoses", "procedures")  # from the hosp tables; "pmv" needs --icu
@@ -319,6 +320,34 @@ def build(args: argparse.Namespace) -> dict:
     }
 
 
+def read_earlier_settings(out: Path) -> dict | None:
+    """The settings of an earlier build into ``out`` (its summary.json), or None."""
+    try:
+        settings = read_json_object(out / "summary.json").get("settings")
+    except (OSError, ValueError):
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
+def remove_stale(args: argparse.Namespace, summary: dict, earlier: dict | None) -> None:
+    """After a build: remove the task files of an earlier build into the same --out that this one did not write (PMV
+    without --icu now), which train_task.py would otherwise read as this build's; and warn about an earlier build's
+    DAPT notes that this one did not rewrite when the patient split may differ (their notes may belong to this
+    build's validation or test patients)."""
+    for task in set(TASKS) - set(summary["rows"]):
+        for split, _ in SPLITS:
+            path = args.out / f"{TASKS[task].prefix}_{_split_file(task, split)}.csv.gz"
+            if path.is_file():
+                path.unlink()
+                print(f"removed {path} (an earlier build's; this one has no {task})", file=sys.stderr)
+    old_notes = (earlier or {}).get("dapt_notes")
+    same_split = all((earlier or {}).get(k) == summary["settings"][k] for k in ("hosp", "notes", "seed"))
+    if old_notes and old_notes != summary["settings"]["dapt_notes"] and Path(old_notes).is_file() and not same_split:
+        print(f"warning: {old_notes}: DAPT notes of an earlier build into {args.out}, with another patient split; they "
+              "may hold this build's validation or test patients: delete them, or rebuild them with --dapt-notes",
+              file=sys.stderr)
+
+
 def _split_file(task: str, split: str) -> str:
     """The file name's split: BEEP's PMV files say ``dev`` where van Aken's say ``val``."""
     return dict(zip(("train", "val", "test"), TASKS[task].splits))[split]
@@ -342,12 +371,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dapt-notes", type=Path, default=None,
                    help="also write the --notes of training patients only to this .csv.gz (note_id, text), for "
                         "train_dapt.py --notes")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = p.parse_args(argv)
     if args.dapt_notes is not None and not args.dapt_notes.name.endswith(".csv.gz"):
         raise InputError(f"--dapt-notes {args.dapt_notes}: expected a .csv.gz file name")
+    earlier = read_earlier_settings(args.out)
     summary = build(args)
     write_json_atomic(args.out / "summary.json", summary)
+    remove_stale(args, summary, earlier)
     print(f"admissions {summary['counts']['admissions']}, notes read {summary['counts']['notes']}", file=sys.stderr)
     for task, r in summary["rows"].items():
         extra = f" ({sum(summary['mortality_positives'].values())} deaths)" if task == "mortality" else ""
