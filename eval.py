@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=positive_int, default=None,
                    help=f"bootstrap resamples for the 95%% CI (default {DEFAULT_BOOT}; {MANY_LABELS_BOOT} for "
                         f"multi-label tasks with over {MANY_LABELS} labels)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("scoring a trained model on new data (--run with --test or --predict)")
     g.add_argument("--run", default=None, help="a train_task.py run folder (head/, task_adapter/, summary.json)")
@@ -162,8 +162,10 @@ def find_runs(run_dirs: list[str], runs_dir: Path) -> tuple[list[tuple[Path, dic
         check_summary(summary, run / "summary.json")
         key = (str(summary["task"]), str(summary["setting"]), str(summary["data"]))
         if key in seen:
+            fix = ("report each in its own call with its own --out (one run per task and setting makes the macro)"
+                   if run_dirs else "pass the run folders to report (eval.py RUN ...)")
             raise InputError(f"two runs of task {key[0]!r} with setting {key[1]!r} on {key[2]} data: {seen[key]} and "
-                             f"{run}; pass the run folders to report explicitly")
+                             f"{run}; {fix}")
         seen[key] = run
         runs.append((run, summary))
     if not runs:
@@ -234,7 +236,7 @@ def default_n_boot(kind: str, num_labels: int) -> int:
 
 
 def score(y_true: np.ndarray, probs: np.ndarray, kind: str, n_boot: int, seed: int, where: str,
-          progress: bool) -> dict[str, Any]:
+          progress: bool, in_macro: bool = True) -> dict[str, Any]:
     """Test AUROC with its bootstrap CI, macro AUPRC and macro F1 of one prediction set. Where AUROC is undefined
     (one class in the test rows) the metrics are None; where over half the resamples are, the CI is None."""
     cols = scored_columns(y_true, kind, probs.shape[1])
@@ -243,7 +245,8 @@ def score(y_true: np.ndarray, probs: np.ndarray, kind: str, n_boot: int, seed: i
     try:
         out["auroc"] = task_auroc(y_true, probs, kind)
     except UndefinedMetricError as e:
-        print(f"{where}: test AUROC undefined ({e}); left out of the macro", file=sys.stderr)
+        print(f"{where}: test AUROC undefined ({e})" + ("; left out of the macro" if in_macro else ""),
+              file=sys.stderr)
         return out
     with tqdm(total=n_boot + 1, desc=f"bootstrap {where}", unit="resample", delay=2.0, leave=False,
               disable=None if progress else True) as bar:
@@ -674,7 +677,7 @@ def score_file(args: argparse.Namespace) -> int:
     npz = write_npz_atomic(out / f"predictions_{stem}.npz", ids=np.asarray(split.ids, dtype=str), y_true=split.targets,
                            probs=probs.astype(np.float32), labels=np.asarray(labels, dtype=str), kind=np.array(kind))
     n_boot = args.n_boot or default_n_boot(kind, len(labels))
-    metrics = score(split.targets, probs, kind, n_boot, args.seed, str(test), not args.no_progress)
+    metrics = score(split.targets, probs, kind, n_boot, args.seed, str(test), not args.no_progress, in_macro=False)
     write_json_atomic(out / f"eval_{stem}.json", {
         "run_dir": str(run), "file": str(test), "task": summary["task"], "kind": kind,
         "setting": summary["setting"], **metrics, "counts": counts,

@@ -17,9 +17,9 @@ import torch
 
 from minilora import from_pretrained, graphs
 from minilora.cli import (
-    InputError, add_lora_args, add_optimisation_args, add_run_args, check_out_folder, nonneg_int, parse_with_config,
-    positive_float, positive_int, remove_outputs, resolve_recipe_precision, run_cli, warn_beyond_positions,
-    write_json_atomic,
+    InputError, add_lora_args, add_optimisation_args, add_run_args, check_out_folder, nonneg_int, open_fraction,
+    parse_with_config, positive_float, positive_int, remove_outputs, resolve_recipe_precision, run_cli,
+    warn_beyond_positions, write_json_atomic,
 )
 from minilora.data.notes import build_token_cache
 from minilora.data.packing import PackedDataset, TruncatedDataset, collate
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "count them")
     p.add_argument("--out", default="runs/dapt", help="output folder (default %(default)s)")
     p.add_argument("--cache-dir", default=None, help="token cache folder (default: <out>/../cache)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of the notes held out for validation "
+    p.add_argument("--val-fraction", type=open_fraction, default=0.1, help="fraction of the notes held out for validation "
                    "(by note; default %(default)g)")
     p.add_argument("--max-seq-len", type=positive_int, default=None, help="tokens per sequence (default 128, demo 256)")
     p.add_argument("--no-packing", action="store_true",

@@ -42,6 +42,7 @@ nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a number > 0")
 nonneg_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
 fraction = _number(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+open_fraction = _number(float, lambda v: 0 < v < 1, "a fraction in (0, 1)")
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
@@ -180,7 +181,7 @@ def add_lora_args(g: argparse._ArgumentGroup, *, r: int, alpha: float) -> None:
     g.add_argument("--r", type=positive_int, default=r, help="LoRA rank (default %(default)s)")
     g.add_argument("--alpha", type=positive_float, default=alpha, help="LoRA alpha; the update is scaled by alpha / r "
                    "(default %(default)g)")
-    g.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout on the adapters' input "
+    g.add_argument("--dropout", type=fraction, default=0.0, help="LoRA dropout on the adapters' input "
                    "(default %(default)g)")
     g.add_argument("--targets", default="q_proj,v_proj",
                    help="comma-separated module names, or all-linear (default %(default)s)")
@@ -213,8 +214,8 @@ def add_run_args(p: argparse.ArgumentParser, g: argparse._ArgumentGroup, *, save
     g.add_argument("--save-every", type=nonneg_int, default=save_every,
                    help="optimizer steps between resumable checkpoints (default %(default)s)")
     g.add_argument("--seed", type=int, default=0,
-                   help="random seed: initialisation of the adapters (and head), data order, dropout and the "
-                   "demo data (default %(default)s)")
+                   help="random seed: initialisation of the adapters (and of train_task.py's head), data order, "
+                   "dropout, train_dapt.py's validation split and the demo data (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint exactly (with the same "
                    "data and settings)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out: its outputs and "

@@ -100,7 +100,8 @@ def _binary_target(y_true: np.ndarray, y_score: np.ndarray, labels: Any, fn: str
         raise ValueError(f"{fn}: y_true has {classes.size} classes but y_score is 1-d; pass [n, K] probabilities")
     y = y_true == classes[-1]
     if y.all() or not y.any():
-        raise UndefinedMetricError(f"{fn}: only one class ({y_true[0]!r}) is present in y_true; it is undefined")
+        raise UndefinedMetricError(f"{fn}: only one class ({y_true[0].item()!r}) is present in y_true; it is "
+                                   "undefined")
     return y, y_score
 
 

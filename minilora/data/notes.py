@@ -111,7 +111,8 @@ _FIELD_NAME = re.compile(r"[A-Za-z_](?:[\w.-]{0,38}[\w-])?")  # a sentence's fin
 
 
 # Column names that show a CSV's first row to be a header (besides the columns asked for and snake_case names)
-HEADER_WORDS = {"id", "note_id", "row_id", "hadm_id", "subject_id", "text", "label", "labels", "note_type"}
+HEADER_WORDS = {"id", "note_id", "row_id", "hadm_id", "subject_id", "text", "label", "labels", "note_type", "note",
+                "body", "report", "content", "class", "category", "code", "codes", "target"}
 _SNAKE_CASE = re.compile(r"[A-Za-z0-9]_[A-Za-z0-9]")  # icd_code, NOTE_BODY; not a de-identified note's "___"
 
 
