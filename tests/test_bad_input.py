@@ -565,3 +565,17 @@ def test_eval_refuses_a_model_path_or_frozen_domain_adapter_that_changed_since_t
     save_adapter(lm, "domain2", tmp_path / "dapt" / "adapter")
     with pytest.raises(ValueError, match=f"{domain}: not the domain adapter {run} was trained with"):
         load_classifier(run, device="cpu")
+
+
+def test_notes_shared_between_train_and_test_are_reported(tmp_path, capsys):
+    """Before: --val and --test given the training file trained and scored without a word."""
+    from minilora.data.tasks import print_report
+
+    files = _task(tmp_path, "id,text,label\n1,a,0\n2,b,1\n3,c,1\n", val="id,text,label\n7,c,1\n8,d,0\n")
+    data = load_task_files({**files, "test": files["train"]}, "t", "binary")
+    print_report(data)
+    err = capsys.readouterr().err
+    assert "warning: t val: 1 notes also in train" in err and "warning: t test: 3 notes also in train" in err
+    print_report(load_task_files(_task(tmp_path, "id,text,label\n1,a,0\n2,b,1\n", val="id,text,label\n7,c,1\n8,d,0\n"),
+                                 "t", "binary"))
+    assert "warning" not in capsys.readouterr().err

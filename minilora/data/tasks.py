@@ -318,6 +318,12 @@ def print_report(data: TaskData) -> None:
             extra.append(f"{r['unknown_labels']} {what}")
         more = f" ({'; '.join(extra)})" if extra else ""
         print(f"{data.name} {split}: {len(data.splits[split].ids):,} rows{more}", file=sys.stderr)
+    train = set(data.splits["train"].texts) if "train" in data.splits else set()  # references, not copies
+    for split in ("val", "test"):
+        shared = sum(t in train for t in data.splits[split].texts) if split in data.splits else 0
+        if shared:
+            print(f"warning: {data.name} {split}: {shared:,} notes also in train (the same cleaned text); its AUROC "
+                  "overstates what unseen notes would get", file=sys.stderr)
 
 
 # ---- tokenised examples and length-bucketed batches ----
