@@ -503,8 +503,11 @@ def report(args: argparse.Namespace) -> int:
     results, reference = render_markdown(rows, groups, args.seed)
     write_text_atomic(out / "report.md", results + "\n" + reference)
     print(results)
-    n_plots = sum(r["roc_png"] is not None for r in rows)
-    print(f"report: {out / 'report.md'}, {out / 'report.json'}; {n_plots} ROC plots in {out}")
+    plots = {r["roc_png"] for r in rows if r["roc_png"] is not None}
+    for stale in out.glob("roc_*.png"):  # an earlier report's plots of runs not in this one
+        if stale.name not in plots:
+            stale.unlink()
+    print(f"report: {out / 'report.md'}, {out / 'report.json'}; {len(plots)} ROC plots in {out}")
     return 0
 
 

@@ -126,6 +126,19 @@ def demo(tmp_path_factory):
             "report": json.loads((out / "report.json").read_text())}
 
 
+def test_a_report_into_a_used_folder_keeps_only_its_own_plots(demo, tmp_path):
+    """Before: the plots of runs an earlier report held stayed beside the new report.md, as if they were in it."""
+    import shutil
+
+    out = tmp_path / "report"
+    shutil.copytree(demo["out"], out)
+    (out / "notes.png").write_bytes(b"mine")  # not a report plot: kept
+    proc = run_eval(str(demo["runs"] / "lora" / "mortality"), "--out", str(out), "--n-boot", N_BOOT, "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.glob("*.png")) == ["notes.png", "roc_mortality_lora.png"]
+    assert "1 ROC plots in" in proc.stdout
+
+
 def test_metrics_equal_sklearn(demo):
     rows = {(r["setting"], r["task"]): r for r in demo["report"]["runs"]}
     assert set(rows) == set(demo["arrays"])
