@@ -200,7 +200,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
+    for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
         if "lora_" in name:
             continue
         head = p.detach().reshape(-1)[:FINGERPRINT_ELEMENTS].to("cpu", torch.bfloat16).view(torch.int16)
