@@ -153,7 +153,10 @@ def find_runs(run_dirs: list[str], runs_dir: Path) -> tuple[list[tuple[Path, dic
                       if not any(part.startswith(".") for part in s.relative_to(root).parts)]
     runs, skipped = [], []
     seen: dict[tuple[str, str, str], Path] = {}  # (task, setting, data): one run each, as the macro needs
-    for run in dict.fromkeys(found):
+    unique: dict[Path, Path] = {}
+    for run in found:  # one folder reached by two paths (a symlink) is one run
+        unique.setdefault(run.resolve(), run)
+    for run in unique.values():
         summary = read_summary(run)
         if "task" not in summary:
             print(f"skipping {run}: not a task run (summary.json has no 'task'; a train_dapt.py run?)", file=sys.stderr)

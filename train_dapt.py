@@ -24,6 +24,7 @@ from minilora.cli import (
 from minilora.data.notes import build_token_cache
 from minilora.data.packing import PackedDataset, TruncatedDataset, collate
 from minilora.data.synthetic import write_dapt_corpus
+from minilora.loading import weights_fingerprint
 from minilora.losses import lm_loss_sum
 from minilora.lora import add_adapter, save_adapter, trainable_parameters
 from minilora.train import (
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"{args.model}: no tokenizer found beside the model")
     if is_main():
         warn_beyond_positions(max_len, model.config)
+    base_fingerprint = weights_fingerprint(model)  # a resume must continue on the same weights
     cache_dir = Path(args.cache_dir) if args.cache_dir else out.parent / "cache"
     for building in (True, False):  # rank 0 tokenizes; the other ranks then read its cache
         if is_main() == building:
@@ -166,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     def on_best(m, metrics):
         save_adapter(m, ADAPTER, out / "adapter", base_model_name=str(args.model))
 
-    identity = {"model": str(args.model), "notes": cache.path.name, "val_fraction": args.val_fraction,
-                "max_seq_len": max_len, "packing": not args.no_packing,
+    identity = {"model": base_fingerprint, "notes": cache.path.name, "val_fraction": args.val_fraction,
+                "max_seq_len": max_len, "packing": not args.no_packing, "eval_max_seqs": args.eval_max_seqs,
                 "adapter": f"r={args.r} alpha={args.alpha:g} dropout={args.dropout:g} targets={args.targets}"}
     trainer = Trainer(model, cfg, train_ds, lambda b: collate(b, tok.pad_id), loss_fn, out, evaluate=evaluate,
                       on_best=on_best, metric="val_ppl", device=device, identity=identity)

@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     if is_main():
         warn_beyond_positions(max_len, lm.config)
     fingerprints = {"model": weights_fingerprint(lm)}  # eval.py checks that it rebuilds the same model
+    if args.domain_trainable and not domain:
+        raise InputError("--domain-trainable: no domain adapter to train (give --domain-adapter DIR)")
     if domain:
         load_adapter(lm, domain, "domain", trainable=args.domain_trainable)
         if not args.domain_trainable:  # the run keeps no copy of a frozen domain adapter
@@ -229,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                       evaluate=evaluate, on_best=on_best, metric="val_auroc", higher_is_better=True,
                       batches=lambda epoch: bucketed_batches(train_ds.lengths, args.batch_size, args.seed, epoch),
                       device=device, identity={
-                          "model": str(args.model), "data": task_fingerprint(data), "max_seq_len": max_len,
-                          "pooling": args.pooling, "domain_adapter": str(domain) if domain else None,
+                          "task": data.name, "model": fingerprints["model"], "data": task_fingerprint(data),
+                          "max_seq_len": max_len, "pooling": args.pooling,
+                          "domain_adapter": adapter_fingerprint(domain) if domain else None,
                           "domain_trainable": args.domain_trainable,
                           "task_adapter": None if args.no_task_adapter else
                           f"r={args.r} alpha={args.alpha:g} dropout={args.dropout:g} targets={args.targets}"})

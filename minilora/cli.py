@@ -227,27 +227,41 @@ def add_run_args(p: argparse.ArgumentParser, g: argparse._ArgumentGroup, *, save
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def check_out_folder(out: Path, outputs: tuple[str, ...], resume: bool, overwrite: bool) -> None:
+LOG_OUTPUTS = ("checkpoint", "metrics.jsonl", "loss.png", "base_eval.json")  # written before a run has results
+
+
+def check_out_folder(out: Path, outputs: tuple[str, ...], resume: bool, overwrite: bool,
+                     resumable: bool = True) -> None:
     """A run that neither resumes nor overwrites refuses an ``out`` holding an earlier run (any of ``outputs`` or a
     checkpoint): a rerun by mistake would replace a finished run, or its checkpoint at the first save."""
     if resume and overwrite:
         raise InputError("--resume and --overwrite: choose one (continue the run in --out, or replace it)")
     found = [name for name in ("checkpoint", *outputs) if (out / name).exists()]
     if found and not (resume or overwrite):
-        raise InputError(f"{out}: holds an earlier run ({', '.join(found)}); pass --resume to continue it, "
-                         "--overwrite to replace it, or choose another --out")
+        how = "pass --resume to continue it, --overwrite to replace it" if resumable else "pass --overwrite to replace it"
+        raise InputError(f"{out}: holds an earlier run ({', '.join(found)}); {how}, or choose another --out")
+    results = [name for name in found if name not in LOG_OUTPUTS]  # what a run stopped before its first save lacks
+    if resume and results and not (out / "checkpoint" / "state.pt").is_file():
+        raise InputError(f"{out}: --resume, but it holds a run without a checkpoint ({', '.join(results)}), which "
+                         "a fresh start would replace; pass --overwrite for that, or choose another --out")
 
 
 def remove_outputs(out: Path, outputs: tuple[str, ...]) -> None:
-    """Remove an earlier run's ``outputs`` and checkpoint from ``out`` (files or folders; --overwrite)."""
+    """Remove an earlier run's ``outputs`` and checkpoint from ``out`` (files or folders; --overwrite), saying so."""
     import shutil
 
+    removed = []
     for name in ("checkpoint", *outputs):
         path = out / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        print(f"overwrite: removed the earlier run's {', '.join(removed)} from {out}", file=sys.stderr)
 
 
 def warn_beyond_positions(max_len: int, model_config) -> None:

@@ -190,21 +190,24 @@ def from_pretrained(
     return model, tok
 
 
-FINGERPRINT_ELEMENTS = 4096  # per tensor: enough to tell checkpoints apart, cheap at 7B
+FINGERPRINT_ELEMENTS = 4096  # per tensor, twice: its first values and values at an even stride over all of it
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of a model's base weights (not its adapters): the first ``FINGERPRINT_ELEMENTS`` values of every
-    tensor, rounded to bf16 so that an fp32 and a bf16 load of one checkpoint agree, in any file format. eval.py
-    compares it with the run's to catch a model path that now holds other weights."""
+    """A short hash of a model's base weights (not its adapters): of every tensor its first
+    ``FINGERPRINT_ELEMENTS`` values and as many at an even stride over the whole tensor, rounded to bf16 so that an
+    fp32 and a bf16 load of one checkpoint agree, in any file format. It tells checkpoints apart (another model, a
+    fine-tune, a partly edited file) at a cost that stays small at 7B; eval.py and a resume compare it."""
     import hashlib
 
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
         if "lora_" in name:
             continue
-        head = p.detach().reshape(-1)[:FINGERPRINT_ELEMENTS].to("cpu", torch.bfloat16).view(torch.int16)
-        h.update(f"{name}{tuple(p.shape)}".encode() + head.numpy().tobytes())
+        flat = p.detach().reshape(-1)
+        stride = max(1, flat.numel() // FINGERPRINT_ELEMENTS)
+        sample = torch.cat([flat[:FINGERPRINT_ELEMENTS], flat[::stride][:FINGERPRINT_ELEMENTS]])
+        h.update(f"{name}{tuple(p.shape)}".encode() + sample.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:20]
 
 

@@ -150,7 +150,11 @@ class LambdaLR:
                 "lr_lambdas": [None] * len(self.base_lrs)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a ``state_dict`` of this class or of ``torch.optim.lr_scheduler.LambdaLR``."""
+        """Load a ``state_dict`` of this class or of ``torch.optim.lr_scheduler.LambdaLR``. Each group's lr is set
+        from this scheduler's ``f`` at the loaded step (the same value when ``f`` is the saved run's; the new
+        schedule's when a resumed run is longer, rather than the old schedule's last value)."""
         self.base_lrs = list(state_dict["base_lrs"])
         self.last_epoch = int(state_dict["last_epoch"])
-        self._last_lr = list(state_dict.get("_last_lr") or [g["lr"] for g in self.optimizer.param_groups])
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = base * self.f(self.last_epoch)
+        self._last_lr = [g["lr"] for g in self.optimizer.param_groups]

@@ -356,6 +356,10 @@ class Trainer:
         saved = _plain(ck.get("config") or {})
         longer = [f"{k} {saved[k]!r} -> {getattr(self.cfg, k)!r}" for k in RESUME_LENGTH
                   if k in saved and saved[k] != getattr(self.cfg, k)]
+        done = int((ck.get("state") or {}).get("step", 0))
+        if done > self.total_steps:
+            raise ValueError(f"{self.ckpt_path}: has trained {done} steps, more than this run's {self.total_steps} "
+                             f"({'; '.join(longer)}); resume with at least as many")
         if longer and is_main():
             print(f"resume: {'; '.join(longer)}: the learning-rate schedule now runs over {self.total_steps} steps",
                   file=sys.stderr)

@@ -511,6 +511,12 @@ def test_the_task_tools_give_one_line_errors(tmp_path):
     cases += [("mtsamples_task.py", ["--source", str(source), "--out", str(tmp_path / "afile")], "afile"),
               ("mtsamples_task.py", ["--source", str(source), "--min-count", "100000", "--out", str(tmp_path / "m")],
                "0 specialties have at least --min-count 100000 notes; a task needs 2 or more")]
+    run = tmp_path / "lora_run"
+    run.mkdir()
+    (run / "summary.json").write_text("{}")
+    cases.append(("tfidf_baseline.py", ["--task", "t", "--train", str(files["train"]), "--val", str(files["val"]),
+                                        "--test", str(files["test"]), "--out", str(run)],
+                  "holds an earlier run (summary.json); pass --overwrite to replace it, or choose another --out"))
     for tool, args, message in cases:
         proc = _tool(tool, *args, cwd=tmp_path)
         lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith(("usage:", " "))]
@@ -579,3 +585,58 @@ def test_notes_shared_between_train_and_test_are_reported(tmp_path, capsys):
     print_report(load_task_files(_task(tmp_path, "id,text,label\n1,a,0\n2,b,1\n", val="id,text,label\n7,c,1\n8,d,0\n"),
                                  "t", "binary"))
     assert "warning" not in capsys.readouterr().err
+
+
+def test_resume_into_a_finished_run_without_a_checkpoint_is_refused(tmp_path):
+    """Before: --resume into a run folder without checkpoint/ (an hparam_search output) said 'no checkpoint' and
+    trained afresh over the finished run."""
+    from minilora.cli import InputError, check_out_folder
+
+    (tmp_path / "summary.json").write_text("{}")
+    with pytest.raises(InputError, match="--resume, but it holds a run without a checkpoint \\(summary.json\\)"):
+        check_out_folder(tmp_path, ("summary.json", "metrics.jsonl"), resume=True, overwrite=False)
+    (tmp_path / "summary.json").unlink()
+    (tmp_path / "metrics.jsonl").write_text("")  # a run stopped before its first save: --resume starts it again
+    check_out_folder(tmp_path, ("summary.json", "metrics.jsonl"), resume=True, overwrite=False)
+
+
+def test_a_longer_resumed_run_follows_its_new_schedule_and_a_shorter_one_is_refused(tmp_path):
+    """Before: a resume with a longer --max-steps took its first step at the old schedule's last lr (0 for a linear
+    decay), and one with a shorter --max-steps than the steps done 'finished' with summary.json saying so."""
+    from minilora.optim import AdamW, LambdaLR
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = AdamW([{"params": [p]}], lr=1.0)
+    sched = LambdaLR(opt, lambda s: 1 - s / 3)
+    for _ in range(3):
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0
+    longer = LambdaLR(opt, lambda s: 1 - s / 6)
+    longer.load_state_dict(sched.state_dict())
+    assert opt.param_groups[0]["lr"] == 0.5 and longer.get_last_lr() == [0.5]
+
+    trainer = _trainer(tmp_path, 4, max_steps=3)
+    trainer.state.step = 3
+    trainer.save_checkpoint()
+    with pytest.raises(ValueError, match="has trained 3 steps, more than this run's 2 \\(max_steps 3 -> 2\\)"):
+        _trainer(tmp_path, 4, max_steps=2).load_checkpoint()
+    assert _trainer(tmp_path, 4, max_steps=6).load_checkpoint()
+
+
+def test_the_weights_fingerprint_sees_edits_past_the_first_values():
+    """Before: only each tensor's first 4,096 values counted: an edit past them kept the fingerprint."""
+    from minilora.loading import FINGERPRINT_ELEMENTS, weights_fingerprint
+
+    big = torch.nn.Linear(256, 256)
+    before = weights_fingerprint(big)
+    with torch.no_grad():
+        big.weight.view(-1)[FINGERPRINT_ELEMENTS:].mul_(1.5)  # past the first values: the strided sample sees it
+    assert weights_fingerprint(big) != before
+
+
+def test_a_rows_id_without_an_id_column_is_its_first_line(tmp_path):
+    from minilora.data.tasks import read_rows
+
+    path = tmp_path / "n.csv"
+    path.write_text('text,label\n"one\nnote on three lines\nhere",0\nsecond,1\n')
+    assert [line for line, _ in read_rows(path, ["text"])] == [2, 5]

@@ -139,6 +139,16 @@ def test_a_report_into_a_used_folder_keeps_only_its_own_plots(demo, tmp_path):
     assert "1 ROC plots in" in proc.stdout
 
 
+def test_a_run_reached_by_two_paths_is_one_run(demo, tmp_path):
+    """Before: a symlink to a run folder made it 'two runs of task ...' and the report was refused."""
+    link = tmp_path / "link"
+    link.symlink_to(demo["runs"] / "lora" / "mortality")
+    proc = run_eval(str(demo["runs"] / "lora" / "mortality"), str(link), "--out", str(tmp_path / "r"), "--n-boot",
+                    N_BOOT, "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads((tmp_path / "r" / "report.json").read_text())["runs"]) == 1
+
+
 def test_metrics_equal_sklearn(demo):
     rows = {(r["setting"], r["task"]): r for r in demo["report"]["runs"]}
     assert set(rows) == set(demo["arrays"])

@@ -74,6 +74,10 @@ def test_stacked_domain_adapter_and_head_only(tiny_lm, task_dir, tmp_path):
     run("train_task.py", *common, "--out", str(tmp_path / "frozen"))
     run("train_task.py", *common, "--out", str(tmp_path / "trainable"), "--domain-trainable")
     run("train_task.py", *common, "--out", str(tmp_path / "head"), "--no-task-adapter", "--no-domain-adapter")
+    # --domain-trainable with no domain adapter to train: refused (before: ignored, the run labelled "LoRA")
+    refused = run("train_task.py", *common, "--out", str(tmp_path / "none"), "--no-domain-adapter",
+                  "--domain-trainable", check=False)
+    assert refused.returncode == 2 and "--domain-trainable: no domain adapter to train" in refused.stderr
     s = {k: json.loads((tmp_path / k / "summary.json").read_text()) for k in ("frozen", "trainable", "head")}
     assert s["frozen"]["setting"] == "Clinical LoRA (frozen) + LoRA"
     assert s["trainable"]["setting"] == "Clinical LoRA (trainable) + LoRA"

@@ -92,8 +92,9 @@ def run_trial(train_args: list[str], trial: Path, r: int, alpha: float, dropout:
     elif trial.exists():  # what an unfinished trial left before its first checkpoint: the search's own folder
         cmd.append("--overwrite")
     proc = subprocess.Popen(cmd, cwd=os.getcwd())
-    forward = {sig: signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
-               for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}  # a closed
+    # terminal's SIGHUP stops the trial as SIGTERM does, which saves its checkpoint
+    forward = {sig: signal.signal(sig, lambda signum, _frame: proc.send_signal(stop[signum])) for sig in stop}
     try:
         return proc.wait()
     finally:

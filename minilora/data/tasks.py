@@ -61,7 +61,7 @@ def _open_text(path: Path):
 
 
 def read_rows(path: Path, columns: list[str], list_sep: str = ",") -> Iterator[tuple[int, dict[str, str]]]:
-    """(line number, row) from a CSV or JSONL(.gz) file, checking that ``columns`` exist and (CSV) that every row
+    """(line number where the row starts, row) from a CSV or JSONL(.gz) file, checking that ``columns`` exist and (CSV) that every row
     has the header's number of fields. A JSON list value (multi-label codes) is joined with ``list_sep``."""
     if path.is_dir():
         raise TaskDataError(f"{path}: is a folder, expected a CSV or JSONL file")
@@ -107,7 +107,8 @@ def read_rows(path: Path, columns: list[str], list_sep: str = ",") -> Iterator[t
                     raise TaskDataError(f"{path}: column {twice[0]!r} appears {header.count(twice[0])} times in the "
                                         "header; expected it once")
                 while True:
-                    with _csv_errors(path, reader, reader.line_num + 1):
+                    start = reader.line_num + 1  # a row's first line: its id when the file has none
+                    with _csv_errors(path, reader, start):
                         row = next(reader, None)
                     if row is None:
                         return
@@ -116,7 +117,7 @@ def read_rows(path: Path, columns: list[str], list_sep: str = ",") -> Iterator[t
                         raise TaskDataError(f"{path}: line {reader.line_num}: row has "
                                             f"{len(header) + len(extra) - short} fields, expected {len(header)} as "
                                             "in the header (an unquoted comma or line break in the text?)")
-                    yield reader.line_num, row
+                    yield start, row
 
 
 @contextlib.contextmanager
