@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head-lr", type=positive_float, default=None,
                    help="peak learning rate of the classification head (default: --lr; demo 5e-3); a freshly "
                    "initialised head often wants a larger one than the adapters")
-    g.add_argument("--epochs", type=positive_float, default=None, help=f"passes over the training split (default 10 as the paper; demo {DEMO_EPOCHS})")
+    g.add_argument("--epochs", type=positive_float, default=None,
+                   help=f"passes over the training split (default 10 as the paper; demo {DEMO_EPOCHS})")
     add_optimisation_args(g)
     add_run_args(p, g, save_every=50)
     return p

@@ -238,7 +238,8 @@ def check_out_folder(out: Path, outputs: tuple[str, ...], resume: bool, overwrit
         raise InputError("--resume and --overwrite: choose one (continue the run in --out, or replace it)")
     found = [name for name in ("checkpoint", *outputs) if (out / name).exists()]
     if found and not (resume or overwrite):
-        how = "pass --resume to continue it, --overwrite to replace it" if resumable else "pass --overwrite to replace it"
+        how = ("pass --resume to continue it, --overwrite to replace it" if resumable
+               else "pass --overwrite to replace it")
         raise InputError(f"{out}: holds an earlier run ({', '.join(found)}); {how}, or choose another --out")
     results = [name for name in found if name not in LOG_OUTPUTS]  # what a run stopped before its first save lacks
     if resume and results and not (out / "checkpoint" / "state.pt").is_file():

@@ -207,7 +207,8 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         flat = p.detach().reshape(-1)
         stride = max(1, flat.numel() // FINGERPRINT_ELEMENTS)
         sample = torch.cat([flat[:FINGERPRINT_ELEMENTS], flat[::stride][:FINGERPRINT_ELEMENTS]])
-        h.update(f"{name}{tuple(p.shape)}".encode() + sample.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+        values = sample.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes()
+        h.update(f"{name}{tuple(p.shape)}".encode() + values)
     return h.hexdigest()[:20]
 
 

@@ -4,8 +4,8 @@ dropout, the best by validation AUROC.
     PYTHONPATH=. python tools/hparam_search.py --out runs/search-mortality -- --task mortality --data-dir DATA ...
 
 Everything after ``--`` goes to every train_task.py run (not --out, --r, --alpha, --dropout, --resume or --overwrite,
-which this tool sets). The default grid is the paper's: r in {2, 4, 8, 16}, alpha in {4, 8, 16, 32}, dropout in {0, 0.1, 0.2}
-(48 runs); --r, --alpha and --dropout take comma-separated lists.
+which this tool sets). The default grid is the paper's: r in {2, 4, 8, 16}, alpha in {4, 8, 16, 32}, dropout in
+{0, 0.1, 0.2} (48 runs); --r, --alpha and --dropout take comma-separated lists.
 
 Layout of --out:
   trials/r<R>-alpha<A>-dropout<D>/   one train_task.py run per grid point (with its checkpoint, so an interrupted

@@ -61,8 +61,8 @@ def _open_text(path: Path):
 
 
 def read_rows(path: Path, columns: list[str], list_sep: str = ",") -> Iterator[tuple[int, dict[str, str]]]:
-    """(line number where the row starts, row) from a CSV or JSONL(.gz) file, checking that ``columns`` exist and (CSV) that every row
-    has the header's number of fields. A JSON list value (multi-label codes) is joined with ``list_sep``."""
+    """(line number where the row starts, row) from a CSV or JSONL(.gz) file, checking that ``columns`` exist and
+    (CSV) that every row has the header's number of fields. A JSON list value (multi-label codes) is joined with ``list_sep``."""
     if path.is_dir():
         raise TaskDataError(f"{path}: is a folder, expected a CSV or JSONL file")
     if not path.is_file():
