@@ -50,7 +50,7 @@ from minilora.cli import InputError, positive_int, run_cli, write_json_atomic
 from minilora.files import read_json_object
 from minilora.data.notes import clean_note
 from minilora.data.synthetic import task_spec
-from minilora.data.tasks import MISSING_LABELS, EncodedSplit, Split, id_columns, read_rows, warn_duplicate_ids
+from minilora.data.tasks import EncodedSplit, Split, id_columns, read_rows, split_codes, warn_duplicate_ids
 from minilora.metrics import UndefinedMetricError, average_precision, bootstrap_ci, f1, roc_auc, roc_curve, task_auroc
 
 KINDS = ("binary", "multiclass", "multilabel")
@@ -548,8 +548,7 @@ def read_labelled(path: Path, labels: list[str], kind: str, args: argparse.Names
             counts["empty_text"] += 1
             continue
         if kind == "multilabel":
-            codes = [] if value.lower() in MISSING_LABELS else [c.strip() for c in value.split(args.label_sep)
-                                                               if c.strip()]
+            codes = split_codes(value, args.label_sep)
             known = [index[c] for c in codes if c in index]
             unknown.update(c for c in codes if c not in index)
             counts["unknown_labels"] += len(codes) - len(known)

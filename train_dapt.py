@@ -17,8 +17,8 @@ import torch
 
 from minilora import from_pretrained, graphs
 from minilora.cli import (
-    InputError, add_lora_args, add_optimisation_args, add_run_args, check_out_folder, nonneg_int, open_fraction,
-    parse_with_config, positive_float, positive_int, remove_outputs, resolve_recipe_precision, run_cli,
+    InputError, add_lora_args, add_optimisation_args, add_run_args, check_out_folder, lora_settings, nonneg_int,
+    open_fraction, parse_with_config, positive_float, positive_int, remove_outputs, resolve_recipe_precision, run_cli,
     warn_beyond_positions, write_json_atomic,
 )
 from minilora.data.notes import build_token_cache
@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "count them")
     p.add_argument("--out", default="runs/dapt", help="output folder (default %(default)s)")
     p.add_argument("--cache-dir", default=None, help="token cache folder (default: <out>/../cache)")
-    p.add_argument("--val-fraction", type=open_fraction, default=0.1, help="fraction of the notes held out for validation "
-                   "(by note; default %(default)g)")
+    p.add_argument("--val-fraction", type=open_fraction, default=0.1,
+                   help="fraction of the notes held out for validation (by note; default %(default)g)")
     p.add_argument("--max-seq-len", type=positive_int, default=None, help="tokens per sequence (default 128, demo 256)")
     p.add_argument("--no-packing", action="store_true",
                    help="the paper's mode: only the first max-seq-len tokens of each note (default: pack notes)")
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     identity = {"model": base_fingerprint, "notes": cache.path.name, "val_fraction": args.val_fraction,
                 "max_seq_len": max_len, "packing": not args.no_packing, "eval_max_seqs": args.eval_max_seqs,
-                "adapter": f"r={args.r} alpha={args.alpha:g} dropout={args.dropout:g} targets={args.targets}"}
+                "adapter": lora_settings(args)}
     trainer = Trainer(model, cfg, train_ds, lambda b: collate(b, tok.pad_id), loss_fn, out, evaluate=evaluate,
                       on_best=on_best, metric="val_ppl", device=device, identity=identity)
     base_path = out / "base_eval.json"

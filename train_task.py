@@ -23,9 +23,9 @@ import torch
 from minilora import from_pretrained
 from minilora.classify import Classifier, class_weights, classification_loss_sum, predict
 from minilora.cli import (
-    InputError, add_lora_args, add_optimisation_args, add_run_args, check_out_folder, parse_with_config,
-    positive_float, positive_int, remove_outputs, resolve_recipe_precision, run_cli, warn_beyond_positions,
-    write_json_atomic,
+    TASK_RUN_OUTPUTS, InputError, add_lora_args, add_optimisation_args, add_run_args, check_out_folder, lora_settings,
+    parse_with_config, positive_float, positive_int, remove_outputs, resolve_recipe_precision, run_cli,
+    warn_beyond_positions, write_json_atomic,
 )
 from minilora.data.synthetic import TASKS, write_task_csvs
 from minilora.data.tasks import (
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     precision_note = resolve_recipe_precision(args, device)
     torch.manual_seed(args.seed)
     out = Path(args.out or f"runs/{args.task}")
-    check_out_folder(out, RUN_OUTPUTS, args.resume, args.overwrite)
+    check_out_folder(out, TASK_RUN_OUTPUTS, args.resume, args.overwrite)
     demo = not (args.data_dir or args.train)
     data, source = load_data(args, out)
     if is_main():
@@ -165,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError("--domain-trainable: no domain adapter to train (give --domain-adapter DIR)")
     if domain:
         load_adapter(lm, domain, "domain", trainable=args.domain_trainable)
+        domain_print = adapter_fingerprint(domain)
         if not args.domain_trainable:  # the run keeps no copy of a frozen domain adapter
-            fingerprints["domain_adapter"] = adapter_fingerprint(domain)
+            fingerprints["domain_adapter"] = domain_print
     targets = "all-linear" if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
     if not args.no_task_adapter:
         add_adapter(lm, "task", r=args.r, alpha=args.alpha, dropout=args.dropout, targets=targets)
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
     encoded = {s: EncodedSplit(data.splits[s], tok, max_len, workers=args.workers) for s in data.splits}
     if args.overwrite and is_main():  # the inputs have loaded: nothing of the earlier run goes for a typo
-        remove_outputs(out, RUN_OUTPUTS)
+        remove_outputs(out, TASK_RUN_OUTPUTS)
     train_ds = encoded["train"]
     weights = None if multilabel else class_weights(torch.as_tensor(data.splits["train"].targets), data.num_labels)
     weights = weights.to(device) if weights is not None else None
@@ -234,10 +235,9 @@ def main(argv: list[str] | None = None) -> int:
                       device=device, identity={
                           "task": data.name, "model": fingerprints["model"], "data": task_fingerprint(data),
                           "max_seq_len": max_len, "pooling": args.pooling,
-                          "domain_adapter": adapter_fingerprint(domain) if domain else None,
+                          "domain_adapter": domain_print if domain else None,
                           "domain_trainable": args.domain_trainable,
-                          "task_adapter": None if args.no_task_adapter else
-                          f"r={args.r} alpha={args.alpha:g} dropout={args.dropout:g} targets={args.targets}"})
+                          "task_adapter": None if args.no_task_adapter else lora_settings(args)})
     state = trainer.fit(resume=args.resume)
     if not is_main():
         return 0
@@ -267,11 +267,6 @@ def main(argv: list[str] | None = None) -> int:
 def finite_or_none(x: float) -> float | None:
     """JSON has no NaN: an undefined metric is written as null."""
     return x if np.isfinite(x) else None
-
-
-# What a run leaves in --out besides its checkpoint: an --out holding any of them takes --resume or --overwrite
-RUN_OUTPUTS = ("task_adapter", "domain_adapter", "head", "predictions_val.npz", "predictions_test.npz", "summary.json",
-               "metrics.jsonl", "loss.png")
 
 
 def restore_best(model: Classifier, out: Path, task: bool, domain: bool) -> Classifier:

@@ -187,6 +187,11 @@ def add_lora_args(g: argparse._ArgumentGroup, *, r: int, alpha: float) -> None:
                    help="comma-separated module names, or all-linear (default %(default)s)")
 
 
+def lora_settings(args: argparse.Namespace) -> str:
+    """The LoRA flags of a run as one string (what a resume must share)."""
+    return f"r={args.r} alpha={args.alpha:g} dropout={args.dropout:g} targets={args.targets}"
+
+
 def add_optimisation_args(g: argparse._ArgumentGroup, *, demo_max_steps: int | None = None) -> None:
     """The optimisation flags both training recipes share, after their own --lr and --epochs (AdamW over the
     trainable parameters; the HF Trainer's defaults)."""
@@ -228,6 +233,9 @@ def add_run_args(p: argparse.ArgumentParser, g: argparse._ArgumentGroup, *, save
 
 
 LOG_OUTPUTS = ("checkpoint", "metrics.jsonl", "loss.png", "base_eval.json")  # written before a run has results
+# What a train_task.py run folder holds besides its checkpoint (tfidf_baseline.py writes the same kind of folder)
+TASK_RUN_OUTPUTS = ("task_adapter", "domain_adapter", "head", "predictions_val.npz", "predictions_test.npz",
+                    "summary.json", "metrics.jsonl", "loss.png")
 
 
 def check_out_folder(out: Path, outputs: tuple[str, ...], resume: bool, overwrite: bool,

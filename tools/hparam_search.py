@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minilora.cli import InputError, run_cli, write_json_atomic  # noqa: E402
+from minilora.cli import TASK_RUN_OUTPUTS, InputError, run_cli, write_json_atomic  # noqa: E402
 from minilora.files import read_json_object  # noqa: E402
 
 PAPER_GRID = {"r": "2,4,8,16", "alpha": "4,8,16,32", "dropout": "0,0.1,0.2"}
@@ -92,8 +92,8 @@ def run_trial(train_args: list[str], trial: Path, r: int, alpha: float, dropout:
     elif trial.exists():  # what an unfinished trial left before its first checkpoint: the search's own folder
         cmd.append("--overwrite")
     proc = subprocess.Popen(cmd, cwd=os.getcwd())
-    stop = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}  # a closed
-    # terminal's SIGHUP stops the trial as SIGTERM does, which saves its checkpoint
+    # a closed terminal's SIGHUP stops the trial as SIGTERM does (which saves its checkpoint)
+    stop = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
     forward = {sig: signal.signal(sig, lambda signum, _frame: proc.send_signal(stop[signum])) for sig in stop}
     try:
         return proc.wait()
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         if earlier != train_args and started:  # with no trial trained yet (a typo in the arguments) it starts afresh
             raise InputError(f"{record}: an earlier search here ran train_task.py with other arguments "
                              f"({' '.join(earlier or [])!r}); use another --out")
-    elif any((out / name).exists() for name in ("summary.json", "checkpoint", "adapter", "task_adapter")):
+    elif any((out / name).exists() for name in ("checkpoint", "adapter", *TASK_RUN_OUTPUTS)):
         raise InputError(f"{out}: holds a run that is not a search (no search.json); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(record, {"train_task_args": train_args, "complete": False})  # the arguments, for a resume

@@ -16,14 +16,11 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 
-from minilora.cli import InputError, check_out_folder, positive_int, remove_outputs, run_cli, write_json_atomic
+from minilora.cli import (
+    TASK_RUN_OUTPUTS, InputError, check_out_folder, positive_int, remove_outputs, run_cli, write_json_atomic,
+)
 from minilora.data.tasks import load_named_task, load_task_files
 from minilora.metrics import task_auroc
-
-# What a run folder holds (train_task.py's outputs): an --out holding any of them takes --overwrite
-RUN_OUTPUTS = ("task_adapter", "domain_adapter", "head", "predictions_val.npz", "predictions_test.npz", "summary.json",
-               "metrics.jsonl", "loss.png")
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.data_dir and not (args.train and args.val and args.test):
         raise InputError("give --data-dir, or all of --train, --val and --test")
-    check_out_folder(Path(args.out), RUN_OUTPUTS, resume=False, overwrite=args.overwrite, resumable=False)
+    check_out_folder(Path(args.out), TASK_RUN_OUTPUTS, resume=False, overwrite=args.overwrite, resumable=False)
     t0 = time.perf_counter()
     if args.data_dir:
         data, source = load_named_task(args.task, args.data_dir), "mimic"
@@ -70,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     test = model.predict_proba(x["test"])
     out = Path(args.out)
     if args.overwrite:  # the data have loaded and the model fitted: nothing of the earlier run goes for a typo
-        remove_outputs(out, RUN_OUTPUTS)
+        remove_outputs(out, TASK_RUN_OUTPUTS)
     out.mkdir(parents=True, exist_ok=True)
     for split, probs in (("val", val), ("test", test)):
         tmp = out / f".predictions_{split}.tmp{os.getpid()}.npz"

@@ -62,7 +62,8 @@ def _open_text(path: Path):
 
 def read_rows(path: Path, columns: list[str], list_sep: str = ",") -> Iterator[tuple[int, dict[str, str]]]:
     """(line number where the row starts, row) from a CSV or JSONL(.gz) file, checking that ``columns`` exist and
-    (CSV) that every row has the header's number of fields. A JSON list value (multi-label codes) is joined with ``list_sep``."""
+    (CSV) that every row has the header's number of fields. A JSON list value (multi-label codes) is joined with
+    ``list_sep``."""
     if path.is_dir():
         raise TaskDataError(f"{path}: is a folder, expected a CSV or JSONL file")
     if not path.is_file():
@@ -153,7 +154,10 @@ MAX_LABEL_CHARS = 100  # a longer class name or code is text in the wrong column
 MISSING_LABELS = {"nan"}
 
 
-def _split_labels(value: str, sep: str) -> list[str]:
+def split_codes(value: str, sep: str) -> list[str]:
+    """The codes of a multi-label field; a missing value ('nan') is no codes, as an empty field or a JSON null."""
+    if value.strip().lower() in MISSING_LABELS:
+        return []
     return [v.strip() for v in value.split(sep) if v.strip()]
 
 
@@ -189,9 +193,7 @@ def load_task_files(
                 continue
             if not label and not multilabel:
                 raise TaskDataError(f"{path}: line {line} has an empty {label_col!r}; expected a class label")
-            if label.lower() in MISSING_LABELS and multilabel:
-                label = ""  # a missing list of codes: no codes, as an empty field or a JSON null
-            elif label.lower() in MISSING_LABELS:
+            if label.lower() in MISSING_LABELS and not multilabel:
                 raise TaskDataError(f"{path}: line {line} has {label!r} as its {label_col!r}: a missing value, "
                                     "expected a class label")
             rid = row.get(id_col) if id_col else None
@@ -200,7 +202,7 @@ def load_task_files(
             raise TaskDataError(f"{path}: no rows with text")
         raw[split] = rows
         report[split] = {"rows": len(rows), "empty_text": empty, "unknown_labels": 0}
-    train_labels = {lab for _, _, v in raw["train"] for lab in (_split_labels(v, label_sep) if multilabel else [v])}
+    train_labels = {lab for _, _, v in raw["train"] for lab in (split_codes(v, label_sep) if multilabel else [v])}
     labels = _sort_labels(train_labels)
     if not multilabel and len(labels) < 2:
         raise TaskDataError(f"{files['train']}: {label_col!r} has a single class in training; expected at least 2")
@@ -222,7 +224,7 @@ def load_task_files(
         unknown = 0
         for rid, text, value in rows:
             if multilabel:
-                codes = _split_labels(value, label_sep)
+                codes = split_codes(value, label_sep)
                 known = [index[c] for c in codes if c in index]
                 unknown += len(codes) - len(known)
                 t = np.zeros(len(labels), dtype=np.uint8)
