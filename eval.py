@@ -391,7 +391,7 @@ def plot_roc(pred: dict, row: dict, path: Path) -> Path:
         except UndefinedMetricError:
             continue
         main = i == 0 and kind != "multiclass"
-        ax.plot(fpr, tpr, lw=2 if main else 1,
+        ax.plot(fpr, tpr, lw=2 if main else 1, linestyle=("-", "-.", ":")[i // 10 % 3],  # colours repeat after 10
                 label=f"{name}: AUROC {100 * auc:.2f}%" + (ci if kind == "binary" else ""))
     ax.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="chance")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate", aspect="equal")
@@ -420,7 +420,10 @@ def auroc_cell(r: dict) -> str:
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    """A markdown table; a "|" in a cell (a task or folder name) is escaped so it stays in its column."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+    return [line(header), "|" + "---|" * len(header)] + [line(r) for r in rows]
 
 
 def render_markdown(rows: list[dict], groups: list[dict], seed: int) -> tuple[str, str]:

@@ -525,6 +525,31 @@ def test_the_task_tools_give_one_line_errors(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+def test_tfidf_baseline_names_the_split_whose_auroc_is_undefined(tmp_path):
+    """Before: a val split of one class stopped tfidf_baseline.py with sklearn-like words that named no split, and a
+    test split of one class did too, after the model had fitted; now val (which selects C) is a one-line error naming
+    it, and test is recorded as undefined, as train_task.py does."""
+    rows = [f"{i},fever cough pain fever {'cough' if i % 2 else 'rash'},{i % 2}" for i in range(12)]
+    one_class = [f"{i},fever cough pain rash,0" for i in range(4)]
+    train = tmp_path / "train.csv"
+    train.write_text("id,text,label\n" + "\n".join(rows) + "\n")
+    both = tmp_path / "both.csv"
+    both.write_text("id,text,label\n" + "\n".join(rows[:6]) + "\n")
+    single = tmp_path / "single.csv"
+    single.write_text("id,text,label\n" + "\n".join(one_class) + "\n")
+    proc = _tool("tfidf_baseline.py", "--task", "t", "--train", str(train), "--val", str(single), "--test",
+                 str(both), "--out", str(tmp_path / "a"), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: t: the val split's AUROC is undefined ("), proc.stderr
+    assert not (tmp_path / "a" / "summary.json").exists()
+    proc = _tool("tfidf_baseline.py", "--task", "t", "--train", str(train), "--val", str(both), "--test",
+                 str(single), "--out", str(tmp_path / "b"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "warning: test AUROC is undefined (" in proc.stderr and "test AUROC undefined" in proc.stdout
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["test_auroc"] is None and summary["val_auroc"] > 0.5
+
+
 def test_eval_refuses_a_model_path_or_frozen_domain_adapter_that_changed_since_training(tiny_lm, tmp_path):
     """Before: eval.py rebuilt a run's model from the paths in its summary.json as they were now: another model at
     the same path scored AUROC 50.61 without a word, and a DAPT run redone into the frozen adapter's folder shifted

@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -220,6 +221,39 @@ def test_mimic_runs_show_the_paper_numbers(tmp_path):
     md = (out / "report.md").read_text()
     assert "paper %" in md and "| paper: LLaMA + Clinical LoRA (trainable) + Downstream LoRA | MIMIC-III |" in md
     assert "| 77.36 |" in md and "NOT comparable" not in md
+
+
+def test_a_pipe_in_a_task_or_setting_name_stays_in_its_markdown_cell(tmp_path):
+    """Before: a "|" in a custom task's name, a setting or a run folder split its cell into two and shifted the rest
+    of the row in report.md."""
+    write_run(tmp_path / "runs" / "a|b", "icd|chapter", "binary", "LoRA | r8", n=60)
+    out = tmp_path / "report"
+    assert ev.main(["--runs-dir", str(tmp_path / "runs"), "--out", str(out), "--n-boot", "20", "--no-progress"]) == 0
+    md = (out / "report.md").read_text()
+    for table in re.findall(r"(?:^\|.*\n)+", md, flags=re.M):  # every row of a table has its header's cells
+        cells = {len(re.split(r"(?<!\\)\|", line)) for line in table.splitlines() if not line.startswith("|---")}
+        assert len(cells) == 1, table
+    assert "| LoRA \\| r8 | icd\\|chapter | demo |" in md and "runs/a\\|b`" in md, md
+
+
+def test_roc_curves_of_many_classes_differ_in_colour_or_line_style(tmp_path, monkeypatch):
+    """Before: matplotlib's 10 colours repeated, so class 0 and class 10 of a 12-class task drew alike."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    y, p = synthetic_predictions("multiclass", 600, 12, 2.0, 0)
+    row = {"kind": "multiclass", "ci_low": 0.6, "ci_high": 0.7, "column": None, "task": "t", "setting": "LoRA",
+           "data": "demo", "auroc": 0.65}
+    ev.plot_roc({"y_true": y, "probs": p, "labels": [str(k) for k in range(12)]}, row, tmp_path / "roc.png")
+    lines = [line for line in figures[0].axes[0].get_lines() if line.get_label() != "chance"]
+    assert len(lines) == 12
+    assert len({(matplotlib.colors.to_hex(line.get_color()), line.get_linestyle()) for line in lines}) == 12
+    monkeypatch.undo()
+    plt.close(figures[0])
 
 
 def test_undefined_test_auroc_is_reported_and_left_out_of_the_macro(tmp_path, capsys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from minilora.cli import (
     TASK_RUN_OUTPUTS, InputError, check_out_folder, positive_int, remove_outputs, run_cli, write_json_atomic,
 )
 from minilora.data.tasks import load_named_task, load_task_files
-from minilora.metrics import task_auroc
+from minilora.metrics import UndefinedMetricError, task_auroc
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,13 +55,24 @@ def main(argv: list[str] | None = None) -> int:
     vec = TfidfVectorizer(max_features=args.max_features, ngram_range=(1, 2), sublinear_tf=True, min_df=2)
     x = {s: (vec.fit_transform if s == "train" else vec.transform)(data.splits[s].texts) for s in ("train", "val", "test")}
     y = {s: data.splits[s].targets for s in x}
+
+    def split_auroc(split: str, probs: np.ndarray) -> float | None:
+        try:
+            return task_auroc(y[split], probs, data.kind)
+        except UndefinedMetricError as e:
+            if split == "val":  # nothing to select C by
+                raise InputError(f"{data.name}: the val split's AUROC is undefined ({e}); it needs both classes "
+                                 "(a label with both classes for --multilabel)") from None
+            print(f"warning: {split} AUROC is undefined ({e})", file=sys.stderr)
+            return None
+
     best = None
     for c in (0.1, 1.0, 10.0):
         base = LogisticRegression(C=c, max_iter=2000, class_weight=None if data.kind == "multilabel" else "balanced")
         model = OneVsRestClassifier(base) if data.kind == "multilabel" else base
         model.fit(x["train"], y["train"])
         val = model.predict_proba(x["val"])
-        score = task_auroc(y["val"], val, data.kind)
+        score = split_auroc("val", val)
         if best is None or score > best[0]:
             best = (score, c, model, val)
     score, c, model, val = best
@@ -75,12 +87,13 @@ def main(argv: list[str] | None = None) -> int:
                  labels=np.array(data.labels), kind=np.array(data.kind))
         os.replace(tmp, out / f"predictions_{split}.npz")
     summary = {"task": data.name, "kind": data.kind, "setting": "TF-IDF + LR", "data": source,
-               "val_auroc": score, "test_auroc": task_auroc(y["test"], test, data.kind),
+               "val_auroc": score, "test_auroc": split_auroc("test", test),
                "trainable_params": int(sum(e.coef_.size for e in getattr(model, "estimators_", [model]))),
                "trainable_percent": 100.0, "tokens_per_s": None, "wall_s": time.perf_counter() - t0,
                "labels": data.labels, "config": {**vars(args), "C": c}}
     write_json_atomic(out / "summary.json", summary)
-    print(f"{data.name} TF-IDF + LR (C={c}): val AUROC {score:.4f}, test AUROC {summary['test_auroc']:.4f}")
+    test_shown = "undefined" if summary["test_auroc"] is None else f"{summary['test_auroc']:.4f}"
+    print(f"{data.name} TF-IDF + LR (C={c}): val AUROC {score:.4f}, test AUROC {test_shown}")
     return 0
 
 
