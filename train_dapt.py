@@ -28,7 +28,8 @@ from minilora.loading import weights_fingerprint
 from minilora.losses import lm_loss_sum
 from minilora.lora import add_adapter, save_adapter, trainable_parameters
 from minilora.train import (
-    TrainConfig, Trainer, all_reduce_sum, barrier, init_distributed, is_main, peak_memory_mb, plot_curves, world,
+    TrainConfig, Trainer, all_reduce_sum, barrier, init_distributed, is_main, on_main, peak_memory_mb, plot_curves,
+    world,
 )
 
 ADAPTER = "domain"
@@ -112,9 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     max_len = args.max_seq_len or (256 if demo else 128)
     if demo:
         notes = [out.parent / "demo-data" / "dapt_notes.jsonl"]
-        if is_main() and not notes[0].is_file():
-            write_dapt_corpus(notes[0], DEMO_NOTES, seed=args.seed)
-        barrier()
+        if not notes[0].is_file():
+            on_main(lambda: write_dapt_corpus(notes[0], DEMO_NOTES, seed=args.seed))
         if args.max_steps is None:
             args.max_steps = DEMO_MAX_STEPS
         if args.eval_max_seqs is None:
@@ -129,13 +129,15 @@ def main(argv: list[str] | None = None) -> int:
         warn_beyond_positions(max_len, model.config)
     base_fingerprint = weights_fingerprint(model)  # a resume must continue on the same weights
     cache_dir = Path(args.cache_dir) if args.cache_dir else out.parent / "cache"
-    for building in (True, False):  # rank 0 tokenizes; the other ranks then read its cache
-        if is_main() == building:
-            cache = build_token_cache(notes, tok, cache_dir, text_field=args.text_field,
-                                      val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
-                                      encoding_errors=args.encoding_errors,
-                                      progress=not args.no_progress and is_main())
-        barrier()
+    def token_cache():
+        return build_token_cache(notes, tok, cache_dir, text_field=args.text_field, val_fraction=args.val_fraction,
+                                 seed=args.seed, workers=args.workers, encoding_errors=args.encoding_errors,
+                                 progress=not args.no_progress and is_main())
+
+    cache = on_main(token_cache)  # rank 0 tokenizes (and reports bad input); the other ranks then read its cache
+    if not is_main():
+        cache = token_cache()
+    barrier()
     if is_main():
         st = cache.stats
         print(f"notes: {st['notes']:,} used, {st['empty']:,} empty skipped; {st['num_tokens']:,} tokens "

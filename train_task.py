@@ -39,7 +39,7 @@ from minilora.lora import (
 )
 from minilora.metrics import UndefinedMetricError, task_auroc
 from minilora.train import (
-    TrainConfig, Trainer, barrier, init_distributed, is_main, peak_memory_mb, plot_curves, world,
+    TrainConfig, Trainer, init_distributed, is_main, on_main, peak_memory_mb, plot_curves, world,
 )
 
 # Demo cohort sizes: enough that each split holds a few dozen positives of the rarer outcomes (about 8% of admissions
@@ -122,10 +122,9 @@ def load_data(args: argparse.Namespace, out: Path):
     # The files are written once; a stamp of how they were drawn rewrites them when the demo cohort changes.
     stamp, drawn = demo_dir / f".{args.task}.cohort", f"patients={DEMO_PATIENTS[args.task]} seed={args.seed}\n"
     fresh = stamp.is_file() and stamp.read_text() == drawn and (demo_dir / TASKS[args.task].file("train")).is_file()
-    if is_main() and not fresh:
-        write_task_csvs(demo_dir, args.task, DEMO_PATIENTS[args.task], seed=args.seed)
-        stamp.write_text(drawn)
-    barrier()
+    if not fresh:
+        on_main(lambda: (write_task_csvs(demo_dir, args.task, DEMO_PATIENTS[args.task], seed=args.seed),
+                         stamp.write_text(drawn)))
     return load_named_task(args.task, demo_dir), "demo"
 
 

@@ -139,27 +139,64 @@ def run_cli(main: Callable[[], int | None]) -> None:
     glibc's allocator is tuned first (``minilora.runtime.tune_malloc``; MINILORA_MALLOC=default leaves it)."""
     from minilora.formats import MissingPackage
     from minilora.runtime import tune_malloc
-    from minilora.train import NonFiniteLoss, shutdown_distributed
+    from minilora.train import NonFiniteLoss, PeerStopped, shutdown_distributed
 
     try:
         tune_malloc()
         code = main()
+    except PeerStopped:  # rank 0 failed in work this rank waited for, and reports it: give it time to
+        import time
+
+        time.sleep(RANK_ERROR_GRACE_S)  # (torchrun stops this rank once rank 0 has exited)
+        code = EXIT_BAD_INPUT
     except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
+        _report(f"error: {e}")
         code = 1
     except OSError as e:  # a path that cannot be read or created: an output folder that is a file, /proc, ...
-        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        _report(f"error: {os_error_line(e)}")
         code = EXIT_BAD_INPUT
     except (InputError, ValueError, KeyError, MissingPackage) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
+        _report(f"error: {msg}")
         code = EXIT_BAD_INPUT
+    except RuntimeError as e:
+        if not _peer_gone(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _report(f"error: another process of the run stopped ({first})")
+        code = 1
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves a checkpoint and returns 130 itself)
         print("interrupted", file=sys.stderr)
         code = 130
     finally:
         shutdown_distributed()
     sys.exit(code or 0)
+
+
+RANK_ERROR_GRACE_S = 5.0
+
+
+def _report(line: str) -> None:
+    """Print an error line. Under torchrun the ranks mostly fail alike (the same files and flags): rank 0 prints at
+    once, another rank after a grace period, by which time torchrun has stopped it if rank 0 failed too; so an error
+    shows once, and one that only another rank met still shows, with its rank."""
+    rank, size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if size > 1 and rank != 0:
+        import time
+
+        time.sleep(RANK_ERROR_GRACE_S)
+        line = line.replace("error: ", f"error (rank {rank}): ", 1)
+    print(line, file=sys.stderr, flush=True)
+
+
+def _peer_gone(e: BaseException) -> bool:
+    """Whether a collective failed because another rank's process ended (gloo, NCCL, the store)."""
+    import torch.distributed as dist
+
+    text = str(e)
+    return (int(os.environ.get("WORLD_SIZE", "1")) > 1
+            and (isinstance(e, getattr(dist, "DistError", ())) or "closed by peer" in text
+                 or "Connection reset by peer" in text or "Broken pipe" in text))
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:

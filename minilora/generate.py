@@ -7,7 +7,6 @@ There is no KV cache: each step re-runs the prefix, which is fine for the short 
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
@@ -55,28 +54,26 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from minilora.cli import InputError, nonneg_float, nonneg_int, positive_int
     from minilora.loading import from_pretrained
 
     p = argparse.ArgumentParser(prog="python -m minilora.generate", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="HF directory, .gguf, llama2.c .bin, or smollm2-135m")
     p.add_argument("--prompt", default="", help="prompt text (empty: start from BOS when the model uses one)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling threshold, in (0, 1]")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the ChatML template (instruct models)")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: this PyTorch has no usable CUDA device")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        model, tok = from_pretrained(args.model, dtype=args.dtype, device=device)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model, tok = from_pretrained(args.model, dtype=args.dtype, device=device)
     if tok is None:
-        print(f"error: {args.model}: no tokenizer found beside the model", file=sys.stderr)
-        return 2
+        raise InputError(f"{args.model}: no tokenizer found beside the model")
     text = args.prompt
     if args.chat:
         text = f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
@@ -86,5 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _top_p(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from minilora.cli import run_cli
+
+    run_cli(main)

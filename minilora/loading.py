@@ -159,8 +159,8 @@ def from_pretrained(
 ) -> tuple[Transformer, Tokenizer | None]:
     """Load a LLaMA-family model and its tokenizer.
 
-    ``path_or_name``: an HF directory (``config.json`` + safetensors, sharded or not), a ``.gguf`` file, a
-    llama2.c ``.bin`` file, or a named default (``smollm2-135m``). The tokenizer is ``None`` only when the
+    ``path_or_name``: an HF directory (``config.json`` + safetensors, sharded or not; or one of its weight files),
+    a ``.gguf`` file, a llama2.c ``.bin`` file, or a named default (``smollm2-135m``). The tokenizer is ``None`` only when the
     checkpoint ships none (bare HF weight folders, a llama2.c file without ``tok{vocab}.model`` beside it).
     """
     dtype_ = resolve_dtype(dtype)
@@ -170,6 +170,9 @@ def from_pretrained(
     if not path.exists():
         known = ", ".join(NAMED_MODELS)
         raise FileNotFoundError(f"{path}: no such file or directory (and not a known model name: {known})")
+    if path.is_file() and path.name != "config.json" and (path.parent / "config.json").is_file() and (
+            path.suffix == ".safetensors" or path.name.startswith("pytorch_model")):
+        path = path.parent  # a weights file of a Hugging Face folder (perhaps one shard of several): the folder
     if path.is_dir():
         if not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf"))

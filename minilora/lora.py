@@ -47,8 +47,9 @@ class AdapterSpec:
 class LoRALinear(nn.Module):
     """``y = x W^T + sum_i s_i dropout(x) A_i^T B_i^T`` over the unmerged adapters; W is frozen.
 
-    Adapters share one dropout mask on their input (the fused kernel's design), at the largest dropout rate
-    among them; with the paper's default (dropout 0) this is exact.
+    While training, each adapter drops its own input at its own rate, as PEFT's layers do: the adapters of one
+    rate share a mask and run fused with the base GEMM (those of the last adapter's rate, usually the trainable
+    one); each further rate adds its adapters' terms on its own mask.
     """
 
     def __init__(self, base: nn.Linear):
@@ -86,11 +87,18 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         names = self.active()
-        p = max((self.specs[n].dropout for n in names), default=0.0)
-        return kernels.lora_linear(
-            x, self.weight, [self.lora_A[n] for n in names], [self.lora_B[n] for n in names],
-            [self.specs[n].scaling for n in names], dropout_p=p, training=self.training,
+        p = self.specs[names[-1]].dropout if names and self.training else 0.0
+        fused = [n for n in names if not self.training or self.specs[n].dropout == p]
+        y = kernels.lora_linear(
+            x, self.weight, [self.lora_A[n] for n in fused], [self.lora_B[n] for n in fused],
+            [self.specs[n].scaling for n in fused], dropout_p=p, training=self.training,
         )
+        for rate in dict.fromkeys(self.specs[n].dropout for n in names if n not in fused):
+            group = [n for n in names if self.specs[n].dropout == rate]
+            xd = x if rate == 0 else x * kernels.reference.dropout_mask(x.shape, rate, x.device) / (1.0 - rate)
+            for n in group:
+                y = y + self.specs[n].scaling * F.linear(F.linear(xd, self.lora_A[n]), self.lora_B[n])
+        return y
 
     def extra_repr(self) -> str:
         ads = ", ".join(f"{n}(r={s.r}, alpha={s.alpha}{', merged' if s.merged else ''})" for n, s in self.specs.items())
@@ -192,7 +200,7 @@ def _wrap(model: nn.Module, name: str) -> LoRALinear:
     parent = model.get_submodule(parent_name) if parent_name else model
     mod = getattr(parent, child)
     if not isinstance(mod, LoRALinear):
-        mod = LoRALinear(mod)
+        mod = LoRALinear(mod).train(mod.training)  # a model in eval mode stays there (no dropout at inference)
         setattr(parent, child, mod)
     return mod
 
@@ -303,7 +311,7 @@ def save_adapter(model: nn.Module, name: str, directory: str | Path, base_model_
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_dora": False,
         "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "base_model_name_or_path": base_model_name,
+        "base_model_name_or_path": _absolute_if_path(base_model_name),
     }
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -320,10 +328,23 @@ def _module_from_key(key: str, path: Path) -> tuple[str, str]:
     return m.group(1), m.group(2)
 
 
-def _pattern_value(pattern: dict, module: str, default):
+def _absolute_if_path(name: str | None) -> str | None:
+    """A model given as a relative path is recorded absolute (PEFT reads it from wherever the adapter is loaded)."""
+    if name is None or not Path(name).expanduser().exists():
+        return name
+    return str(Path(name).expanduser().resolve())
+
+
+def _pattern_value(pattern: dict, module: str, default, source: Path | str = "adapter_config.json"):
+    """The value of the first key of a PEFT ``alpha_pattern``/``rank_pattern`` that matches ``module`` (its name
+    in the base model), by PEFT's own rule (``peft.utils.other.get_pattern_key``): the key is a regular expression
+    matching the whole name or a dotted suffix of it; ``default`` if none does."""
     for key, value in pattern.items():
-        if module == key or module.endswith("." + key) or re.fullmatch(key, module):
-            return value
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        except re.error as e:
+            raise ValueError(f"{source}: pattern key {key!r} is not a regular expression ({e})") from None
     return default
 
 
@@ -331,6 +352,9 @@ def _read_adapter(model: nn.Module, directory: str | Path) -> tuple[dict, dict[s
     """(config, {module: {lora_A, lora_B}}, weights path) of a PEFT LoRA folder, checked against ``model``."""
     d = Path(directory)
     cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
+    if not w_path.is_file() and cfg_path.is_file() and (d / "adapter_model.bin").is_file():
+        raise ValueError(f"{d / 'adapter_model.bin'}: PEFT's older pickle format is not read; save the adapter again "
+                         "as safetensors (PeftModel.save_pretrained(dir, safe_serialization=True))")
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: missing (expected a PEFT adapter folder)")
@@ -377,7 +401,7 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str, trainable: 
     cfg, pairs, _ = _read_adapter(model, directory)
     for module, ab in pairs.items():
         r = ab["lora_A"].shape[0]
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"], Path(directory) / CONFIG_NAME)
         spec = AdapterSpec(r, float(alpha), float(cfg.get("lora_dropout", 0.0)), bool(cfg.get("use_rslora")))
         layer = _wrap(model, module)
         layer.add(name, spec, trainable)

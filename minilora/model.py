@@ -68,7 +68,11 @@ class LlamaConfig:
             raise ValueError(f"{source}: missing required key(s) {', '.join(missing)}")
         if d.get("attention_bias") or d.get("mlp_bias"):
             raise ValueError(f"{source}: attention_bias/mlp_bias are not supported (LLaMA has bias-free linears)")
+        act = d.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):  # the MLP is SwiGLU: SiLU(gate) * up
+            raise ValueError(f"{source}: hidden_act {act!r} is not supported (LLaMA's MLP uses 'silu')")
         d = dict(d)
+        d.setdefault("rms_norm_eps", 1e-6)  # transformers' LlamaConfig default
         rope = d.pop("rope_parameters", None) or {}
         scaling = d.get("rope_scaling") or None
         if rope:
@@ -90,6 +94,7 @@ class LlamaConfig:
             d["eos_token_id"] = eos[0] if eos else None
         names = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in d.items() if k in names}
+        _check_values(kwargs, source)
         kwargs["extra"] = {k: v for k, v in d.items() if k not in names}
         return cls(**kwargs)
 
@@ -99,6 +104,41 @@ class LlamaConfig:
         d.pop("extra")
         d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu")
         return d
+
+
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings")
+_ROPE_KEYS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+              "linear": ("factor",)}
+
+
+def _check_values(kwargs: dict[str, Any], source: str) -> None:
+    """Types and ranges of a config's values, named by key (they would otherwise fail at the first forward)."""
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    for key in _POSITIVE_INTS:
+        v = kwargs.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{source}: {key} must be a positive integer, got {v!r}")
+    for key in ("rms_norm_eps", "rope_theta"):
+        v = kwargs.get(key)
+        if v is not None and (not number(v) or v <= 0):
+            raise ValueError(f"{source}: {key} must be a positive number, got {v!r}")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = kwargs.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            raise ValueError(f"{source}: {key} must be an integer or null, got {v!r}")
+    scaling = kwargs.get("rope_scaling")
+    if scaling:
+        kind = scaling["rope_type"]
+        for key in _ROPE_KEYS[kind]:
+            if not number(scaling.get(key)) or scaling[key] <= 0:
+                raise ValueError(f"{source}: rope_scaling ({kind}) needs a positive number {key!r}, "
+                                 f"got {scaling.get(key)!r}")
+        if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+            raise ValueError(f"{source}: rope_scaling (llama3) needs high_freq_factor > low_freq_factor, got "
+                             f"{scaling['high_freq_factor']!r} and {scaling['low_freq_factor']!r}")
 
 
 class RMSNorm(nn.Module):

@@ -182,6 +182,39 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+class PeerStopped(Exception):
+    """Rank 0 failed in work the other ranks waited for (``on_main``); it reports the error, they leave quietly."""
+
+
+def on_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 while the other ranks wait (they get None): a barrier that also carries whether it
+    failed, so that on an error rank 0 reports it and the others raise ``PeerStopped`` instead of failing in a
+    collective whose peer has gone (gloo: 'Connection closed by peer', a traceback per rank)."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the others have heard of it
+            error = e
+    if world()[1] > 1 and float(all_reduce_sum(torch.tensor([float(error is not None)], dtype=torch.float64))[0]):
+        if error is None:
+            raise PeerStopped()
+    if error is not None:
+        raise error
+    return result
+
+
+def share_rng_of_rank0() -> None:
+    """Give every rank rank 0's CPU generator state (dropout seeds come from it: ``kernels.reference.draw_seed``).
+    After a step in which a rank had no rows, and so drew no seeds, the ranks' states differ; a resume restores rank
+    0's on all of them, so the uninterrupted run must continue from the same states to be matched exactly."""
+    if world()[1] > 1:
+        state = torch.get_rng_state()
+        moved = state.to(collective_device(dist.get_backend(), state.device))
+        dist.broadcast(moved, src=0)
+        torch.set_rng_state(moved.cpu())
+
+
 def is_main() -> bool:
     return world()[0] == 0
 
@@ -320,6 +353,7 @@ class Trainer:
                 },
                 "config": asdict(self.cfg),
                 "identity": self.identity,
+                "world_size": world()[1],
             },
             self.ckpt_path,
         )
@@ -353,6 +387,7 @@ class Trainer:
         if diffs:
             raise ValueError(f"{self.ckpt_path}: saved by a run with other settings ({'; '.join(diffs)}); resume "
                              "with the same ones, or start again with --overwrite")
+        self._check_world_size(ck.get("world_size"))
         saved = _plain(ck.get("config") or {})
         longer = [f"{k} {saved[k]!r} -> {getattr(self.cfg, k)!r}" for k in RESUME_LENGTH
                   if k in saved and saved[k] != getattr(self.cfg, k)]
@@ -387,6 +422,23 @@ class Trainer:
         random.setstate(ck["rng"]["python"])
         self._write_metrics(self.state.history, mode="w")  # drops lines written after the checkpoint
         return True
+
+    def _check_world_size(self, saved: int | None) -> None:
+        """A resume with another number of processes: refused when LoRA dropout is on (each rank draws its own masks,
+        so the masks would change); otherwise a notice (the same gradients, summed in another order)."""
+        size = world()[1]
+        if saved is None or saved == size:
+            return
+        from minilora.lora import lora_layers
+
+        if any(spec.dropout > 0 and not spec.merged for _, layer in lora_layers(self.model)
+               for spec in layer.specs.values()):
+            raise ValueError(f"{self.ckpt_path}: saved by a run of {saved} process(es), this one has {size}; with LoRA "
+                             "dropout each rank draws its own masks, so the run would not continue as it began: "
+                             f"resume with {saved} (torchrun --nproc_per_node {saved}), or start again with --overwrite")
+        if is_main():
+            print(f"resume: saved by {saved} process(es), continuing with {size}: the same global batches, their "
+                  "gradients summed in another order (equal up to rounding)", file=sys.stderr)
 
     def _write_metrics(self, rows: list[dict], mode: str = "a") -> None:
         if not is_main():
@@ -477,11 +529,13 @@ class Trainer:
             # the step's sums stay on the device until its end: one wait for the device per step, not per micro-batch
             sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, number of loss terms
             tokens = 0
+            rows_short = False  # a micro-batch with fewer rows than ranks: some rank draws no dropout seeds
             for _ in range(cfg.grad_accum):
                 if st.batch_in_epoch >= len(epoch_batches):
                     st.epoch += 1
                     st.batch_in_epoch = 0
                     epoch_batches = self.batches(st.epoch)
+                rows_short |= len(epoch_batches[st.batch_in_epoch]) < world()[1]
                 batch, n_tokens = self._micro_batch(epoch_batches[st.batch_in_epoch])
                 st.batch_in_epoch += 1
                 if batch is None:
@@ -505,6 +559,8 @@ class Trainer:
                     f"gradient norm became {grad_norm} at step {st.step + 1} (loss {mean_loss:.4g}); stopped. "
                     f"{self._last_good()}"
                 )
+            if rows_short:
+                share_rng_of_rank0()
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()

@@ -15,6 +15,7 @@ from minilora.lora import (
     add_adapter,
     adapter_names,
     load_adapter,
+    lora_layers,
     merge_adapter,
     save_adapter,
     set_trainable,
@@ -172,3 +173,119 @@ def test_peft_adapter_loads_in_minilora(tiny, tmp_path):
     ids = torch.randint(0, 101, (2, 11))
     with torch.no_grad():
         assert (model(ids) - pm(ids).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("alpha_pattern", [
+    {"layers.1.mlp.*": 64},
+    {"q_proj|v_proj": 64},
+    {r"layers\.0\.self_attn\.q_proj": 64, "o_proj": 3},
+    {"model.layers.1.self_attn.k_proj": 5, "k_proj": 7},  # the first matching key in the file wins
+])
+def test_peft_alpha_pattern_regexes_scale_as_in_peft(tiny, tmp_path, alpha_pattern):
+    """Before: a key was matched as a name, a dotted suffix or a whole-name regex, so PEFT's regex keys ('q_proj|v_proj',
+    'layers.1.mlp.*') fell back to lora_alpha: logits 2.6 apart from PEFT's, with no word."""
+    peft = _peft()
+    import transformers
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(tiny).eval()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", alpha_pattern=alpha_pattern,
+                          init_lora_weights=False)
+    peft.get_peft_model(hf, cfg).save_pretrained(tmp_path / "ad")
+    # the oracle is PEFT reading the saved folder: PEFT writes the pattern's keys sorted, and the first match wins
+    pm = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(tiny), tmp_path / "ad").eval()
+    model, _ = from_pretrained(tiny)
+    load_adapter(model, tmp_path / "ad", "domain")
+    theirs = {n.removeprefix("base_model.model."): m.scaling["default"] for n, m in pm.named_modules()
+              if isinstance(getattr(m, "scaling", None), dict) and "default" in m.scaling}
+    ours = {n: m.specs["domain"].scaling for n, m in lora_layers(model)}
+    assert ours == theirs and len(set(ours.values())) > 1
+    ids = torch.randint(0, 101, (2, 11))
+    with torch.no_grad():
+        assert (model(ids) - pm(ids).logits).abs().max() <= 1e-4
+
+
+def test_a_pattern_key_that_is_not_a_regex_is_named(tiny, tmp_path):
+    model, _ = from_pretrained(tiny)
+    add_adapter(model, "task", r=2, alpha=4)
+    save_adapter(model, "task", tmp_path / "ad")
+    cfg_path = tmp_path / "ad" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["alpha_pattern"] = {"q_proj(": 8}
+    cfg_path.write_text(json.dumps(cfg))
+    fresh, _ = from_pretrained(tiny)
+    with pytest.raises(ValueError, match=r"adapter_config.json: pattern key 'q_proj\(' is not a regular expression"):
+        load_adapter(fresh, tmp_path / "ad", "domain")
+
+
+def test_load_adapter_keeps_an_eval_model_in_eval_mode(tiny, tmp_path):
+    """Before: the LoRA layers load_adapter made were in training mode in a model in eval mode, so an adapter saved
+    with dropout dropped inputs at inference (two identical forwards 0.9 apart)."""
+    model, _ = from_pretrained(tiny)
+    add_adapter(model, "task", r=4, alpha=8, dropout=0.5)
+    _randomise(model, "task", 3)
+    save_adapter(model, "task", tmp_path / "ad")
+    fresh, _ = from_pretrained(tiny)
+    fresh.eval()
+    load_adapter(fresh, tmp_path / "ad", "task")
+    assert not any(m.training for m in fresh.modules())
+    ids = torch.randint(0, 101, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), fresh(ids))
+        assert torch.equal(fresh(ids), model.eval()(ids))
+
+
+def test_each_adapter_drops_its_input_at_its_own_rate_as_in_peft(tiny):
+    """Before: stacked adapters shared one mask at the largest rate, so a frozen domain adapter saved with dropout 0.3
+    dropped the input of a task adapter set to dropout 0 (and one with 0 left the task's 0.3 on the domain's input).
+    Now each rate draws its own mask; checked against the formula, with the masks the layer drew."""
+    import kernels.reference as ref
+
+    model, _ = from_pretrained(tiny)
+    add_adapter(model, "domain", r=4, alpha=8, dropout=0.3)
+    add_adapter(model, "task", r=2, alpha=4, dropout=0.0)
+    _randomise(model, "domain", 1)
+    _randomise(model, "task", 2)
+    layer = model.model.layers[0].self_attn.q_proj
+    layer.train()
+    x = torch.randn(3, 5, layer.in_features)
+    masks = []
+    real = ref.dropout_mask
+
+    def recording(shape, p, device="cpu"):
+        masks.append((p, real(shape, p, device)))
+        return masks[-1][1]
+
+    ref.dropout_mask = recording
+    try:
+        y = layer(x)
+    finally:
+        ref.dropout_mask = real
+    assert [p for p, _ in masks] == [0.3]  # the task adapter's rate (0) drew no mask
+    keep = masks[0][1]
+    a, b = layer.lora_A, layer.lora_B
+    s = {n: layer.specs[n].scaling for n in ("domain", "task")}
+    want = (x @ layer.weight.T + s["task"] * (x @ a["task"].T) @ b["task"].T
+            + s["domain"] * ((x * keep / 0.7) @ a["domain"].T) @ b["domain"].T)
+    assert (y - want).abs().max() <= 1e-5
+    layer.eval()
+    with torch.no_grad():
+        plain = x @ layer.weight.T + sum(s[n] * (x @ a[n].T) @ b[n].T for n in s)
+        assert (layer(x) - plain).abs().max() <= 1e-5
+
+
+def test_an_adapter_in_peft_pickle_format_is_named_and_a_relative_base_path_saved_absolute(tiny, tmp_path,
+                                                                                          monkeypatch):
+    """Before: a folder with PEFT's adapter_model.bin was reported as 'adapter_model.safetensors: missing', and the
+    model path given relative was saved as is, which PEFT then looked up relative to wherever it ran."""
+    model, _ = from_pretrained(tiny)
+    add_adapter(model, "task", r=2, alpha=4)
+    monkeypatch.chdir(tiny.parent)
+    save_adapter(model, "task", tmp_path / "ad", base_model_name=tiny.name)
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny)
+    save_adapter(model, "task", tmp_path / "named", base_model_name="smollm2-135m")
+    assert json.loads((tmp_path / "named" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "smollm2-135m"
+    (tmp_path / "ad" / "adapter_model.safetensors").rename(tmp_path / "ad" / "adapter_model.bin")
+    with pytest.raises(ValueError, match=r"adapter_model.bin: PEFT's older pickle format is not read; save the "
+                                         r"adapter again as safetensors"):
+        load_adapter(model, tmp_path / "ad", "domain")

@@ -181,6 +181,75 @@ def test_config_without_required_key(tmp_path):
         from_pretrained(tmp_path)
 
 
+def test_a_config_without_rms_norm_eps_takes_transformers_default(tmp_path):
+    """Before: a config.json without rms_norm_eps got 1e-5 where transformers' LlamaConfig takes 1e-6 (logits 4e-3
+    apart on a tiny model)."""
+    transformers = pytest.importorskip("transformers")
+    save_tiny_hf(tmp_path, rms_norm_eps=1e-6)
+    _edit_config(tmp_path, rms_norm_eps=None)
+    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert ref.config.rms_norm_eps == 1e-6
+    model, _ = from_pretrained(tmp_path)
+    ids = torch.randint(0, 101, (1, 20))
+    with torch.no_grad():
+        assert (model(ids) - ref(ids).logits).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported (LLaMA's MLP uses 'silu')"),
+    ({"vocab_size": "101"}, "vocab_size must be a positive integer, got '101'"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer, got 0"),
+    ({"rms_norm_eps": "1e-6"}, "rms_norm_eps must be a positive number, got '1e-6'"),
+    ({"eos_token_id": "2"}, "eos_token_id must be an integer or null, got '2'"),
+    ({"rope_scaling": {k: v for k, v in LLAMA3_ROPE.items() if k != "low_freq_factor"}},
+     "rope_scaling (llama3) needs a positive number 'low_freq_factor', got None"),
+    ({"rope_scaling": {"rope_type": "linear"}}, "rope_scaling (linear) needs a positive number 'factor', got None"),
+])
+def test_config_values_are_checked_when_loading(tmp_path, edit, message):
+    """Before: a gelu model loaded and ran SiLU (logits 0.37 apart from transformers, no word); a llama3 rope without
+    low_freq_factor failed at the first forward as KeyError; a string vocab_size as a TypeError traceback."""
+    save_tiny_hf(tmp_path)
+    _edit_config(tmp_path, **edit)
+    with pytest.raises(ValueError) as e:
+        from_pretrained(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'config.json'}: {message}"
+
+
+def test_a_weights_file_of_a_hf_folder_loads_the_folder(tmp_path):
+    """Before: from_pretrained("folder/pytorch_model.bin") read it as a llama2.c file ("header field n_layers=0")."""
+    ref = save_tiny_hf(tmp_path, max_shard_size="40KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    ids = torch.randint(0, 101, (1, 20))
+    with torch.no_grad():
+        assert (from_pretrained(shard)[0](ids) - ref(ids).logits).abs().max() <= 1e-4
+
+
+def _generate_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "minilora.generate", *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_generate_cli_gives_one_line_errors(tmp_path):
+    """Before: --device cuda without CUDA, a config value that failed at the first forward, --max-new-tokens -1 and a
+    missing tokenizer gave tracebacks or ran."""
+    save_tiny_hf(tmp_path)
+    cases = [(["--model", str(tmp_path)], f"error: {tmp_path}: no tokenizer found beside the model"),
+             (["--model", str(tmp_path), "--max-new-tokens", "-1"],
+              "argument --max-new-tokens: expected an integer >= 1, got -1"),
+             (["--model", str(tmp_path), "--top-p", "0"], "argument --top-p: expected a number in (0, 1], got 0")]
+    if not torch.cuda.is_available():
+        cases.append((["--model", str(tmp_path), "--device", "cuda"],
+                      "error: --device cuda: this PyTorch has no usable CUDA device"))
+    bad = tmp_path / "bad"
+    save_tiny_hf(bad)
+    _edit_config(bad, rope_scaling={k: v for k, v in LLAMA3_ROPE.items() if k != "high_freq_factor"})
+    cases.append((["--model", str(bad)], "needs a positive number 'high_freq_factor', got None"))
+    for args, message in cases:
+        proc = _generate_cli(*args)
+        lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith(("usage:", " "))]
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (args, proc.stderr[-2000:])
+
+
 def test_unsupported_architecture(tmp_path):
     save_tiny_hf(tmp_path)
     _edit_config(tmp_path, architectures=["MistralForCausalLM"], model_type="mistral")

@@ -171,6 +171,48 @@ def test_torchrun_two_ranks_match_one_process(tiny_lm, notes, tmp_path):
     assert abs(one["val_ppl"] - two["val_ppl"]) <= 1e-4 * one["val_ppl"]
 
 
+def test_a_resume_with_another_number_of_processes_is_refused_with_dropout(tiny_lm, notes, tmp_path):
+    """Before: a 2-rank run with LoRA dropout resumed in 1 process without a word and drew other masks (adapters 0.5
+    apart from the uninterrupted run); without dropout it continues, with a notice."""
+    common = ["--model", str(tiny_lm), "--notes", str(notes), "--lr", "3e-3", "--cache-dir", str(tmp_path / "cache"),
+              *FAST]
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for dropout in ("0.1", "0"):
+        out = tmp_path / f"d{dropout}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "train_dapt.py"), *common, "--dropout", dropout, "--max-steps", "2", "--out", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=one_thread)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        proc = dapt(*common, "--dropout", dropout, "--max-steps", "3", "--out", str(out), "--resume", check=False)
+        if dropout == "0.1":
+            assert proc.returncode == 2, proc.stderr[-3000:]
+            assert proc.stderr.strip().splitlines()[-1] == (
+                f"error: {out / 'checkpoint' / 'state.pt'}: saved by a run of 2 process(es), this one has 1; with "
+                "LoRA dropout each rank draws its own masks, so the run would not continue as it began: resume with "
+                "2 (torchrun --nproc_per_node 2), or start again with --overwrite")
+        else:
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert "resume: saved by 2 process(es), continuing with 1" in proc.stderr
+            assert max(r["step"] for r in metrics(out)) == 3
+
+
+def test_bad_input_under_torchrun_is_one_line(tiny_lm, tmp_path):
+    """Before: a bad notes file (read by rank 0 while the others waited) printed its one line and then rank 1's gloo
+    traceback ('Connection closed by peer'); an error that every rank meets (a missing model) was printed by each."""
+    bad = tmp_path / "notes.jsonl"
+    bad.write_text('{"text": "x"}\n{"text": \n')
+    for model, message in ((tiny_lm, "line 2: not valid JSON"), (tmp_path / "nowhere", "nowhere: no such file")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "train_dapt.py"), "--model", str(model), "--notes", str(bad), "--max-steps", "2",
+               "--out", str(tmp_path / "run"), *FAST]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode != 0
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+        assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+        assert "[rank1]" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_non_finite_loss_stops_with_last_good_checkpoint(tiny_lm, notes, tmp_path):
     # alpha 1e38 scales the LoRA gradients past the fp32 range: caught before the optimizer corrupts the weights
     run = tmp_path / "run"
