@@ -272,7 +272,17 @@ def add_run_args(p: argparse.ArgumentParser, g: argparse._ArgumentGroup, *, save
 LOG_OUTPUTS = ("checkpoint", "metrics.jsonl", "loss.png", "base_eval.json")  # written before a run has results
 # What a train_task.py run folder holds besides its checkpoint (tfidf_baseline.py writes the same kind of folder)
 TASK_RUN_OUTPUTS = ("task_adapter", "domain_adapter", "head", "predictions_val.npz", "predictions_test.npz",
-                    "summary.json", "metrics.jsonl", "loss.png")
+                    "summary.json", "metrics.jsonl", "loss.png",
+                    "eval_*.json", "predictions_*.npz", "predictions_*.csv")  # eval.py --run's files in the run
+
+
+def present_outputs(out: Path, outputs: tuple[str, ...]) -> list[Path]:
+    """The paths in ``out`` of ``outputs``: names, or glob patterns (``eval_*.json``), each path once."""
+    found: dict[Path, None] = {}
+    for name in outputs:
+        paths = sorted(out.glob(name)) if any(c in name for c in "*?[") else [out / name]
+        found.update((path, None) for path in paths if path.exists() or path.is_symlink())
+    return list(found)
 
 
 def check_out_folder(out: Path, outputs: tuple[str, ...], resume: bool, overwrite: bool,
@@ -281,7 +291,7 @@ def check_out_folder(out: Path, outputs: tuple[str, ...], resume: bool, overwrit
     checkpoint): a rerun by mistake would replace a finished run, or its checkpoint at the first save."""
     if resume and overwrite:
         raise InputError("--resume and --overwrite: choose one (continue the run in --out, or replace it)")
-    found = [name for name in ("checkpoint", *outputs) if (out / name).exists()]
+    found = [path.name for path in present_outputs(out, ("checkpoint", *outputs))]
     if found and not (resume or overwrite):
         how = ("pass --resume to continue it, --overwrite to replace it" if resumable
                else "pass --overwrite to replace it")
@@ -297,15 +307,12 @@ def remove_outputs(out: Path, outputs: tuple[str, ...]) -> None:
     import shutil
 
     removed = []
-    for name in ("checkpoint", *outputs):
-        path = out / name
+    for path in present_outputs(out, ("checkpoint", *outputs)):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
         else:
-            continue
-        removed.append(name)
+            path.unlink()
+        removed.append(path.name)
     if removed:
         print(f"overwrite: removed the earlier run's {', '.join(removed)} from {out}", file=sys.stderr)
 

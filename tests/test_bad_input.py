@@ -239,6 +239,26 @@ def test_a_rerun_into_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path,
         assert {p: p.read_text() for p in out.rglob("*") if p.is_file()} == stamps  # nothing of it touched
 
 
+def test_overwrite_also_removes_what_eval_run_wrote_into_the_run(tmp_path, capsys):
+    """Before: --overwrite left the replaced model's eval_<stem>.json and predictions_<stem>.npz/.csv (from eval.py
+    --run RUN --test/--predict) beside the new model, as if they were its own."""
+    from minilora.cli import TASK_RUN_OUTPUTS, InputError, check_out_folder, remove_outputs
+
+    out = tmp_path / "run"
+    names = ["summary.json", "predictions_test.npz", "eval_ext.json", "predictions_ext.npz", "predictions_unl.csv",
+             "predictions_unl.npz"]
+    for name in names + ["my_notes.txt"]:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("earlier")
+    (out / "head").mkdir()
+    with pytest.raises(InputError, match=r"holds an earlier run \(.*eval_ext.json.*predictions_unl.csv"):
+        check_out_folder(out, TASK_RUN_OUTPUTS, resume=False, overwrite=False)
+    remove_outputs(out, TASK_RUN_OUTPUTS)
+    assert sorted(p.name for p in out.iterdir()) == ["my_notes.txt"]
+    err = capsys.readouterr().err
+    assert all(name in err for name in names + ["head"]) and "my_notes" not in err
+
+
 def test_resuming_with_other_shapes_or_a_foreign_file_names_the_checkpoint(tmp_path):
     """Before: --resume with another --r failed in copy_ with a size mismatch; a file that was not a checkpoint in
     a TypeError or a bare KeyError ('trainable')."""
@@ -523,6 +543,37 @@ def test_the_task_tools_give_one_line_errors(tmp_path):
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (tool, args, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_mtsamples_task_splits_by_text_and_keeps_an_earlier_task(tmp_path):
+    """Before: MTSamples files most reports under two categories and the split was by note id, so 59% of the test
+    rows had their text in train (under another label) and in the DAPT notes; a rerun replaced the files silently."""
+    import csv
+
+    from conftest import shared_path
+
+    source = shared_path("mtsamples", "mtsamples.jsonl.gz")
+    out = tmp_path / "mts"
+    proc = _tool("mtsamples_task.py", "--source", str(source), "--max-per-class", "60", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+    def norm(text: str) -> str:
+        return " ".join(text.split())
+
+    rows = {split: list(csv.DictReader(open(out / f"{split}.csv", newline="", encoding="utf-8")))
+            for split in ("train", "val", "test")}
+    texts = {split: {norm(r["text"]) for r in split_rows} for split, split_rows in rows.items()}
+    assert all(texts[split] for split in texts)
+    assert not texts["train"] & texts["test"] and not texts["train"] & texts["val"] and not texts["val"] & texts["test"]
+    dapt = [norm(json.loads(line)["text"]) for line in (out / "dapt_notes.jsonl").read_text().splitlines()]
+    assert set(dapt) == texts["train"] and len(dapt) == len(set(dapt))
+    pairs = [(norm(r["text"]), r["label"]) for split_rows in rows.values() for r in split_rows]
+    assert len(pairs) == len(set(pairs))  # no row repeats a text with its label
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = _tool("mtsamples_task.py", "--source", str(source), "--seed", "1", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 2 and "holds an earlier run (train.csv, val.csv, test.csv, dapt_notes.jsonl); pass " \
+        "--overwrite to replace it" in proc.stderr, proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_tfidf_baseline_names_the_split_whose_auroc_is_undefined(tmp_path):
