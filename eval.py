@@ -108,16 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test", default=None, help="labelled CSV or JSONL(.gz) file to score")
     g.add_argument("--predict", default=None, metavar="FILE",
                    help="unlabelled CSV or JSONL(.gz) file to apply the model to (a label column is ignored)")
-    g.add_argument("--text-col", default="text", help="text column / JSON field (default text)")
+    g.add_argument("--text-col", default=None, help="text column / JSON field (default: the run's --text-col for "
+                   "a custom task, else text)")
     g.add_argument("--label-col", default=None, help="label column / JSON field (codes joined by --label-sep; "
-                   "default: the run's task's column, e.g. short_codes for diagnoses, when the file has it, else "
-                   "label)")
-    g.add_argument("--id-col", default="id", help="id column (default id; absent: <file>:<line>)")
-    g.add_argument("--label-sep", default=",", help="separator of multi-label codes (default ,)")
+                   "default: a custom task's --label-col; a named task's column, e.g. short_codes for diagnoses, "
+                   "when the file has it, else label)")
+    g.add_argument("--id-col", default=None, help="id column (default: the run's for a custom task, else id; "
+                   "absent: <file>:<line>)")
+    g.add_argument("--label-sep", default=None, help="separator of multi-label codes (default: the run's, else ,)")
     g.add_argument("--max-seq-len", type=positive_int, default=None, help="tokens per note (default: the run's)")
     g.add_argument("--batch-size", type=positive_int, default=None, help="inference batch (default: the run's)")
     g.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default: the run's")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     return p
 
 
@@ -589,6 +591,9 @@ def read_labelled(path: Path, labels: list[str], kind: str, args: argparse.Names
         print(f"{path}: {counts['empty_text']} rows with empty text skipped", file=sys.stderr)
     if not ids:
         raise InputError(f"{path}: no row with text and a label among the run's labels")
+    if kind == "multilabel" and not any(t.any() for t in targets):
+        raise InputError(f"{path}: no row has any of the run's {len(labels)} labels in {args.label_col!r} (codes "
+                         f"split by {args.label_sep!r}); check --label-col and --label-sep")
     y = np.stack(targets) if kind == "multilabel" else np.array(targets, dtype=np.int64)
     return Split(ids, texts, y, raw), counts
 
@@ -632,6 +637,15 @@ def load_run(args: argparse.Namespace, path: Path) -> tuple[Path, dict, Path, st
     check_summary(summary, run / "summary.json")
     if not isinstance(summary.get("labels"), list) or not isinstance(summary.get("config"), dict):
         raise InputError(f"{run / 'summary.json'}: expected 'labels' (list) and 'config' (object)")
+    # the columns default to the run's own: a custom task's flags (train_task.py --train ...), else the named
+    # task's files' layout
+    cfg = summary["config"]
+    custom = bool(cfg.get("train")) and not cfg.get("data_dir")
+    for key, fallback in (("text_col", "text"), ("id_col", "id"), ("label_sep", ",")):
+        if getattr(args, key) is None:
+            setattr(args, key, cfg.get(key) or fallback if custom else fallback)
+    if args.label_col is None and custom and cfg.get("label_col"):
+        args.label_col = cfg["label_col"]
     out, stem = Path(args.out) if args.out else run, file_stem(path)
     if out.resolve() == run.resolve() and stem in ("val", "test"):
         raise InputError(f"{path}: its predictions would overwrite train_task.py's predictions_{stem}.npz in {run}; "

@@ -33,6 +33,7 @@ from minilora.data.tasks import (
     print_report,
 )
 from minilora.data.tasks import fingerprint as task_fingerprint
+from minilora.files import absolute_if_path
 from minilora.loading import adapter_fingerprint, weights_fingerprint
 from minilora.lora import (
     add_adapter, load_adapter, restore_adapter, save_adapter, set_trainable, trainable_parameters,
@@ -163,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.domain_trainable and not domain:
         raise InputError("--domain-trainable: no domain adapter to train (give --domain-adapter DIR)")
     if domain:
+        dapt_run = Path(domain).parent  # train_dapt.py writes adapter/ at each best validation, summary.json at the end
+        if is_main() and (dapt_run / "checkpoint").is_dir() and not (dapt_run / "summary.json").is_file():
+            print(f"warning: {domain}: its DAPT run has not finished (a checkpoint and no summary.json in {dapt_run}): "
+                  f"this is its best adapter so far; finish it with train_dapt.py --resume --out {dapt_run}",
+                  file=sys.stderr)
         load_adapter(lm, domain, "domain", trainable=args.domain_trainable)
         domain_print = adapter_fingerprint(domain)
         if not args.domain_trainable:  # the run keeps no copy of a frozen domain adapter
@@ -253,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         "train_tokens": state.tokens, "tokens_per_s": state.tokens / max(state.train_s, 1e-9),
         "peak_mem_mb": peak_memory_mb(device), "wall_s": time.perf_counter() - t_start, "world_size": world()[1],
         "labels": data.labels, "data_report": data.report,
-        "config": {**vars(args), "max_seq_len": max_len, "epochs": epochs, "domain_adapter": domain},
+        # paths absolute: eval.py --run rebuilds the model from them, from whatever folder it runs in
+        "config": {**vars(args), "max_seq_len": max_len, "epochs": epochs, "model": absolute_if_path(args.model),
+                   "domain_adapter": absolute_if_path(domain)},
         "fingerprints": fingerprints,
     }
     write_json_atomic(out / "summary.json", summary)

@@ -154,6 +154,11 @@ def load_classifier(run_dir: str | Path, device: torch.device | str | None = Non
         raise ValueError(f"{summary_path}: no 'config' object with the run's 'model' (expected a train_task.py run)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if cfg.get("precision", "bf16") == "bf16" else torch.float32
+    for key in ("model", "domain_adapter"):  # runs before 20261202 recorded the paths as given
+        path = cfg.get(key)
+        if path and not Path(path).is_absolute() and not Path(path).exists() and ("/" in path or key != "model"):
+            raise FileNotFoundError(f"{path}: not found from {Path.cwd()}; {summary_path} records this {key} path "
+                                    "relative to the folder the run was trained in: run eval.py from there")
     lm, tok = from_pretrained(cfg["model"], dtype=dtype, device=device)
     # a run records what it was trained on (since 20261202): a path that now holds other weights is refused
     expected = summary.get("fingerprints") if isinstance(summary.get("fingerprints"), dict) else {}

