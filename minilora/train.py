@@ -569,10 +569,10 @@ class Trainer:
             st.train_s += time.perf_counter() - t0
             tok_s = st.tokens / max(st.train_s, 1e-9)
             if st.step % cfg.log_every == 0 or st.step == self.total_steps:
-                self.log({"step": st.step, "epoch": st.epoch, "loss": mean_loss, "lr": lr,
+                self.log({"step": st.step, "epoch": st.epoch + 1, "loss": mean_loss, "lr": lr,  # 1-based, as best_epoch
                           "grad_norm": grad_norm, "tokens": st.tokens, "tokens_per_s": tok_s})
-            if bar is not None:
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            if bar is not None:  # the figures of the step the counter then shows
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
                 bar.update(1)
             if cfg.eval_every and st.step % cfg.eval_every == 0 and st.step < self.total_steps:
                 self.run_eval()

@@ -295,6 +295,17 @@ def test_a_rebuild_into_the_same_folder_leaves_nothing_stale(demo, tmp_path):
         proc.stderr
     proc = _run_tool("--hosp", str(demo["hosp"]), "--notes", str(demo["notes"]), "--out", str(out), "--seed", "1")
     assert proc.returncode == 0 and "removed" not in proc.stderr and "warning" not in proc.stderr, proc.stderr
+    # DAPT notes inside --out (the README's layout) are the build's own: removed, not only warned about (a third
+    # build no longer knew of them, and train_dapt.py --notes would have trained on test patients' notes)
+    inside = out / "dapt_notes.csv.gz"
+    shutil.copy(demo["dapt"], inside)
+    summary = json.loads((out / "summary.json").read_text())
+    summary["settings"]["dapt_notes"] = str(inside)
+    (out / "summary.json").write_text(json.dumps(summary))
+    proc = _run_tool("--hosp", str(demo["hosp"]), "--notes", str(demo["notes"]), "--out", str(out), "--seed", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"removed {inside} (an earlier build's DAPT notes, of another patient split" in proc.stderr
+    assert not inside.exists() and demo["dapt"].is_file()
 
 
 def test_no_left_out_section_or_death_mention_reaches_any_task_text(demo):

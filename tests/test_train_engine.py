@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import json
+import re
 
 import pytest
 import torch
@@ -184,3 +186,20 @@ def test_resuming_a_finished_run_neither_evaluates_nor_logs_again(tmp_path):
     again = make().fit(resume=True)
     assert len(calls) == 1 and again.step == 3 and again.best == first.best
     assert (tmp_path / "metrics.jsonl").read_text() == lines
+
+
+def test_logged_epochs_count_from_one_and_the_bar_shows_each_steps_own_figures(tmp_path, capsys):
+    """Before: metrics.jsonl counted epochs from 0 (summary's best_epoch and search.md from 1), and the progress bar
+    drew step k+1's loss and lr beside the counter k (set_postfix refreshed before the update)."""
+    torch.manual_seed(0)
+    net = nn.Linear(3, 1)
+    cfg = TrainConfig(lr=1e-2, max_steps=6, batch_size=2, precision="fp32", progress=True, save_every=0,
+                      schedule="linear")
+    data = [torch.randn(3) for _ in range(6)]  # 3 steps an epoch
+    Trainer(net, cfg, data, lambda xs: {"input_ids": torch.stack(xs)},
+            lambda m, b: (m(b["input_ids"]).pow(2).sum(), b["input_ids"].shape[0]), tmp_path).fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [(r["step"], r["epoch"]) for r in rows] == [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2)]
+    drawn = re.findall(r"(\d)/6 .*?lr=([0-9.e+-]+)", capsys.readouterr().err.replace("\r", "\n"))
+    lr_of = {r["step"]: r["lr"] for r in rows}
+    assert drawn and all(float(lr) == pytest.approx(lr_of[int(k)], rel=1e-2) for k, lr in drawn if int(k)), drawn

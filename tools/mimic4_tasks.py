@@ -331,9 +331,9 @@ def read_earlier_settings(out: Path) -> dict | None:
 
 def remove_stale(args: argparse.Namespace, summary: dict, earlier: dict | None) -> None:
     """After a build: remove the task files of an earlier build into the same --out that this one did not write (PMV
-    without --icu now), which train_task.py would otherwise read as this build's; and warn about an earlier build's
-    DAPT notes that this one did not rewrite when the patient split may differ (their notes may belong to this
-    build's validation or test patients)."""
+    without --icu now), which train_task.py would otherwise read as this build's; and an earlier build's DAPT notes
+    that this one did not rewrite when the patient split may differ (their notes may belong to this build's
+    validation or test patients): removed inside --out, warned about elsewhere."""
     for task in set(TASKS) - set(summary["rows"]):
         for split, _ in SPLITS:
             path = args.out / f"{TASKS[task].prefix}_{_split_file(task, split)}.csv.gz"
@@ -343,9 +343,14 @@ def remove_stale(args: argparse.Namespace, summary: dict, earlier: dict | None) 
     old_notes = (earlier or {}).get("dapt_notes")
     same_split = all((earlier or {}).get(k) == summary["settings"][k] for k in ("hosp", "notes", "seed"))
     if old_notes and old_notes != summary["settings"]["dapt_notes"] and Path(old_notes).is_file() and not same_split:
-        print(f"warning: {old_notes}: DAPT notes of an earlier build into {args.out}, with another patient split; they "
-              "may hold this build's validation or test patients: delete them, or rebuild them with --dapt-notes",
-              file=sys.stderr)
+        if Path(old_notes).resolve().is_relative_to(args.out.resolve()):  # the build's own folder: no user file
+            Path(old_notes).unlink()
+            print(f"removed {old_notes} (an earlier build's DAPT notes, of another patient split: they would hold "
+                  "validation and test patients of this one; rebuild them with --dapt-notes)", file=sys.stderr)
+        else:
+            print(f"warning: {old_notes}: DAPT notes of an earlier build into {args.out}, with another patient split; "
+                  "they may hold this build's validation or test patients: delete them, or rebuild them with "
+                  "--dapt-notes", file=sys.stderr)
 
 
 def _split_file(task: str, split: str) -> str:
