@@ -643,7 +643,7 @@ def load_run(args: argparse.Namespace, path: Path) -> tuple[Path, dict, Path, st
     custom = bool(cfg.get("train")) and not cfg.get("data_dir")
     for key, fallback in (("text_col", "text"), ("id_col", "id"), ("label_sep", ",")):
         if getattr(args, key) is None:
-            setattr(args, key, cfg.get(key) or fallback if custom else fallback)
+            setattr(args, key, (cfg.get(key) or fallback) if custom else fallback)
     if args.label_col is None and custom and cfg.get("label_col"):
         args.label_col = cfg["label_col"]
     out, stem = Path(args.out) if args.out else run, file_stem(path)

@@ -175,8 +175,9 @@ def from_pretrained(
     """Load a LLaMA-family model and its tokenizer.
 
     ``path_or_name``: an HF directory (``config.json`` + safetensors, sharded or not; or one of its weight files),
-    a ``.gguf`` file, a llama2.c ``.bin`` file, or a named default (``smollm2-135m``). The tokenizer is ``None`` only when the
-    checkpoint ships none (bare HF weight folders, a llama2.c file without ``tok{vocab}.model`` beside it).
+    a ``.gguf`` file, a llama2.c ``.bin`` file, or a named default (``smollm2-135m``). The tokenizer is ``None``
+    only when the checkpoint ships none (bare HF weight folders, a llama2.c file without ``tok{vocab}.model``
+    beside it).
     """
     dtype_ = resolve_dtype(dtype)
     device_ = resolve_device(device)

@@ -435,7 +435,8 @@ class Trainer:
                for spec in layer.specs.values()):
             raise ValueError(f"{self.ckpt_path}: saved by a run of {saved} process(es), this one has {size}; with LoRA "
                              "dropout each rank draws its own masks, so the run would not continue as it began: "
-                             f"resume with {saved} (torchrun --nproc_per_node {saved}), or start again with --overwrite")
+                             f"resume with {saved} (torchrun --nproc_per_node {saved}), or start again with "
+                             "--overwrite")
         if is_main():
             print(f"resume: saved by {saved} process(es), continuing with {size}: the same global batches, their "
                   "gradients summed in another order (equal up to rounding)", file=sys.stderr)

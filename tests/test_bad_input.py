@@ -591,7 +591,8 @@ def test_tfidf_baseline_names_the_split_whose_auroc_is_undefined(tmp_path):
     proc = _tool("tfidf_baseline.py", "--task", "t", "--train", str(train), "--val", str(single), "--test",
                  str(both), "--out", str(tmp_path / "a"), cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: t: the val split's AUROC is undefined ("), proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: t: the val split's AUROC is undefined ("), proc.stderr
     assert not (tmp_path / "a" / "summary.json").exists()
     proc = _tool("tfidf_baseline.py", "--task", "t", "--train", str(train), "--val", str(both), "--test",
                  str(single), "--out", str(tmp_path / "b"), cwd=tmp_path)

@@ -182,8 +182,8 @@ def test_peft_adapter_loads_in_minilora(tiny, tmp_path):
     {"model.layers.1.self_attn.k_proj": 5, "k_proj": 7},  # the first matching key in the file wins
 ])
 def test_peft_alpha_pattern_regexes_scale_as_in_peft(tiny, tmp_path, alpha_pattern):
-    """Before: a key was matched as a name, a dotted suffix or a whole-name regex, so PEFT's regex keys ('q_proj|v_proj',
-    'layers.1.mlp.*') fell back to lora_alpha: logits 2.6 apart from PEFT's, with no word."""
+    """Before: a key was matched as a name, a dotted suffix or a whole-name regex, so PEFT's regex keys
+    ('q_proj|v_proj', 'layers.1.mlp.*') fell back to lora_alpha: logits 2.6 apart from PEFT's, with no word."""
     peft = _peft()
     import transformers
 

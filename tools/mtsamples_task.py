@@ -1,6 +1,6 @@
 """Make a fixed MTSamples task (``medical_specialty``, multi-class) and notes for DAPT, from ../shared/data.
 
-Writes ``train.csv``, ``val.csv``, ``test.csv`` (columns id, text, label; a stratified 70/10/20 split by note,
+Writes ``train.csv``, ``val.csv``, ``test.csv`` (columns id, text, label; a stratified 70/10/20 split by text,
 seeded) for the specialties with at least ``--min-count`` notes, and ``dapt_notes.jsonl`` with the transcriptions
 of the TRAINING notes only (so DAPT never sees validation or test text). Only ids and counts are printed.
 
