@@ -40,7 +40,8 @@ DEMO_MAX_STEPS = 40
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="TOML file of settings (flag names); command-line flags override it")
+    p.add_argument("--config", help="TOML file of settings (flag names); command-line flags override it (a "
+                   "switch it sets is turned off by its opposite: --no-X for --X, --X for --no-X)")
     p.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf, llama2.c .bin or smollm2-135m (default: %(default)s, "
                    "the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--notes", nargs="+", default=None,

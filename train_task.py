@@ -51,7 +51,8 @@ DEMO_EPOCHS = 3
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="TOML file of settings (flag names); command-line flags override it")
+    p.add_argument("--config", help="TOML file of settings (flag names); command-line flags override it (a "
+                   "switch it sets is turned off by its opposite: --no-X for --X, --X for --no-X)")
     p.add_argument("--task", default="mortality",
                    help=f"one of {', '.join(TASKS)}, or a name for a custom task given by --train/--val/--test "
                    "(default %(default)s)")

@@ -49,8 +49,10 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = 
     """Parse ``argv``; values from ``--config FILE.toml`` replace the defaults and explicit flags override both.
 
     The TOML file holds flat ``key = value`` pairs named like the flags (``max_seq_len`` or ``max-seq-len``);
-    tables are flattened, so ``[lora] r = 16`` also sets ``r``.
+    tables are flattened, so ``[lora] r = 16`` also sets ``r``. Every switch gets its opposite flag (not listed in
+    --help), so that one a config sets can be turned off: ``--no-grad-checkpointing``, ``--packing``.
     """
+    add_switch_opposites(parser)
     args = parser.parse_args(argv)
     path = getattr(args, "config", None)
     if not path:
@@ -83,6 +85,22 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = 
             parser.exit(EXIT_BAD_INPUT, f"error: {path}: setting {key!r}: {e}\n")
     parser.set_defaults(**defaults)
     return parser.parse_args(argv)
+
+
+def add_switch_opposites(parser: argparse.ArgumentParser) -> None:
+    """For each ``store_true`` switch ``--X`` (``--no-X``), a hidden ``--no-X`` (``--X``) that sets it false, unless
+    that flag exists (``--domain-adapter DIR`` beside ``--no-domain-adapter``). Idempotent."""
+    for action in list(parser._actions):
+        if not isinstance(action, argparse._StoreTrueAction):
+            continue
+        for flag in action.option_strings:
+            if not flag.startswith("--"):
+                continue
+            name = flag[2:]
+            opposite = "--" + (name[3:] if name.startswith("no-") else f"no-{name}")
+            if opposite not in parser._option_string_actions:
+                parser.add_argument(opposite, dest=action.dest, action="store_false", default=argparse.SUPPRESS,
+                                    help=argparse.SUPPRESS)
 
 
 def _config_value(action: argparse.Action, value: Any) -> Any:

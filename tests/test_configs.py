@@ -40,3 +40,22 @@ def test_every_flag_says_what_it_does_and_its_default(name):
         if action.option_strings and action.default not in (None, False):
             text = parser._get_formatter()._expand_help(action)
             assert "default" in text and str(action.default).rstrip("0").rstrip(".") in text, (name, flag, text)
+
+
+def test_a_switch_set_by_a_config_is_turned_off_by_its_opposite_flag(tmp_path):
+    """Before: a switch a shared config set (grad_checkpointing, no_packing) could not be undone on the command line."""
+    dapt, task = _recipe("train_dapt"), _recipe("train_task")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("grad_checkpointing = true\nno_packing = true\n")
+    on = parse_with_config(dapt.build_parser(), ["--config", str(cfg)])
+    assert on.grad_checkpointing and on.no_packing
+    off = parse_with_config(dapt.build_parser(), ["--config", str(cfg), "--no-grad-checkpointing", "--packing"])
+    assert not off.grad_checkpointing and not off.no_packing
+    plain = parse_with_config(dapt.build_parser(), ["--no-grad-checkpointing"])
+    assert plain.grad_checkpointing is False and plain.no_packing is False
+    cfg.write_text("multilabel = true\nno_domain_adapter = true\n")
+    args = parse_with_config(task.build_parser(), ["--config", str(cfg), "--no-multilabel"])
+    assert not args.multilabel and args.no_domain_adapter  # --domain-adapter DIR is another flag: no opposite
+    parser = dapt.build_parser()
+    parse_with_config(parser, [])
+    assert "--no-grad-checkpointing" not in parser.format_help() and "--packing " not in parser.format_help()
