@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-seq-len", type=positive_int, default=None, help="tokens per note (default: the run's)")
     g.add_argument("--batch-size", type=positive_int, default=None, help="inference batch (default: the run's)")
     g.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default: the run's")
-    g.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     return p
 
 
@@ -538,6 +538,11 @@ def default_label_col(path: Path, task: str) -> str:
     return "label"
 
 
+def required_id(args: argparse.Namespace) -> list[str]:
+    """The id column a file must have: one asked for by --id-col (not one taken from the run's settings)."""
+    return [] if getattr(args, "id_col_optional", False) else id_columns(args.id_col)
+
+
 def read_labelled(path: Path, labels: list[str], kind: str, args: argparse.Namespace) -> tuple[Split, dict]:
     """The rows of a labelled file mapped to the run's label vocabulary; (split, counts). Empty texts are skipped;
     single-label rows with an unknown label are left out, unknown multi-label codes dropped; all are counted."""
@@ -546,7 +551,7 @@ def read_labelled(path: Path, labels: list[str], kind: str, args: argparse.Names
     counts = {"rows": 0, "empty_text": 0, "unknown_labels": 0}
     unknown: set[str] = set()
     unmatched = 0  # rows whose label (codes) the run has none of
-    for line, rec in read_rows(path, [args.text_col, args.label_col, *id_columns(args.id_col)]):
+    for line, rec in read_rows(path, [args.text_col, args.label_col, *required_id(args)]):
         text = clean_note(rec[args.text_col] or "")
         value = (rec[args.label_col] or "").strip()
         if not text:
@@ -610,7 +615,7 @@ def write_npz_atomic(path: Path, **arrays: np.ndarray) -> Path:
 def read_unlabelled(path: Path, args: argparse.Namespace) -> tuple[list[str], list[str], int]:
     """(ids, cleaned texts, rows with empty text skipped) of a file of notes; any label column is ignored."""
     ids, texts, empty = [], [], 0
-    for line, rec in read_rows(path, [args.text_col, *id_columns(args.id_col)]):
+    for line, rec in read_rows(path, [args.text_col, *required_id(args)]):
         text = clean_note(rec[args.text_col] or "")
         if not text:
             empty += 1
@@ -641,11 +646,13 @@ def load_run(args: argparse.Namespace, path: Path) -> tuple[Path, dict, Path, st
     # task's files' layout
     cfg = summary["config"]
     custom = bool(cfg.get("train")) and not cfg.get("data_dir")
+    explicit_id = args.id_col is not None
     for key, fallback in (("text_col", "text"), ("id_col", "id"), ("label_sep", ",")):
         if getattr(args, key) is None:
-            setattr(args, key, (cfg.get(key) or fallback) if custom else fallback)
+            setattr(args, key, cfg[key] if custom and isinstance(cfg.get(key), str) else fallback)
     if args.label_col is None and custom and cfg.get("label_col"):
         args.label_col = cfg["label_col"]
+    args.id_col_optional = not explicit_id  # a run's id column that the file lacks: <file>:<line> ids, as for id
     out, stem = Path(args.out) if args.out else run, file_stem(path)
     if out.resolve() == run.resolve() and stem in ("val", "test"):
         raise InputError(f"{path}: its predictions would overwrite train_task.py's predictions_{stem}.npz in {run}; "

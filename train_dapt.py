@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     max_len = args.max_seq_len or (256 if demo else 128)
     if demo:
         notes = [out.parent / "demo-data" / "dapt_notes.jsonl"]
-        if not notes[0].is_file():
-            on_main(lambda: write_dapt_corpus(notes[0], DEMO_NOTES, seed=args.seed))
+        # every rank joins (the check is rank 0's: a rank deciding for itself could skip a collective and hang)
+        on_main(lambda: notes[0].is_file() or write_dapt_corpus(notes[0], DEMO_NOTES, seed=args.seed))
         if args.max_steps is None:
             args.max_steps = DEMO_MAX_STEPS
         if args.eval_max_seqs is None:

@@ -123,10 +123,14 @@ def load_data(args: argparse.Namespace, out: Path):
     demo_dir = out.parent / "demo-data" / "tasks"
     # The files are written once; a stamp of how they were drawn rewrites them when the demo cohort changes.
     stamp, drawn = demo_dir / f".{args.task}.cohort", f"patients={DEMO_PATIENTS[args.task]} seed={args.seed}\n"
-    fresh = stamp.is_file() and stamp.read_text() == drawn and (demo_dir / TASKS[args.task].file("train")).is_file()
-    if not fresh:
-        on_main(lambda: (write_task_csvs(demo_dir, args.task, DEMO_PATIENTS[args.task], seed=args.seed),
-                         stamp.write_text(drawn)))
+
+    def write_if_stale() -> None:  # rank 0 decides and writes; every rank joins (one deciding alone could hang)
+        fresh = stamp.is_file() and stamp.read_text() == drawn and (demo_dir / TASKS[args.task].file("train")).is_file()
+        if not fresh:
+            write_task_csvs(demo_dir, args.task, DEMO_PATIENTS[args.task], seed=args.seed)
+            stamp.write_text(drawn)
+
+    on_main(write_if_stale)
     return load_named_task(args.task, demo_dir), "demo"
 
 

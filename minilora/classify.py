@@ -141,7 +141,7 @@ def predict(model: Classifier, dataset, pad_id: int, batch_size: int = 16, devic
 
 def load_classifier(run_dir: str | Path, device: torch.device | str | None = None):
     """(Classifier, tokenizer, summary) rebuilt from a ``train_task.py`` run folder: base model, adapters, head."""
-    from minilora.loading import adapter_fingerprint, from_pretrained, weights_fingerprint
+    from minilora.loading import adapter_fingerprint, from_pretrained, resolve_device, weights_fingerprint
     from minilora.lora import load_adapter
 
     run = Path(run_dir)
@@ -152,11 +152,12 @@ def load_classifier(run_dir: str | Path, device: torch.device | str | None = Non
     cfg = summary.get("config")
     if not isinstance(cfg, dict) or "model" not in cfg:
         raise ValueError(f"{summary_path}: no 'config' object with the run's 'model' (expected a train_task.py run)")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if cfg.get("precision", "bf16") == "bf16" else torch.float32
     for key in ("model", "domain_adapter"):  # runs before 20261202 recorded the paths as given
         path = cfg.get(key)
-        if path and not Path(path).is_absolute() and not Path(path).exists() and ("/" in path or key != "model"):
+        if (path and not Path(path).expanduser().is_absolute() and not Path(path).exists()
+                and ("/" in path or key != "model")):
             raise FileNotFoundError(f"{path}: not found from {Path.cwd()}; {summary_path} records this {key} path "
                                     "relative to the folder the run was trained in: run eval.py from there")
     lm, tok = from_pretrained(cfg["model"], dtype=dtype, device=device)

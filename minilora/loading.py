@@ -62,7 +62,7 @@ def smollm2_path() -> Path:
     raise FileNotFoundError(f"the embedded default model smollm2-135m is not installed; run: {SMOLLM2_INSTALL}")
 
 
-NAMED_MODELS = {"smollm2-135m": smollm2_path}
+NAMED_MODELS = {"smollm2-135m": smollm2_path}  # their names also in minilora.files.MODEL_NAMES
 
 
 def build_model(

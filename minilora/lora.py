@@ -93,11 +93,13 @@ class LoRALinear(nn.Module):
             x, self.weight, [self.lora_A[n] for n in fused], [self.lora_B[n] for n in fused],
             [self.specs[n].scaling for n in fused], dropout_p=p, training=self.training,
         )
+        dtype = kernels.reference.compute_dtype(x)  # as the fused call computes (autocast's, else x's)
         for rate in dict.fromkeys(self.specs[n].dropout for n in names if n not in fused):
-            group = [n for n in names if self.specs[n].dropout == rate]
             xd = x if rate == 0 else x * kernels.reference.dropout_mask(x.shape, rate, x.device) / (1.0 - rate)
-            for n in group:
-                y = y + self.specs[n].scaling * F.linear(F.linear(xd, self.lora_A[n]), self.lora_B[n])
+            xd = xd.to(dtype)
+            for n in (n for n in names if self.specs[n].dropout == rate):
+                a, b = self.lora_A[n].to(dtype), self.lora_B[n].to(dtype)
+                y = y + (self.specs[n].scaling * F.linear(F.linear(xd, a), b)).to(y.dtype)
         return y
 
     def extra_repr(self) -> str:

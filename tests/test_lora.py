@@ -289,3 +289,19 @@ def test_an_adapter_in_peft_pickle_format_is_named_and_a_relative_base_path_save
     with pytest.raises(ValueError, match=r"adapter_model.bin: PEFT's older pickle format is not read; save the "
                                          r"adapter again as safetensors"):
         load_adapter(model, tmp_path / "ad", "domain")
+
+
+def test_adapters_of_two_rates_in_bf16_weights_without_autocast(tiny):
+    """The extra rate's terms compute in the layer's dtype, as the fused call does (before: bf16 input and base
+    weights with fp32 adapters, no autocast, failed in F.linear: 'BFloat16 != float')."""
+    model, _ = from_pretrained(tiny, dtype="bf16")
+    add_adapter(model, "domain", r=4, alpha=8, dropout=0.0, trainable=False)
+    add_adapter(model, "task", r=2, alpha=4, dropout=0.2)
+    _randomise(model, "domain", 1)
+    layer = model.model.layers[0].self_attn.q_proj
+    layer.train()
+    x = torch.randn(2, 3, layer.in_features, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_A["task"].grad is not None and layer.lora_A["domain"].grad is None and x.grad is not None

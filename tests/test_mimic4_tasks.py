@@ -306,6 +306,14 @@ def test_a_rebuild_into_the_same_folder_leaves_nothing_stale(demo, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"removed {inside} (an earlier build's DAPT notes, of another patient split" in proc.stderr
     assert not inside.exists() and demo["dapt"].is_file()
+    # the same notes file named another way (relative, then absolute) is this build's own: kept
+    relative = os.path.relpath(inside, ROOT)
+    proc = _run_tool("--hosp", str(demo["hosp"]), "--notes", str(demo["notes"]), "--out", str(out),
+                     "--dapt-notes", relative)
+    assert proc.returncode == 0 and inside.is_file(), proc.stderr[-2000:]
+    proc = _run_tool("--hosp", str(demo["hosp"]), "--notes", str(demo["notes"]), "--out", str(out), "--seed", "3",
+                     "--dapt-notes", str(inside))
+    assert proc.returncode == 0 and "removed" not in proc.stderr and inside.is_file(), proc.stderr[-2000:]
 
 
 def test_no_left_out_section_or_death_mention_reaches_any_task_text(demo):

@@ -213,6 +213,20 @@ def test_bad_input_under_torchrun_is_one_line(tiny_lm, tmp_path):
         assert "[rank1]" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-3000:]
 
 
+def test_a_first_demo_run_under_torchrun_keeps_the_ranks_together(tiny_lm, tmp_path):
+    """Before: each rank decided for itself whether to join the collective around writing the demo corpus; a rank
+    that saw rank 0's half-written file skipped it, and the ranks stayed one collective apart until the timeout (2
+    of 3 first runs hung). Now rank 0 decides inside the collective, and the corpus is written whole, then renamed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train_dapt.py"), "--model", str(tiny_lm), "--out", str(tmp_path / "runs" / "dapt"),
+           "--max-steps", "1", *FAST, "--eval-max-seqs", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MINILORA_DIST_TIMEOUT_MIN": "1"}  # a desync fails in a minute
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "runs" / "demo-data" / "dapt_notes.jsonl").is_file()
+    assert not list((tmp_path / "runs" / "demo-data").glob(".*.tmp*"))
+
+
 def test_non_finite_loss_stops_with_last_good_checkpoint(tiny_lm, notes, tmp_path):
     # alpha 1e38 scales the LoRA gradients past the fp32 range: caught before the optimizer corrupts the weights
     run = tmp_path / "run"

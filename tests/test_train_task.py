@@ -249,6 +249,11 @@ def test_eval_scores_a_custom_run_with_its_own_columns(tiny_lm, tmp_path):
     a, b = np.load(tmp_path / "run" / "predictions_test.npz"), np.load(tmp_path / "scored" / "predictions_data.npz")
     assert list(a["ids"]) == list(b["ids"]) == [r[0] for r in rows]
     assert np.array_equal(a["y_true"], b["y_true"]) and np.abs(a["probs"] - b["probs"]).max() <= 1e-5
+    unlabelled = _write(tmp_path / "new.csv", ["body"], [[r[1]] for r in rows[:5]])  # no 'note' column: ids by line
+    run("eval.py", "--run", str(tmp_path / "run"), "--predict", str(unlabelled), "--no-progress", "--out",
+        str(tmp_path / "scored"))
+    with open(tmp_path / "scored" / "predictions_new.csv", newline="") as fh:
+        assert [r["id"] for r in csv.DictReader(fh)] == [f"new.csv:{i}" for i in range(2, 7)]
     proc = run(*score, "--label-sep", ",", check=False)  # every code unknown: an error, not an undefined AUROC
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
         f"error: {data}: no row has any of the run's 3 labels in 'codes' (codes split by ','); check --label-col "

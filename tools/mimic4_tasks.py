@@ -309,7 +309,7 @@ def build(args: argparse.Namespace) -> dict:
         "source": MIMIC4_SOURCE,  # train_task.py labels runs on this folder "mimic-iv" (minilora.data.tasks)
         "settings": {"hosp": str(args.hosp), "notes": [str(p) for p in args.notes], "icd": args.icd,
                      "icu": str(args.icu) if args.icu else None, "seed": args.seed,
-                     "dapt_notes": str(args.dapt_notes) if args.dapt_notes else None},
+                     "dapt_notes": str(args.dapt_notes.resolve()) if args.dapt_notes else None},
         "rows": {t: {s: rows[t][s] for s, _ in SPLITS} for t in tasks},
         "mortality_positives": {s: positives[f"mortality/{s}"] for s, _ in SPLITS},
         **({"pmv_positives": {s: positives[f"pmv/{s}"] for s, _ in SPLITS},
@@ -342,7 +342,10 @@ def remove_stale(args: argparse.Namespace, summary: dict, earlier: dict | None) 
                 print(f"removed {path} (an earlier build's; this one has no {task})", file=sys.stderr)
     old_notes = (earlier or {}).get("dapt_notes")
     same_split = all((earlier or {}).get(k) == summary["settings"][k] for k in ("hosp", "notes", "seed"))
-    if old_notes and old_notes != summary["settings"]["dapt_notes"] and Path(old_notes).is_file() and not same_split:
+    new_notes = summary["settings"]["dapt_notes"]
+    rewritten = bool(old_notes and new_notes and Path(old_notes).is_file()
+                     and os.path.samefile(old_notes, new_notes))  # the same file, however spelt: this build's
+    if old_notes and not rewritten and Path(old_notes).is_file() and not same_split:
         if Path(old_notes).resolve().is_relative_to(args.out.resolve()):  # the build's own folder: no user file
             Path(old_notes).unlink()
             print(f"removed {old_notes} (an earlier build's DAPT notes, of another patient split: they would hold "

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -1129,11 +1130,13 @@ def write_dapt_corpus(path: str | Path, n: int = DEFAULT_DAPT_NOTES, seed: int =
     per line, note ids MIMIC-IV style (``<subject>-DS-1``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    raw = gzip.GzipFile(path, "wb", mtime=0) if path.name.endswith(".gz") else open(path, "wb")  # mtime=0: same bytes
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # written whole, then renamed: a reader never sees half
+    raw = gzip.GzipFile(tmp, "wb", mtime=0) if path.name.endswith(".gz") else open(tmp, "wb")  # mtime=0: same bytes
     with io.TextIOWrapper(raw, encoding="utf-8", newline="\n") as fh:
         for patient in generate_patients(n, seed, cohort="dapt"):
             text = render_note(patient, _note_rng("dapt", seed, patient, "discharge"), "discharge")
             fh.write(json.dumps({"note_id": f"{patient.subject_id}-DS-1", "text": text}) + "\n")
+    os.replace(tmp, path)
     return path
 
 
@@ -1166,8 +1169,10 @@ def write_task_csvs(directory: str | Path, task: str, n: int = DEFAULT_TASK_PATI
     paths = {}
     for split, name in zip(("train", "val", "test"), spec.splits):
         paths[name] = directory / spec.file(name)
-        with open(paths[name], "w", encoding="utf-8", newline="") as fh:
+        tmp = paths[name].with_name(f".{paths[name].name}.tmp{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
             writer = csv.writer(fh, quoting=csv.QUOTE_ALL)
             writer.writerow(["id", "text", spec.label_column])
             writer.writerows(rows[split])
+        os.replace(tmp, paths[name])
     return paths
