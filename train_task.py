@@ -33,8 +33,7 @@ from minilora.data.tasks import (
     print_report,
 )
 from minilora.data.tasks import fingerprint as task_fingerprint
-from minilora.files import absolute_if_path
-from minilora.loading import adapter_fingerprint, weights_fingerprint
+from minilora.loading import absolute_if_path, adapter_fingerprint, weights_fingerprint
 from minilora.lora import (
     add_adapter, load_adapter, restore_adapter, save_adapter, set_trainable, trainable_parameters,
 )

@@ -43,6 +43,7 @@ positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a number 
 nonneg_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
 fraction = _number(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 open_fraction = _number(float, lambda v: 0 < v < 1, "a fraction in (0, 1)")
+unit_interval = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
@@ -162,10 +163,8 @@ def run_cli(main: Callable[[], int | None]) -> None:
     try:
         tune_malloc()
         code = main()
-    except PeerStopped:  # rank 0 failed in work this rank waited for, and reports it: give it time to
-        import time
-
-        time.sleep(RANK_ERROR_GRACE_S)  # (torchrun stops this rank once rank 0 has exited)
+    except PeerStopped:  # rank 0 failed in work this rank waited for and reports it; torchrun stops this rank
+        _rank_grace()       # once rank 0 has exited
         code = EXIT_BAD_INPUT
     except NonFiniteLoss as e:
         _report(f"error: {e}")
@@ -198,13 +197,20 @@ def _report(line: str) -> None:
     """Print an error line. Under torchrun the ranks mostly fail alike (the same files and flags): rank 0 prints at
     once, another rank after a grace period, by which time torchrun has stopped it if rank 0 failed too; so an error
     shows once, and one that only another rank met still shows, with its rank."""
+    rank = _rank_grace()
+    if rank:
+        line = line.replace("error: ", f"error (rank {rank}): ", 1)
+    print(line, file=sys.stderr, flush=True)
+
+
+def _rank_grace() -> int:
+    """This process's torchrun rank; a non-zero rank of a multi-process run first waits RANK_ERROR_GRACE_S."""
     rank, size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if size > 1 and rank != 0:
+    if size > 1 and rank:
         import time
 
         time.sleep(RANK_ERROR_GRACE_S)
-        line = line.replace("error: ", f"error (rank {rank}): ", 1)
-    print(line, file=sys.stderr, flush=True)
+    return rank
 
 
 def _peer_gone(e: BaseException) -> bool:

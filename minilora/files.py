@@ -32,15 +32,3 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except SafetensorError as e:
         raise ValueError(f"{path}: corrupt or truncated safetensors file ({e})") from None
-
-
-MODEL_NAMES = ("smollm2-135m",)  # from_pretrained's named models (minilora.loading.NAMED_MODELS), never paths
-
-
-def absolute_if_path(name: str | None) -> str | None:
-    """``name`` made absolute when it is an existing path (a model or adapter given relative to the current folder,
-    recorded so that it is found from any folder later); a model name (``smollm2-135m``, which from_pretrained
-    reads as the name even where a folder of that name exists) or None as is."""
-    if name is None or name.lower() in MODEL_NAMES or not Path(name).expanduser().exists():
-        return name
-    return str(Path(name).expanduser().resolve())

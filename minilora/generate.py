@@ -54,7 +54,7 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from minilora.cli import InputError, nonneg_float, nonneg_int, positive_int
+    from minilora.cli import InputError, nonneg_float, nonneg_int, positive_int, unit_interval
     from minilora.loading import from_pretrained
 
     p = argparse.ArgumentParser(prog="python -m minilora.generate", description=__doc__.splitlines()[0])
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", default="", help="prompt text (empty: start from BOS when the model uses one)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling threshold, in (0, 1]")
+    p.add_argument("--top-p", type=unit_interval, default=1.0, help="nucleus sampling threshold, in (0, 1]")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -79,16 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     new = generate(model, ids, args.max_new_tokens, args.temperature, args.top_p, tok.eos_id, args.seed)
     print(args.prompt + tok.decode(new) if not args.chat else tok.decode(new))
     return 0
-
-
-def _top_p(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
-    return value
 
 
 if __name__ == "__main__":

